@@ -187,3 +187,46 @@ def dynamic_forward(
         attention += count * att
     linear += h * h + h * labels + gates_run * (h * h + h * num_classes) + off_ramps_run * (h * h + h * labels)
     return DynamicOutput(logits, heads, width_class, exit_layer, gates_run, off_ramps_run, linear, attention)
+
+
+@torch.no_grad()
+def gate_inputs_and_correctness(
+    model: FlexBertForSequenceClassification,
+    batch: Sequence[torch.Tensor],
+    gate_setting: Sequence[float],
+    regression_threshold: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """For every width of the gate setting (all layers at that width, full depth): the [CLS] vectors the
+    G gates read, `[C, G, B, h]`, and whether that subnet gets each example right, `[C, B]`.
+
+    With the backbone frozen and in eval mode these are fixed, so gate training can compute them once.
+    """
+    input_ids, attention_mask, token_type_ids, labels = batch[:4]
+    r = layers_per_gate(model)
+    width, depth = model.width_mult, model.depth_mult
+    cls_states, correct = [], []
+    for w in gate_setting:
+        model.set_width_depth(w, 1.0)
+        out = model(input_ids, attention_mask, token_type_ids)
+        cls_states.append(torch.stack([out.hidden_states[g * r][:, 0] for g in range(model.config.num_gates)]))
+        correct.append(is_correct(out.logits, labels, regression_threshold))
+    model.set_width_depth(width, depth)
+    return torch.stack(cls_states), torch.stack(correct)
+
+
+def histogram_class_weights(targets: torch.Tensor, num_classes: int) -> list[float]:
+    """omega_c = N / (C * max(n_c, 1)) over the training targets (SPEC §5.4, our default)."""
+    counts = torch.bincount(targets, minlength=num_classes).clamp_min(1).float()
+    return (len(targets) / (num_classes * counts)).tolist()
+
+
+# The reference's per-task weights (SPEC §5.4), for --gate_class_weights reference.
+REFERENCE_CLASS_WEIGHTS = {
+    "CoLA": [0.3, 14.0, 45.5, 7.5],
+    "RTE": [0.3, 28.3, 155.6, 12.2],
+    "SST-2": [0.3, 129.5, 495.2, 18.7],
+    "MRPC": [0.3, 25.5, 101.9, 11.6],
+    "MNLI": [0.3, 11.9, 35.6, 5.1],
+    "QNLI": [0.3, 30.7, 111.4, 16.2],
+    "QQP": [0.3, 59.9, 249.9, 52.1],
+}

