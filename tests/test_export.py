@@ -60,6 +60,38 @@ def test_save_load_round_trip_with_gates(tmp_path):
     assert torch.equal(ours.logits, theirs.logits) and torch.equal(ours.heads, theirs.heads)
 
 
+@pytest.mark.parametrize("fmt", ["safetensors", "bin"])
+def test_load_legacy_gamma_beta_names(tmp_path, fmt):
+    from safetensors.torch import save_file
+
+    model = make_model(make_config())
+    model.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").unlink()
+    legacy = {k.replace("LayerNorm.weight", "LayerNorm.gamma").replace("LayerNorm.bias", "LayerNorm.beta"): v
+              for k, v in model.state_dict().items()}
+    assert any(k.endswith("LayerNorm.gamma") for k in legacy)
+    if fmt == "safetensors":
+        save_file(legacy, str(tmp_path / "model.safetensors"), metadata={"format": "pt"})
+    else:
+        torch.save(legacy, tmp_path / "pytorch_model.bin")
+    loaded = FlexBertForSequenceClassification.from_pretrained(tmp_path, attn_implementation="eager").eval()
+    inputs = make_inputs()
+    assert torch.equal(loaded(*inputs).logits, model(*inputs).logits)
+
+
+def test_load_stock_hf_base_model_folder(tmp_path):
+    # a plain BertModel checkpoint (no "bert." prefix, no classifier), like a hub encoder
+    from transformers import BertModel
+
+    config = make_config(**SHAPES["small"])
+    torch.manual_seed(0)
+    base = BertModel(config)
+    base.save_pretrained(tmp_path)
+    loaded = FlexBertForSequenceClassification.from_pretrained(tmp_path)
+    for name, param in base.state_dict().items():
+        assert torch.equal(loaded.bert.state_dict()[name], param), name
+
+
 @pytest.mark.parametrize(
     "name, width, depth",
     [("small", 0.5, 1.0), ("small", 0.25, 0.5), ("medium", 0.75, 0.75), ("medium", 0.5, 0.5), ("medium", 1.0, 0.5)],

@@ -7,7 +7,7 @@ import pytest
 import torch
 from conftest import SHAPES, make_config, make_inputs, make_model
 from torch.utils.flop_counter import FlopCounterMode
-from transformers import AutoConfig, BertConfig
+from transformers import BertConfig
 
 from transformers_ext import flops_summary, layer_macs, path_macs, subnet_macs
 
@@ -101,10 +101,3 @@ def test_flops_summary():
     assert 0.24 < summary["relative_linear_flops"] < 0.26
     assert flops_summary(full, full)["relative_flops"] == 1.0
 
-
-def test_embedded_minilm_flops(minilm_dir):
-    config = AutoConfig.from_pretrained(str(minilm_dir))
-    assert config.num_labels == 2
-    assert 2 * subnet_macs(config, 1.0, 1.0, 128)["total"] == 2_869_200_384
-    assert 2 * subnet_macs(config, 0.5, 1.0, 128)["total"] == 1_434_748_416
-    assert 2 * subnet_macs(config, 0.25, 0.5, 128)["total"] == 358_909_440

@@ -111,8 +111,9 @@ def hand_importance(model, batches):
     return heads, neurons
 
 
-@pytest.mark.parametrize("training", [True, False])
-def test_compute_importance_shapes_values_and_no_side_effects(shape, training):
+@pytest.mark.parametrize("name, training", [("small", True), ("medium", False)])
+def test_compute_importance_shapes_values_and_no_side_effects(name, training):
+    shape = SHAPES[name]
     config = make_config(**shape, attn_implementation="sdpa")
     model = make_model(config)
     model.set_width_depth(0.5, 0.5)

@@ -140,10 +140,9 @@ def test_qnli_columns(tmp_path):
 def test_no_quote_processing_crlf_and_bom(tmp_path):
     path = tmp_path / "train.tsv"
     path.write_bytes(
-        "\ufeffsentence\tlabel\r\n"
-        'he said "hi \tthe\t1\r\n'  # 3 columns: SST-2 only needs 2
-        .replace("\tthe\t1", "\t1").encode("utf-8")
-        + b'a "quoted, text" here\t0\r\n\r\n'
+        b"\xef\xbb\xbfsentence\tlabel\r\n"  # UTF-8 BOM, CRLF line ends, a trailing empty line
+        b'he said "hi \t1\r\n'
+        b'a "quoted, text" here\t0\r\n\r\n'
     )
     train = get_examples("sst-2", tmp_path, "train")
     assert [(e.text_a, e.label) for e in train] == [('he said "hi ', "1"), ('a "quoted, text" here', "0")]

@@ -131,7 +131,7 @@ def dynamic_forward(
     gates_run = torch.zeros(batch, dtype=torch.long, device=device)
     off_ramps_run = torch.zeros_like(gates_run)
     active = torch.arange(batch, device=device)
-    current = torch.full((batch,), heads_kept(config, fixed_width) if fixed_width else 0, device=device)
+    current = torch.full((batch,), heads_kept(config, fixed_width) if fixed_width is not None else 0, device=device)
     previous_ramp_pred = None
 
     for i in range(num_layers):

@@ -1,0 +1,42 @@
+#!/usr/bin/env bash
+# Inference with the gated flexible BERT: every static subnet (width x depth), width-dynamic with the
+# task's best-trade-off widths, and width+depth-dynamic with early exit over a threshold sweep; at each
+# batch size in BATCH_SIZES. Ends with one accuracy / FLOPs / latency table and a trade-off plot.
+# Extra arguments are passed to every train_gate(_new).py call. Environment: as run_glue.sh, plus
+# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"), THRESHOLDS ("0.1 0.3 0.5"), INFERENCE_DIR.
+set -euo pipefail
+cd "$(dirname "$0")"
+source pipeline_env.sh
+MODEL=${MODEL:-$WD_BERT_GATES}
+BATCH_SIZES=${BATCH_SIZES:-32 1}
+THRESHOLDS=${THRESHOLDS:-0.1 0.3 0.5}
+CONFIG=best_tradeoff_inference_config.json
+# The task's class->width map from the best-trade-off config (README's example widths otherwise).
+DYN_WIDTHS=$($PY -c "import json,sys; e=json.load(open('$CONFIG')).get('$TASK'); print(','.join(map(str, e['width_mult_list'])) if e else '0.5,0.75,0.75,0.75')")
+COMMON=(--model_type bert --task_name "$TASK" --data_dir "$DATA_DIR" --model_dir "$MODEL"
+        --max_seq_length "$MAX_SEQ_LENGTH" --do_eval --record_gpu_time)
+
+run() {  # run NAME BATCH SCRIPT ARGS...: one inference, results in $INFERENCE_DIR/NAME_bBATCH/
+  local name=$1 bs=$2 script=$3; shift 3
+  local out="$INFERENCE_DIR/${name}_b$bs"
+  if [ "$FORCE" != 1 ] && [ -f "$out/inference_results.json" ]; then echo "reusing $out"; return; fi
+  echo "-- $name (batch $bs)"
+  $PY "$script" "${COMMON[@]}" --output_dir "$out" --per_gpu_eval_batch_size "$bs" "$@" "${EXTRA[@]}" > "$out.log" 2>&1 \
+    || { cat "$out.log" >&2; exit 1; }
+}
+EXTRA=("$@")
+mkdir -p "$INFERENCE_DIR"
+say "inference on $TASK with $MODEL -> $INFERENCE_DIR"
+for bs in $BATCH_SIZES; do
+  for d in 1.0 0.75 0.5; do
+    for w in 1.0 0.75 0.5 0.25; do
+      run "static_w${w}_d${d}" "$bs" train_gate.py --width_mult_list "$w,$w,$w,$w" --depth_mult_list "$d" --static
+    done
+  done
+  run "w_dynamic" "$bs" train_gate_new.py --width_mult_list "$DYN_WIDTHS" --depth_mult_list 1.0 --w_dynamic
+  for t in $THRESHOLDS; do
+    run "wd_dynamic_t$t" "$bs" train_gate_new.py --width_mult_list "$DYN_WIDTHS" --depth_mult_list 1.0 \
+      --wd_dynamic --early_exit --exit_threshold "$t"
+  done
+done
+$PY plot_tradeoff.py --inference_dir "$INFERENCE_DIR" --output_dir "$OUT_DIR"

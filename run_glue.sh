@@ -1,0 +1,54 @@
+#!/usr/bin/env bash
+# Train a flexible BERT for $TASK: teacher fine-tuning -> width-adaptive training with neural grafting ->
+# depth-adaptive training -> final fine-tuning. Extra arguments are passed to every run_glue.py call.
+# Environment: TASK, BERT_DIR, DATA_DIR, OUT_DIR (and TEACHER_DIR, W_BERT, WD_BERT), QUICK=1, FORCE=1.
+set -euo pipefail
+cd "$(dirname "$0")"
+source pipeline_env.sh
+
+COMMON=(--model_type bert --task_name "$TASK" --do_train --data_dir "$DATA_DIR" --max_seq_length "$MAX_SEQ_LENGTH"
+        --per_gpu_train_batch_size 32 --per_gpu_eval_batch_size 32)
+if [ "$QUICK" = 1 ]; then
+  # Quick profile: SST-2 subset, short schedules, padding trimmed per batch, importance on 256 examples.
+  TEACHER_ARGS=(--learning_rate 1e-4 --num_train_epochs 2 --max_train_samples 2000 --logging_steps 1000)
+  STAGE_ARGS=(--learning_rate 5e-5 --max_train_samples 1024 --logging_steps 1000 --trim_padding
+              --importance_max_examples 256)
+  W_EPOCHS=2; D_EPOCHS=1; F_EPOCHS=1
+else
+  TEACHER_ARGS=(--learning_rate 5e-5 --num_train_epochs 3 --logging_steps 200)
+  STAGE_ARGS=(--learning_rate 5e-5 --logging_steps 200)
+  W_EPOCHS=3; D_EPOCHS=3; F_EPOCHS=3
+fi
+
+say "[1/4] teacher: fine-tune $BERT_DIR on $TASK -> $TEACHER_DIR"
+if stage_done finetuning "$TEACHER_DIR"; then echo "reusing $TEACHER_DIR (FORCE=1 retrains)"; else
+  $PY run_glue.py "${COMMON[@]}" --model_dir "$BERT_DIR" --output_dir "$TEACHER_DIR" --overwrite_output_dir \
+    --training_phase finetuning --width_mult_list 1.0 "${TEACHER_ARGS[@]}" "$@"
+  mark_done finetuning "$TEACHER_DIR"
+fi
+
+say "[2/4] width-adaptive training with neural grafting -> $W_BERT"
+if stage_done dynabertw "$W_BERT"; then echo "reusing $W_BERT (FORCE=1 retrains)"; else
+  $PY run_glue.py "${COMMON[@]}" --model_dir "$TEACHER_DIR" --output_dir "$W_BERT" --overwrite_output_dir \
+    --num_train_epochs "$W_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 1.0 \
+    --width_lambda1 1.0 --width_lambda2 0.1 --training_phase dynabertw --graft_during_training \
+    "${STAGE_ARGS[@]}" "$@"
+  mark_done dynabertw "$W_BERT"
+fi
+
+say "[3/4] depth-adaptive training -> $WD_BERT"
+if stage_done dynabert "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
+  $PY run_glue.py "${COMMON[@]}" --model_dir "$W_BERT" --output_dir "$WD_BERT" --overwrite_output_dir \
+    --num_train_epochs "$D_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
+    --depth_lambda1 1.0 --depth_lambda2 1.0 --training_phase dynabert "${STAGE_ARGS[@]}" "$@"
+  mark_done dynabert "$WD_BERT"
+fi
+
+say "[4/4] final fine-tuning (gold labels, all subnets) in place -> $WD_BERT"
+if stage_done final_finetuning "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
+  $PY run_glue.py "${COMMON[@]}" --model_dir "$WD_BERT" --output_dir "$WD_BERT" \
+    --num_train_epochs "$F_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
+    --training_phase final_finetuning "${STAGE_ARGS[@]}" "$@"
+  mark_done final_finetuning "$WD_BERT"
+fi
+echo "flexible BERT for $TASK: $WD_BERT"
