@@ -225,6 +225,8 @@ def train(args: argparse.Namespace) -> dict:
     if args.resume_from_checkpoint:
         ckpt = find_checkpoint(output_dir, args.resume_from_checkpoint)
         state = torch.load(ckpt / "training_state.pt", weights_only=False)
+        if state["args"].get("training_phase") != phase:
+            raise CLIError(f"{ckpt} is a checkpoint of phase {state['args'].get('training_phase')}, not {phase}")
         from safetensors.torch import load_file
 
         model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)), strict=False)
@@ -271,10 +273,11 @@ def train(args: argparse.Namespace) -> dict:
                     f.write("".join(f"{key} {k} = {v}\n" for k, v in metrics.items()))
                 f.write(f"step {global_step} best {metric} per subnet: {[r[metric] for r in results.values()]}\n")
         best = max(history, key=lambda h: h["score_sum"])
-        write_json(output_dir / RESULTS_FILE, {
-            "task": spec.name, "phase": phase, "metric": metric, "best_step": best["step"],
-            "best_score_sum": best["score_sum"], "best": best["results"], "history": history,
-        })
+        summary = {"task": spec.name, "phase": phase, "metric": metric, "best_step": best["step"],
+                   "best_score_sum": best["score_sum"], "best": best["results"], "history": history}
+        # eval_results.json is the latest phase's; the per-phase copy survives in-place final fine-tuning.
+        write_json(output_dir / RESULTS_FILE, summary)
+        write_json(output_dir / f"eval_results_{phase}.json", summary)
         save_checkpoint(output_dir, model, tokenizer, {
             "global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
             "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -339,6 +342,7 @@ def train(args: argparse.Namespace) -> dict:
         summary = json.loads((output_dir / RESULTS_FILE).read_text())
         summary["train_seconds"] = elapsed
         write_json(output_dir / RESULTS_FILE, summary)
+        write_json(output_dir / f"eval_results_{phase}.json", summary)
         logger.info("best step %d (score sum %.4f); model saved to %s; %.1f s",
                     summary["best_step"], summary["best_score_sum"], output_dir, elapsed)
     if writer is not None:

@@ -25,7 +25,7 @@ from transformers_ext import (
     path_macs,
     subnet_macs,
 )
-from transformers_ext.gates import gate_loss, gumbel_softmax_probs, temperature_at
+from transformers_ext.gates import gate_loss, gumbel_softmax_probs, is_correct, temperature_at
 
 ATOL = 1e-5
 GATE_SETTING = [0.25, 0.5, 0.75, 1.0]
@@ -466,6 +466,23 @@ def test_gate_groups_with_fewer_gates_than_layers():
     assert torch.all(out.linear_macs == expected["linear"]) and torch.all(out.attention_macs == expected["attention"])
 
 
+def test_width_class_marks_only_executed_layers():
+    model = gated_model("medium", num_gates=3)  # r = 2
+    out = dynamic_forward(model, *make_inputs(), class_to_width=GATE_SETTING, depth_mult=0.5)  # layers 0..2
+    assert torch.all(out.exit_layer == 3) and torch.all(out.gates_run == 2)
+    assert torch.all(out.heads[:, 3:] == 0) and torch.all(out.width_class[:, 3:] == -1)
+    assert torch.all(out.width_class[:, :3] >= 0)
+    randomise_gates(model, seed=0)
+    with torch.no_grad():
+        model.classifier.weight.mul_(100.0)
+    out = dynamic_forward(model, *make_inputs(batch=6), class_to_width=GATE_SETTING, early_exit=True, off_ramps=[2],
+                          exit_threshold=0.3)
+    assert 3 in out.exit_layer.tolist() and 6 in out.exit_layer.tolist()  # exits in the middle of a gate group
+    assert torch.equal(out.width_class == -1, out.heads == 0)
+    for b, n in enumerate(out.exit_layer.tolist()):
+        assert torch.all(out.heads[b, :n] > 0) and torch.all(out.heads[b, n:] == 0)
+
+
 def test_gate_logits_shape_and_inputs():
     model = gated_model("small", num_gates=2)
     inputs = make_inputs(batch=3)
@@ -541,7 +558,7 @@ def test_early_exit_threshold_extremes():
     assert torch.all(always.exit_layer == 2) and torch.all(always.off_ramps_run == 1)
     model.set_width_depth(1.0, 0.5)  # the first two layers
     torch.testing.assert_close(always.logits, model(*inputs).logits, atol=ATOL, rtol=0)
-    expected = path_macs(model.config, T, [8, 8], num_off_ramps_run=1)
+    expected = path_macs(model.config, T, [8, 8], num_off_ramps_run=1, exited=True)
     assert torch.all(always.linear_macs == expected["linear"])
     assert torch.all(always.attention_macs == expected["attention"])
 
@@ -587,6 +604,13 @@ def test_gate_targets_first_correct_width_else_last_class():
     assert gate_targets(correct).tolist() == [1, 0, 2, 3, 0]
     assert gate_targets(torch.zeros(3, 2, dtype=torch.bool)).tolist() == [3, 3]
     assert gate_targets(torch.tensor([[True], [False]])).tolist() == [0]
+
+
+def test_is_correct_classification_and_regression():
+    logits = torch.tensor([[0.1, 0.9], [2.0, -1.0], [0.3, 0.2]])
+    assert is_correct(logits, torch.tensor([1, 1, 0]), 0.5).tolist() == [True, False, True]
+    preds = torch.tensor([[1.0], [2.0], [3.0]])
+    assert is_correct(preds, torch.tensor([1.4, 2.5, 2.0]), 0.5).tolist() == [True, False, False]
 
 
 def test_gate_loss_masked_mean():

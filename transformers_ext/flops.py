@@ -34,14 +34,17 @@ def path_macs(
     num_gates_run: int = 0,
     num_off_ramps_run: int = 0,
     num_gate_classes: int = 0,
+    exited: bool = False,
 ) -> dict[str, int]:
-    """MACs of one example's executed path: the layers it ran (heads per layer), gates and off-ramps."""
+    """MACs of one example's executed path: the layers it ran (heads per layer), gates and off-ramps.
+    An example that `exited` at an off-ramp took that off-ramp's prediction: no final head runs."""
     h, labels = config.hidden_size, config.num_labels
     linear = attention = 0
     for num_heads in heads_per_layer:
         lin, att = layer_macs(config, seq_len, num_heads)
         linear, attention = linear + lin, attention + att
-    linear += h * h + h * labels  # final pooler + classifier on [CLS]
+    if not exited:
+        linear += h * h + h * labels  # final pooler + classifier on [CLS]
     linear += num_gates_run * (h * h + h * num_gate_classes)
     linear += num_off_ramps_run * (h * h + h * labels)
     return {"linear": linear, "attention": attention, "total": linear + attention}

@@ -173,6 +173,7 @@ def dynamic_forward(
                     break
     if active.numel():
         logits[active] = model.classify(hidden)
+    width_class[heads == 0] = -1  # a gate sets a whole group; layers cut off by depth or an exit did not run
 
     # Executed-path MACs per example (analytic; SPEC §6.5).
     h, labels = config.hidden_size, config.num_labels
@@ -185,7 +186,9 @@ def dynamic_forward(
         count = (heads == k).sum(1)
         linear += count * lin
         attention += count * att
-    linear += h * h + h * labels + gates_run * (h * h + h * num_classes) + off_ramps_run * (h * h + h * labels)
+    # An exited example's prediction is its off-ramp's (pooler + classifier): no final head for it.
+    linear += (exit_layer == num_layers).long() * (h * h + h * labels)
+    linear += gates_run * (h * h + h * num_classes) + off_ramps_run * (h * h + h * labels)
     return DynamicOutput(logits, heads, width_class, exit_layer, gates_run, off_ramps_run, linear, attention)
 
 
