@@ -29,6 +29,7 @@ import utils_glue
 from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.training import (
+    ArgumentParser,
     CLIError,
     add_common_args,
     all_reduce_gradients,
@@ -51,6 +52,7 @@ from transformers_ext.training import (
     subnet_key,
     trim_padding,
     validate_common_args,
+    validate_subnets,
     write_json,
 )
 
@@ -60,7 +62,7 @@ RESULTS_FILE = "eval_results.json"
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     a = parser.add_argument
     a("--learning_rate", type=float, default=2e-5, help="Peak AdamW learning rate.")
@@ -143,8 +145,9 @@ def find_checkpoint(output_dir: Path, requested: str) -> Path:
         if not (path / "training_state.pt").is_file():
             raise CLIError(f"--resume_from_checkpoint {requested} is not a checkpoint folder (no training_state.pt)")
         return path
-    checkpoints = sorted(output_dir.glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
-    checkpoints = [c for c in checkpoints if (c / "training_state.pt").is_file()]
+    checkpoints = [c for c in output_dir.glob("checkpoint-*") if c.name.split("-", 1)[1].isdigit()]
+    checkpoints = sorted((c for c in checkpoints if (c / "training_state.pt").is_file()),
+                         key=lambda p: int(p.name.split("-", 1)[1]))
     if not checkpoints:
         raise CLIError(f"no checkpoint to resume from in {output_dir}")
     return checkpoints[-1]
@@ -158,11 +161,13 @@ def save_checkpoint(output_dir: Path, model, tokenizer, state: dict) -> None:
     shutil.rmtree(tmp, ignore_errors=True)
     save_model(model, tokenizer, tmp)
     torch.save(state, tmp / "training_state.pt")
-    shutil.rmtree(final, ignore_errors=True)
+    if final.exists():  # the same step saved again: move the old folder aside rather than delete it first
+        final.rename(output_dir / f".old-checkpoint-{state['global_step']}-{os.getpid()}")
     tmp.rename(final)
-    for old in output_dir.glob("checkpoint-*"):
-        if old != final:
-            shutil.rmtree(old, ignore_errors=True)
+    for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".old-checkpoint-*")]:
+        if old != final:  # hidden first, then deleted: a kill mid-way never leaves a half-deleted checkpoint-*
+            hidden = old if old.name.startswith(".") else old.rename(output_dir / f".old-{old.name}-{os.getpid()}")
+            shutil.rmtree(hidden, ignore_errors=True)
 
 
 def train(args: argparse.Namespace) -> dict:
@@ -171,10 +176,14 @@ def train(args: argparse.Namespace) -> dict:
     is_main = rank == 0
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
-    output_dir = prepare_output_dir(args, RESULTS_FILE)
+    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once all input is validated
+    if world > 1:  # every process checks the folder before rank 0 starts writing into it
+        torch.distributed.barrier()
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
     phase = args.training_phase
+    trained_widths, trained_depths = phase_subnets(args)
+    validate_subnets(model.config, {"--width_mult_list": trained_widths}, {"--depth_mult_list": trained_depths})
     if phase == "final_finetuning" and args.data_aug:
         logger.warning("final_finetuning uses gold labels on the original data: --data_aug ignored")
     use_aug = args.data_aug and phase in ("dynabertw", "dynabert")
@@ -236,11 +245,13 @@ def train(args: argparse.Namespace) -> dict:
         best_score, history = state["best_score"], state["history"]
         set_rng_state(state["rng"])
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, global_step, start_epoch, start_batch)
-    elif phase == "dynabertw":
-        logger.info("rewiring: head and neuron importance on the %s split", args.importance_split)
-        rewire(model, *importance())
-        set_seed(args.seed)
+    else:
+        if phase == "dynabertw":
+            logger.info("rewiring: head and neuron importance on the %s split", args.importance_split)
+            rewire(model, *importance())
+        set_seed(args.seed)  # again before the loop (SPEC §4.1)
 
+    output_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
     logger.info("***** %s on %s: %d examples, %d epochs, %d updates, subnets depth %s x width %s *****",
                 phase, spec.name, len(train_set), epochs, t_total, depths, widths)
@@ -268,10 +279,10 @@ def train(args: argparse.Namespace) -> dict:
             best_score = score
             save_model(model, tokenizer, output_dir)
             write_json(output_dir / "training_args.json", vars(args))
-            with open(output_dir / "eval_results.txt", "a") as f:
-                for key, metrics in results.items():
-                    f.write("".join(f"{key} {k} = {v}\n" for k, v in metrics.items()))
-                f.write(f"step {global_step} best {metric} per subnet: {[r[metric] for r in results.values()]}\n")
+            txt = output_dir / "eval_results.txt"  # appended by rewriting it atomically: never a torn file
+            lines = [f"{key} {k} = {v}\n" for key, metrics in results.items() for k, v in metrics.items()]
+            lines.append(f"step {global_step} best {metric} per subnet: {[r[metric] for r in results.values()]}\n")
+            utils_glue.atomic_write_text(txt, (txt.read_text() if txt.is_file() else "") + "".join(lines))
         best = max(history, key=lambda h: h["score_sum"])
         summary = {"task": spec.name, "phase": phase, "metric": metric, "best_step": best["step"],
                    "best_score_sum": best["score_sum"], "best": best["results"], "history": history}

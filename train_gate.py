@@ -38,6 +38,7 @@ from transformers_ext.gates import (
     temperature_at,
 )
 from transformers_ext.training import (
+    ArgumentParser,
     CLIError,
     add_common_args,
     build_optimizer,
@@ -55,6 +56,7 @@ from transformers_ext.training import (
     setup_logging,
     trim_padding,
     validate_common_args,
+    validate_subnets,
     write_json,
 )
 
@@ -63,7 +65,7 @@ MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common_args(parser)
     a = parser.add_argument
     a("--do_eval", action="store_true", help="Run inference on the dev set (ignored with --do_train).")
@@ -162,7 +164,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
         )
     if len(args.gate_setting) < 2:
         raise CLIError("--gate_setting needs at least two widths for gates to choose between")
-    output_dir = prepare_output_dir(args, "gate_results.json")
+    output_dir = prepare_output_dir(args, "gate_results.json", create=False)  # created once input is validated
     num_layers = model.config.num_hidden_layers
     num_gates = args.num_gates or num_layers
     if num_gates < 1 or num_layers % num_gates:
@@ -213,8 +215,12 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     batch_size = args.per_gpu_train_batch_size
     n_train = len(train_targets)
     t_total = num_batches(train_set, batch_size) // args.gradient_accumulation_steps * epochs
+    if t_total == 0:
+        raise CLIError(f"no gate update would run: {n_train} examples, batch {batch_size}, "
+                       f"--gradient_accumulation_steps {args.gradient_accumulation_steps}, {epochs} epochs")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(model, params, args.learning_rate, 0.0, args.warmup_steps, t_total)
+    output_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(output_dir / "runs"))
     temperature, global_step, best_loss, history = 1.0, 0, float("inf"), []
     # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
@@ -242,12 +248,14 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     model.gates.train()
     progress = tqdm(total=t_total, desc=f"traingate {spec.name}")
     for epoch in range(epochs):
-        for (idx,) in epoch_batches(index_set, batch_size, args.seed, epoch):
+        for batch_idx, (idx,) in enumerate(epoch_batches(index_set, batch_size, args.seed, epoch)):
             temperature = temperature_at(global_step, n_train, batch_size, epochs, temperature)
             states = train_states[:, :, idx].to(device)
             loss, _ = gate_epoch_loss(model, states, train_targets[idx].to(device), weights, temperature)
             check_finite(loss, global_step, "gates")
             (loss / args.gradient_accumulation_steps).backward()
+            if (batch_idx + 1) % args.gradient_accumulation_steps:
+                continue  # accumulate: one update per gradient_accumulation_steps batches (as t_total assumes)
             torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
             optimizer.step()
             scheduler.step()
@@ -322,9 +330,6 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
     out_dir = Path(args.output_dir)
     config = model.config
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
-    splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
-    datasets = {s: utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples,
-                                           **load) for s in splits}
     depth = args.depth_mult_list[0]
     try:
         layers_kept(config, depth)
@@ -339,9 +344,11 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, [0.5, 0.75])
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
+    splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
+    datasets = {s: utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples,
+                                           **load) for s in splits}
     model.to(device).eval()
     use_cuda_events = args.record_gpu_time and device.type == "cuda"
-    timed = args.record_gpu_time or args.record_cpu_time
 
     results, record = {}, {"heads": [], "exit": [], "classes": []}
     macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
@@ -419,7 +426,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         "early_exit": args.early_exit, "exit_threshold": args.exit_threshold if args.early_exit else None,
         "off_ramps": off_ramps if args.early_exit else None, "fixed_width": fixed,
         "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
-        "device": str(device), "timing": ("cuda_events" if use_cuda_events else "wall_clock") if timed else None,
+        "device": str(device), "timing": "cuda_events" if use_cuda_events else "wall_clock",
         "model_dir": args.model_dir, "num_examples": n_total, "results": results,
     }
     print_report(report)
@@ -464,6 +471,10 @@ def main(argv: list[str] | None = None) -> None:
     device, _, _ = setup_device(args.cpu, args.num_threads)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    widths = {"--width_mult_list": args.width_mult_list, "--gate_setting": args.gate_setting}
+    if args.fixed_gate is not None:
+        widths["--fixed_gate"] = [args.fixed_gate]
+    validate_subnets(model.config, widths, {"--depth_mult_list": args.depth_mult_list})
     if args.do_train:
         train_gates(args, spec, model, tokenizer, device)
     else:

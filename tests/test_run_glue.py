@@ -1,0 +1,547 @@
+"""run_glue.py end to end on a tiny random BERT and a synthetic RTE folder (SPEC §3, §4): the four phases
+chain through their output folders, losses, the grafting schedule, the depth phase's layer map and gradients,
+best-checkpoint selection, exact resume, and torchrun (2 processes) against one process."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file
+from transformers import BertConfig, BertTokenizer
+
+import run_glue
+from transformers_ext import FlexBertForSequenceClassification
+from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
+from transformers_ext.training import subnet_key
+
+ROOT = Path(__file__).resolve().parent.parent
+WORDS = [
+    "the", "a", "cat", "dog", "bird", "man", "woman", "child", "sat", "ran", "ate", "saw", "likes", "on", "in",
+    "under", "near", "mat", "house", "tree", "park", "road", "red", "blue", "big", "small", "old", "new", "happy",
+    "sad", "today", "yesterday", "is", "was", "very", "quite", "and", "then",
+]
+VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "not", "never", ".", ","] + WORDS
+MAX_LEN = 24
+
+
+# ---- tiny model, tokenizer and data ----------------------------------------------------------------------
+def _sentence(rng: random.Random, n: int) -> str:
+    return " ".join(rng.choice(WORDS) for _ in range(n)) + " ."
+
+
+def _write_rte(folder: Path, n_train: int = 32, n_dev: int = 16, seed: int = 0) -> None:
+    """RTE layout; the label is `not_entailment` exactly when sentence2 contains 'not' (learnable)."""
+    rng = random.Random(seed)
+    folder.mkdir(parents=True)
+    for name, n in (("train.tsv", n_train), ("dev.tsv", n_dev)):
+        rows = ["index\tsentence1\tsentence2\tlabel"]
+        for i in range(n):
+            negated = i % 2 == 1
+            s1 = _sentence(rng, rng.randint(4, 7))
+            words = _sentence(rng, rng.randint(3, 5)).split()
+            if negated:
+                words.insert(rng.randint(0, len(words) - 1), "not")
+            rows.append(f"{i}\t{s1}\t{' '.join(words)}\t{'not_entailment' if negated else 'entailment'}")
+        (folder / name).write_text("\n".join(rows) + "\n", encoding="utf-8")
+
+
+def _tiny_config(**kwargs) -> BertConfig:
+    """hidden 32, 4 layers, 4 heads (head size 8), intermediate 64."""
+    options = dict(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
+                   intermediate_size=64, max_position_embeddings=64, num_labels=2)
+    return BertConfig(**{**options, **kwargs})
+
+
+def _write_model(folder: Path, seed: int = 0) -> None:
+    """A random tiny BERT + WordPiece tokenizer saved as an ordinary HF folder (with vocab.txt)."""
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
+    # transformers 5 ignores BertTokenizer(vocab_file=...): load the folder like a model directory.
+    tokenizer = BertTokenizer.from_pretrained(str(folder))
+    assert tokenizer.convert_tokens_to_ids("cat") == VOCAB.index("cat")
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    FlexBertForSequenceClassification(_tiny_config()).save_pretrained(str(folder))
+    assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _one_thread():
+    """Tiny models run far faster on one thread (and run_glue's --num_threads 1 sets it process-wide)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("run_glue")
+    _write_rte(root / "RTE")
+    _write_model(root / "bert")
+    return {"root": root, "data": root / "RTE", "bert": root / "bert", "cache": root / "cache"}
+
+
+def _argv(env: dict[str, Path], model_dir: Path, output_dir: Path, phase: str, *extra: str, **flags) -> list[str]:
+    options = {
+        "task_name": "RTE", "data_dir": env["data"], "model_dir": model_dir, "output_dir": output_dir,
+        "cache_dir": env["cache"], "training_phase": phase, "max_seq_length": MAX_LEN,
+        "per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "learning_rate": 1e-3,
+        "num_train_epochs": 1, "logging_steps": 2, "num_threads": 1, "seed": 42,
+    }
+    options.update(flags)
+    argv = ["--do_train", "--cpu"]
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    return argv + list(extra)
+
+
+def _run(env, model_dir, output_dir, phase, *extra, **flags) -> dict:
+    run_glue.main(_argv(env, model_dir, output_dir, phase, *extra, **flags))
+    return json.loads((Path(output_dir) / "eval_results.json").read_text())
+
+
+def _weights(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path / "model.safetensors"))
+
+
+def _assert_same_weights(a: dict, b: dict, atol: float = 1e-6) -> None:
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(a[name], b[name], atol=atol, rtol=0, msg=lambda m, n=name: f"{n}: {m}")
+
+
+def _check_output_folder(folder: Path, expected_subnets: set[str]) -> dict:
+    for name in ("config.json", "model.safetensors", "vocab.txt", "eval_results.json", "training_args.json"):
+        assert (folder / name).is_file(), name
+    results = json.loads((folder / "eval_results.json").read_text())
+    assert set(results["best"]) == expected_subnets
+    for metrics in results["best"].values():
+        assert 0.0 <= metrics["acc"] <= 1.0
+    model = FlexBertForSequenceClassification.from_pretrained(str(folder))
+    assert model.config.num_labels == 2 and model.config.num_hidden_layers == 4
+    loaded = model.state_dict()
+    saved = _weights(folder)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(loaded[name], tensor, atol=0, rtol=0)
+    assert (folder / "vocab.txt").read_text().split("\n")[: len(VOCAB)] == VOCAB
+    return results
+
+
+def _subnets(widths, depths) -> set[str]:
+    return {subnet_key(w, d) for w in widths for d in depths}
+
+
+WIDTHS = (0.25, 0.5, 0.75, 1.0)
+DEPTHS = (0.5, 0.75, 1.0)
+
+
+# ---- the four phases chained through their folders ------------------------------------------------------
+@pytest.fixture(scope="module")
+def finetuned(env) -> Path:
+    out = env["root"] / "finetuned"
+    _run(env, env["bert"], out, "finetuning", num_train_epochs=2)
+    return out
+
+
+@pytest.fixture(scope="module")
+def width_model(env, finetuned) -> Path:
+    out = env["root"] / "dynabertw"
+    with pytest.MonkeyPatch.context() as monkeypatch:
+        calls = _record_grafts(monkeypatch)
+        _run(env, finetuned, out, "dynabertw")
+    assert calls == [], "grafted without --graft_during_training"
+    return out
+
+
+@pytest.fixture(scope="module")
+def depth_model(env, width_model) -> Path:
+    out = env["root"] / "dynabert"
+    _run(env, width_model, out, "dynabert", depth_mult_list="0.5,0.75,1.0")
+    return out
+
+
+def test_finetuning_phase(finetuned):
+    results = _check_output_folder(finetuned, {"d1_w1"})
+    assert results["phase"] == "finetuning"
+    # 32 examples / batch 8 = 4 updates per epoch, 2 epochs; evaluated every 2 updates
+    assert [h["step"] for h in results["history"]] == [2, 4, 6, 8]
+    assert (finetuned / "checkpoint-8" / "training_state.pt").is_file()
+
+
+def test_dynabertw_phase(width_model, finetuned):
+    results = _check_output_folder(width_model, _subnets(WIDTHS, [1.0]))
+    assert results["phase"] == "dynabertw"
+    # rewiring permutes heads/neurons: the full-width function starts from the fine-tuned model's
+    assert _weights(width_model).keys() == _weights(finetuned).keys()
+
+
+def test_dynabert_phase_evaluates_all_twelve_subnets(depth_model):
+    results = _check_output_folder(depth_model, _subnets(WIDTHS, DEPTHS))
+    assert len(results["best"]) == 12
+    for entry in results["history"]:
+        assert len(entry["results"]) == 12
+        assert entry["score_sum"] == pytest.approx(sum(r["acc"] for r in entry["results"].values()))
+
+
+def test_final_finetuning_phase(env, depth_model):
+    out = env["root"] / "final"
+    _run(env, depth_model, out, "final_finetuning", depth_mult_list="0.5,0.75,1.0")
+    results = _check_output_folder(out, _subnets(WIDTHS, DEPTHS))
+    assert results["phase"] == "final_finetuning"
+    # the result is itself a valid input to a further phase (e.g. writing back into the same folder)
+    _run(env, out, out, "final_finetuning", depth_mult_list="0.5,1.0", width_mult_list="0.5,1.0",
+         logging_steps=4, max_train_samples=8)
+    _check_output_folder(out, _subnets([0.5, 1.0], [0.5, 1.0]))
+
+
+# ---- losses -------------------------------------------------------------------------------------------------
+def test_logit_kd_loss_matches_formula():
+    gen = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(5, 3, generator=gen), torch.randn(5, 3, generator=gen)
+    expected = torch.stack([
+        -sum(torch.softmax(teacher[b], 0)[c] * torch.log_softmax(student[b], 0)[c] for c in range(3))
+        for b in range(5)
+    ]).mean()
+    torch.testing.assert_close(logit_kd_loss(student, teacher), expected)
+    # identical logits: the loss is the teacher's entropy, its minimum over student logits
+    p = torch.softmax(teacher, -1)
+    torch.testing.assert_close(logit_kd_loss(teacher, teacher), -(p * p.log()).sum(-1).mean())
+    # regression (one output): MSE of the two predictions
+    s, t = torch.tensor([[1.0], [2.0], [4.0]]), torch.tensor([[0.0], [2.5], [1.0]])
+    torch.testing.assert_close(logit_kd_loss(s, t), torch.tensor((1 + 0.25 + 9) / 3))
+
+
+def test_hidden_mse_loss_is_a_sum_of_elementwise_means():
+    gen = torch.Generator().manual_seed(1)
+    student = [torch.randn(2, 3, 4, generator=gen) for _ in range(3)]
+    teacher = [torch.randn(2, 3, 4, generator=gen) for _ in range(5)]
+    layer_map = [0, 2, 4]
+    expected = sum(((s - teacher[m]) ** 2).sum() / s.numel() for s, m in zip(student, layer_map))
+    torch.testing.assert_close(hidden_mse_loss(student, teacher, layer_map), expected)
+    with pytest.raises(ValueError):
+        hidden_mse_loss(student, teacher, [0, 2])  # one teacher index per student state
+
+
+@pytest.mark.parametrize(
+    "num_layers, depth, expected",
+    [
+        (12, 0.5, [0, 2, 4, 6, 8, 10, 12]),
+        (12, 0.75, [0, 1, 2, 4, 5, 6, 8, 9, 10, 12]),
+        (12, 1.0, list(range(13))),
+        (6, 0.5, [0, 2, 4, 6]),
+        (6, 0.75, [0, 1, 2, 4, 6]),
+        (4, 0.5, [0, 2, 4]),
+    ],
+)
+def test_teacher_layer_map(num_layers, depth, expected):
+    from transformers_ext import layers_kept
+
+    n = layers_kept(_tiny_config(num_hidden_layers=num_layers), depth)
+    assert teacher_layer_map(n, depth, num_layers) == expected
+
+
+def _batch(seed: int = 0, size: int = 8, length: int = 12) -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, len(VOCAB), (size, length), generator=gen)
+    input_ids[:, 0] = VOCAB.index("[CLS]")
+    attention_mask = torch.ones(size, length, dtype=torch.long)
+    attention_mask[size // 2 :, length - 3 :] = 0
+    input_ids[attention_mask == 0] = 0
+    token_type_ids = torch.zeros(size, length, dtype=torch.long)
+    token_type_ids[:, length // 2 :] = 1
+    token_type_ids[attention_mask == 0] = 0
+    labels = torch.randint(0, 2, (size,), generator=gen)
+    return [input_ids, attention_mask, token_type_ids, labels]
+
+
+def _model(seed: int) -> FlexBertForSequenceClassification:
+    torch.manual_seed(seed)
+    return FlexBertForSequenceClassification(_tiny_config(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0))
+
+
+def _phase_args(phase: str, *extra: str):
+    return run_glue.parse_args(["--training_phase", phase, "--depth_mult_list", "0.5,0.75,1.0", *extra])
+
+
+@pytest.mark.parametrize("phase, with_teacher", [
+    ("finetuning", False), ("dynabertw", False), ("dynabertw", True), ("dynabert", True), ("final_finetuning", False),
+])
+def test_phase_loss_decreases_on_a_fixed_batch(phase, with_teacher):
+    args = _phase_args(phase)
+    model = _model(0).train()
+    teacher = _model(1).eval() if with_teacher else None
+    batch = _batch()
+    widths, depths = run_glue.phase_subnets(args)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=5e-3)
+
+    def total_loss() -> torch.Tensor:
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_out = teacher(*batch[:3])
+        return sum(run_glue.subnet_loss(args, model, batch, teacher_out, w, d) for d in depths for w in widths)
+
+    losses = []
+    for _ in range(8):
+        optimizer.zero_grad()
+        loss = total_loss()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    with torch.no_grad():
+        final = total_loss().item()
+    assert final < losses[0] * 0.9, (losses, final)
+
+
+def test_depth_phase_loss_formula_and_gradients_stop_at_the_kept_layers():
+    """At depth 0.5 of a 4-layer model the subnet runs layers 0-1 and matches teacher states [0, 2, 4]; only
+    those layers (plus embeddings, pooler, classifier) receive gradients from its loss."""
+    args = _phase_args("dynabert", "--depth_lambda1", "0.7", "--depth_lambda2", "0.3")
+    model, teacher = _model(0).train(), _model(1).eval()
+    batch = _batch()
+    with torch.no_grad():
+        teacher_out = teacher(*batch[:3])
+    for depth, n in ((0.5, 2), (0.75, 3)):
+        model.zero_grad(set_to_none=True)
+        loss = run_glue.subnet_loss(args, model, batch, teacher_out, 0.5, depth)
+        with torch.no_grad():
+            out = model(*batch[:3])
+        assert len(out.hidden_states) == n + 1
+        layer_map = {2: [0, 2, 4], 3: [0, 1, 2, 4]}[n]
+        expected = 0.7 * logit_kd_loss(out.logits, teacher_out.logits) + 0.3 * sum(
+            F.mse_loss(s, teacher_out.hidden_states[m]) for s, m in zip(out.hidden_states, layer_map))
+        torch.testing.assert_close(loss, expected)
+        loss.backward()
+        for i, layer in enumerate(model.bert.encoder.layer):
+            grads = [p.grad for p in layer.parameters()]
+            if i < n:
+                assert all(g is not None for g in grads)
+                assert sum(g.abs().sum() for g in grads) > 0
+            else:
+                assert all(g is None or not g.any() for g in grads), f"layer {i} trained at depth {depth}"
+        # width 0.5 of 4 heads (head size 8): rows 16.. of the query and neurons 32.. get no gradient
+        query, inter = model.bert.encoder.layer[0].attention.self.query, model.bert.encoder.layer[0].intermediate
+        assert query.weight.grad[:16].abs().sum() > 0 and not query.weight.grad[16:].any()
+        assert not inter.dense.weight.grad[32:].any()
+        assert model.classifier.weight.grad.abs().sum() > 0
+
+
+def test_phase_subnets_order():
+    widths, depths = run_glue.phase_subnets(_phase_args("dynabert", "--width_mult_list", "0.5,1.0,0.25"))
+    assert widths == [1.0, 0.5, 0.25] and depths == [1.0, 0.75, 0.5]
+    assert run_glue.phase_subnets(_phase_args("dynabertw")) == ([1.0, 0.75, 0.5, 0.25], [1.0])
+    assert run_glue.phase_subnets(_phase_args("finetuning")) == ([1.0], [1.0])
+
+
+# ---- grafting schedule ----------------------------------------------------------------------------------------
+def _grafts(graft_step: int, graft_stop: int, last_step: int) -> list[int]:
+    return [s for s in range(0, last_step + 1) if run_glue.should_graft(s, graft_step, graft_stop)]
+
+
+def test_graft_schedule_rte_numbers():
+    assert run_glue.graft_schedule(2490, 32, 3) == (25, 155)
+    steps_per_epoch = -(-2490 // 32)  # 78
+    assert _grafts(25, 155, 3 * steps_per_epoch) == [25, 50, 75, 100, 125, 150]
+    assert run_glue.graft_schedule(2490, 32, 8) == (25, 544)
+    grafts = _grafts(25, 544, 8 * steps_per_epoch)
+    assert len(grafts) == 21 and grafts[-1] == 525
+    assert not run_glue.should_graft(0, 25, 155)
+
+
+def test_graft_schedule_small_data_does_not_divide_by_zero():
+    assert run_glue.graft_schedule(40, 32, 3) == (1, 2)  # N/B = 1.25 < 3 -> graft_step 1
+    assert _grafts(1, 2, 6) == [1, 2]
+    assert run_glue.graft_schedule(10, 32, 1) == (1, 0)
+    assert _grafts(1, 0, 5) == []
+
+
+class _StepRecorder:
+    """Wraps run_glue.build_optimizer to see the scheduler, whose last_epoch is the global step."""
+
+    def __init__(self, monkeypatch):
+        self.scheduler = None
+        original = run_glue.build_optimizer
+
+        def build(*args, **kwargs):
+            optimizer, self.scheduler = original(*args, **kwargs)
+            return optimizer, self.scheduler
+
+        monkeypatch.setattr(run_glue, "build_optimizer", build)
+
+    @property
+    def step(self) -> int:
+        return self.scheduler.last_epoch
+
+
+def _record_grafts(monkeypatch) -> list[int]:
+    recorder, calls = _StepRecorder(monkeypatch), []
+    original = run_glue.graft
+
+    def graft(model, head_importance, neuron_importance, *args, **kwargs):
+        calls.append(recorder.step)
+        assert head_importance.shape == (4, 4) and neuron_importance.shape == (4, 64)
+        return original(model, head_importance, neuron_importance, *args, **kwargs)
+
+    monkeypatch.setattr(run_glue, "graft", graft)
+    return calls
+
+
+def test_grafting_fires_at_scheduled_steps_in_a_real_run(env, finetuned, tmp_path, monkeypatch):
+    calls = _record_grafts(monkeypatch)
+    out = tmp_path / "grafted"
+    # 32 examples, batch 4: 8 updates/epoch -> graft_step int(8/3) = 2, graft_stop 8 * (2 - 1) = 8
+    results = _run(env, finetuned, out, "dynabertw", "--graft_during_training", per_gpu_train_batch_size=4,
+                   num_train_epochs=2, logging_steps=8, width_mult_list="0.5,1.0")
+    assert calls == [2, 4, 6, 8]
+    assert [h["step"] for h in results["history"]] == [8, 16]
+    _check_output_folder(out, _subnets([0.5, 1.0], [1.0]))
+
+
+
+# ---- best-checkpoint selection -------------------------------------------------------------------------------
+@pytest.mark.parametrize("scripted, best_step", [
+    # (w=1.0, w=0.5) scores at steps 1..4: step 3 has the best full width, step 2 the best sum; a tie later
+    # (step 4) does not replace the best
+    ([(0.9, 0.0), (0.6, 0.6), (1.0, 0.1), (0.7, 0.5)], 2),
+    # all sums negative (e.g. CoLA's MCC): the best starts at -inf, so a model is still saved
+    ([(-0.5, -0.5), (-0.2, -0.3), (-0.9, -0.1), (-1.0, -1.0)], 2),
+    ([(0.1, 0.1), (0.2, 0.1), (0.2, 0.2), (0.5, 0.5)], 4),
+])
+def test_best_checkpoint_is_the_highest_summed_score(env, finetuned, tmp_path, monkeypatch, scripted, best_step):
+    recorder, snapshots = _StepRecorder(monkeypatch), {}
+
+    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device):
+        step = recorder.step
+        snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        w1, w05 = scripted[step - 1]
+        assert sorted(widths, reverse=True) == [1.0, 0.5] and list(depths) == [1.0]
+        return {subnet_key(1.0, 1.0): {"acc": w1, "eval_loss": 0.0},
+                subnet_key(0.5, 1.0): {"acc": w05, "eval_loss": 0.0}}
+
+    monkeypatch.setattr(run_glue, "evaluate_subnets", fake_evaluate)
+    out = tmp_path / "best"
+    # 32 examples / batch 8 = 4 updates, evaluated after each
+    results = _run(env, finetuned, out, "final_finetuning", logging_steps=1, width_mult_list="0.5,1.0")
+    assert sorted(snapshots) == [1, 2, 3, 4]
+    assert results["best_step"] == best_step
+    assert results["best_score_sum"] == pytest.approx(sum(scripted[best_step - 1]))
+    assert [h["step"] for h in results["history"]] == [1, 2, 3, 4]
+    saved = _weights(out)
+    for name, tensor in saved.items():
+        torch.testing.assert_close(tensor, snapshots[best_step][name], atol=0, rtol=0)
+    if best_step != 4:  # training moved on after the best step: the root folder is not the last model
+        assert any(not torch.equal(saved[n], snapshots[4][n]) for n in saved)
+    _assert_same_weights(_weights(out / "checkpoint-4"), {n: snapshots[4][n] for n in saved}, atol=0)
+    state = torch.load(out / "checkpoint-4" / "training_state.pt", weights_only=False)
+    assert state["best_score"] == pytest.approx(sum(scripted[best_step - 1]))
+
+
+# ---- resume ------------------------------------------------------------------------------------------------------
+class _Interrupted(Exception):
+    pass
+
+
+def test_resume_continues_exactly(env, finetuned, tmp_path, monkeypatch):
+    """dynabertw with grafting and dropout on, shuffled: 2 epochs x 4 updates, checkpoints at 3, 6, 8. A run
+    killed after the step-3 checkpoint and resumed ends where the uninterrupted run ends."""
+    flags = dict(num_train_epochs=2, logging_steps=3, width_mult_list="0.5,1.0", warmup_steps=2)
+    extra = ("--graft_during_training",)
+    full = tmp_path / "full"
+    full_results = _run(env, finetuned, full, "dynabertw", *extra, **flags)
+
+    recorder = _StepRecorder(monkeypatch)
+    original_save = run_glue.save_checkpoint
+    lrs = {}
+
+    def save_then_die(output_dir, model, tokenizer, state):
+        original_save(output_dir, model, tokenizer, state)
+        lrs[state["global_step"]] = recorder.scheduler.get_last_lr()
+        if state["global_step"] == 3:
+            raise _Interrupted
+
+    monkeypatch.setattr(run_glue, "save_checkpoint", save_then_die)
+    part = tmp_path / "part"
+    with pytest.raises(_Interrupted):
+        _run(env, finetuned, part, "dynabertw", *extra, **flags)
+    assert (part / "checkpoint-3" / "training_state.pt").is_file()
+    part_results = _run(env, finetuned, part, "dynabertw", "--resume_from_checkpoint", *extra, **flags)
+
+    assert sorted(lrs) == [3, 6, 8]
+    assert [h["step"] for h in part_results["history"]] == [h["step"] for h in full_results["history"]] == [3, 6, 8]
+    _assert_same_weights(_weights(part / "checkpoint-8"), _weights(full / "checkpoint-8"))
+    _assert_same_weights(_weights(part), _weights(full))
+    full_state = torch.load(full / "checkpoint-8" / "training_state.pt", weights_only=False)
+    part_state = torch.load(part / "checkpoint-8" / "training_state.pt", weights_only=False)
+    assert part_state["global_step"] == full_state["global_step"] == 8
+    assert part_state["scheduler"]["last_epoch"] == full_state["scheduler"]["last_epoch"] == 8
+    assert part_state["scheduler"]["_last_lr"] == pytest.approx(full_state["scheduler"]["_last_lr"])
+    # the LR right after the resume point continues the schedule (warm-up 2, linear decay to 0 at step 8)
+    assert lrs[6] == pytest.approx([1e-3 * (8 - 6) / (8 - 2)] * len(lrs[6]))
+    for a, b in zip(part_results["history"], full_results["history"]):
+        assert a["score_sum"] == pytest.approx(b["score_sum"])
+
+
+# ---- torchrun ------------------------------------------------------------------------------------------------------
+LATE_RANK_LAUNCHER = """\
+import os, sys, time
+sys.path.insert(0, {root!r})
+import run_glue
+
+prepare_output_dir = run_glue.prepare_output_dir
+
+
+def late_prepare_output_dir(*args, **kwargs):
+    if os.environ.get("RANK") == "1":
+        time.sleep(2)
+    return prepare_output_dir(*args, **kwargs)
+
+
+run_glue.prepare_output_dir = late_prepare_output_dir
+run_glue.run_cli(run_glue.main)
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_torchrun_two_processes_match_one_process(env, finetuned, tmp_path):
+    """Gradients averaged over 2 processes x 4 examples = one process x 8 examples (same global batches,
+    dropout off): same weights and evaluation losses after 4 updates."""
+    common = dict(hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0, logging_steps=2,
+                  width_mult_list="0.5,1.0")
+    single = tmp_path / "single"
+    single_results = _run(env, finetuned, single, "final_finetuning", per_gpu_train_batch_size=8, **common)
+
+    ddp = tmp_path / "ddp"
+    argv = _argv(env, finetuned, ddp, "final_finetuning", per_gpu_train_batch_size=4, **common)
+    # run_glue.py's own entry point, with rank 1 arriving late at the output-folder check: rank 0 must not
+    # have written into the folder yet (else rank 1 takes it for another run's folder and refuses it)
+    launcher = tmp_path / "launch_run_glue.py"
+    launcher.write_text(LATE_RANK_LAUNCHER.format(root=str(ROOT)))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(launcher), *argv]
+    proc_env = {**os.environ, "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    proc = subprocess.run(cmd, cwd=ROOT, env=proc_env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ddp_results = json.loads((ddp / "eval_results.json").read_text())
+
+    assert [h["step"] for h in ddp_results["history"]] == [h["step"] for h in single_results["history"]] == [2, 4]
+    _assert_same_weights(_weights(ddp / "checkpoint-4"), _weights(single / "checkpoint-4"), atol=1e-4)
+    for a, b in zip(ddp_results["history"], single_results["history"]):
+        for key in a["results"]:
+            assert a["results"][key]["eval_loss"] == pytest.approx(b["results"][key]["eval_loss"], abs=1e-4)
+    # and the run did move away from its starting point
+    assert any(not torch.allclose(t, _weights(finetuned)[n]) for n, t in _weights(single / "checkpoint-4").items())
