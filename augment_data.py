@@ -25,6 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
+from transformers_ext.training import ArgumentParser
 from utils_glue import DataError, TaskSpec, get_task, read_examples, read_tsv
 
 log = logging.getLogger("augment_data")
@@ -305,7 +306,7 @@ def write_rows_atomic(path: Path, header: list[str] | None, rows: Iterator[list[
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     parser.add_argument("--task_name", required=True, help="GLUE task (any case): " + ", ".join(DEFAULT_N))

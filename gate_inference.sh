@@ -21,11 +21,15 @@ run() {  # run NAME BATCH SCRIPT ARGS...: one inference, results in $INFERENCE_D
   local out="$INFERENCE_DIR/${name}_b$bs"
   if [ "$FORCE" != 1 ] && [ -f "$out/inference_results.json" ]; then echo "reusing $out"; return; fi
   echo "-- $name (batch $bs)"
-  $PY "$script" "${COMMON[@]}" --output_dir "$out" --per_gpu_eval_batch_size "$bs" "$@" "${EXTRA[@]}" > "$out.log" 2>&1 \
-    || { cat "$out.log" >&2; exit 1; }
+  # The log is moved next to the results only when the run succeeds: a failed run leaves no file behind.
+  local log rc=0
+  log=$(mktemp)
+  $PY "$script" "${COMMON[@]}" --output_dir "$out" --per_gpu_eval_batch_size "$bs" "$@" "${EXTRA[@]}" > "$log" 2>&1 \
+    || rc=$?
+  if [ "$rc" != 0 ]; then cat "$log" >&2; rm -f "$log"; exit "$rc"; fi
+  mv "$log" "$out.log" && chmod a+r "$out.log"
 }
 EXTRA=("$@")
-mkdir -p "$INFERENCE_DIR"
 say "inference on $TASK with $MODEL -> $INFERENCE_DIR"
 for bs in $BATCH_SIZES; do
   for d in 1.0 0.75 0.5; do

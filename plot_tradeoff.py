@@ -3,13 +3,12 @@ and plot score against relative FLOPs (tradeoff.png), in the style of the paper'
 
 from __future__ import annotations
 
-import argparse
 import csv
 import io
 import json
 from pathlib import Path
 
-from transformers_ext.training import CLIError, run_cli
+from transformers_ext.training import ArgumentParser, CLIError, run_cli
 from utils_glue import atomic_write_text, primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",
@@ -91,7 +90,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 
 def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__)
+    parser = ArgumentParser(description=__doc__)
     parser.add_argument("--inference_dir", required=True, help="Folder of <run>_b<batch>/inference_results.json.")
     parser.add_argument("--output_dir", required=True, help="Where tradeoff.csv and tradeoff.png are written.")
     args = parser.parse_args()

@@ -262,6 +262,8 @@ def train(args: argparse.Namespace) -> dict:
         nonlocal best_score
         results = evaluate_subnets(model, args.task_name, dev_sets, widths, depths,
                                    args.per_gpu_eval_batch_size, device)
+        for key, metrics in results.items():  # diverged weights: stop before saving them as a model
+            check_finite(torch.tensor(metrics["eval_loss"]), global_step, key)
         metric = utils_glue.primary_metric(args.task_name)
         score = sum(r[metric] for r in results.values())
         improved = score > best_score

@@ -42,6 +42,8 @@ class TaskSpec:
     @property
     def min_columns(self) -> int:
         cols = [self.text_a, self.label_col] + ([self.text_b] if self.text_b is not None else [])
+        if self.label_col == -1:  # the label is the last column, after the texts: a row missing one is short
+            cols.append(max(cols) + 1)
         return max(max(cols) + 1, 2)
 
 

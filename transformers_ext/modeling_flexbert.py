@@ -93,9 +93,10 @@ class FlexSelfAttention(nn.Module):
         if self.config._attn_implementation == "sdpa" and head_mask is None:
             context = F.scaled_dot_product_attention(query, key, value, attn_mask=attention_mask, dropout_p=dropout_p)
         else:
-            scores = torch.matmul(query, key.transpose(-1, -2)) / math.sqrt(self.head_size)
+            # In place on the fresh product: no extra [B, k, T, T] buffers (none of these is saved for backward).
+            scores = torch.matmul(query, key.transpose(-1, -2)).div_(math.sqrt(self.head_size))
             if attention_mask is not None:
-                scores = scores + attention_mask
+                scores.add_(attention_mask)
             probs = F.dropout(scores.softmax(dim=-1), p=dropout_p, training=self.training)
             if head_mask is not None:
                 probs = probs * head_mask[:num_heads].view(1, num_heads, 1, 1)
@@ -112,7 +113,7 @@ class FlexSelfOutput(nn.Module):
 
     def forward(self, context: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = F.linear(context, self.dense.weight[:, : context.shape[-1]], self.dense.bias)
-        return self.LayerNorm(self.dropout(out) + input_tensor)
+        return self.LayerNorm(self.dropout(out).add_(input_tensor))  # residual in place: one [B, T, h] less
 
 
 class FlexAttention(nn.Module):
@@ -141,7 +142,7 @@ class FlexOutput(nn.Module):
 
     def forward(self, intermediate: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = F.linear(intermediate, self.dense.weight[:, : intermediate.shape[-1]], self.dense.bias)
-        return self.LayerNorm(self.dropout(out) + input_tensor)
+        return self.LayerNorm(self.dropout(out).add_(input_tensor))
 
 
 class FlexLayer(nn.Module):

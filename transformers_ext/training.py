@@ -39,11 +39,30 @@ def run_cli(main: Callable[[], None]) -> None:
     try:
         main()
     except (CLIError, utils_glue.DataError) as err:
+        _close_progress_bars()
         print(f"error: {err}", file=sys.stderr)
         sys.exit(2)
+    except OSError as err:  # unreadable input, unwritable output folder, full disk, ...
+        _close_progress_bars()
+        print(f"error: {err}", file=sys.stderr)
+        sys.exit(1)
     except KeyboardInterrupt:
+        _close_progress_bars()
         print("error: interrupted", file=sys.stderr)
         sys.exit(130)
+
+
+def _close_progress_bars() -> None:
+    """End open tqdm bars (they leave the cursor mid-line) so that the error starts a line of its own."""
+    for bar in list(getattr(tqdm, "_instances", ())):
+        bar.close()
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse whose usage errors are one line, `error: <problem> (see <prog> --help)`, exit status 2."""
+
+    def error(self, message: str):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
 
 
 def str2bool(value: str | bool) -> bool:
@@ -117,12 +136,29 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
       help="Attention kernel: sdpa (fast) or eager (explicit matmuls; what FlopCounterMode checks).")
 
 
+def validate_subnets(config, widths: dict[str, Sequence[float]], depths: dict[str, Sequence[float]]) -> None:
+    """Every width multiplier must keep at least one head and every depth multiplier one layer of this model;
+    `widths` / `depths` map the flag that gave them to the values."""
+    from .modeling_flexbert import heads_kept, layers_kept
+
+    for check, flags in ((heads_kept, widths), (layers_kept, depths)):
+        for flag, values in flags.items():
+            for value in values:
+                try:
+                    check(config, value)
+                except ValueError as err:
+                    raise CLIError(f"{flag}: {err}") from None
+
+
 def validate_common_args(args: argparse.Namespace) -> utils_glue.TaskSpec:
     spec = utils_glue.get_task(args.task_name)
     if not Path(args.data_dir).is_dir():
         raise CLIError(f"--data_dir {args.data_dir} does not exist")
     for name in ("per_gpu_train_batch_size", "per_gpu_eval_batch_size", "gradient_accumulation_steps"):
         if getattr(args, name) < 1:
+            raise CLIError(f"--{name} must be at least 1")
+    for name in ("max_train_samples", "max_eval_samples"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
             raise CLIError(f"--{name} must be at least 1")
     if args.max_seq_length <= 2:
         raise CLIError(f"--max_seq_length {args.max_seq_length} leaves no room for text (needs > 2)")
@@ -205,6 +241,7 @@ def load_model_and_tokenizer(
             f"--model_dir {model_dir} was fine-tuned for {config.finetuning_task} with {config.num_labels} "
             f"labels, not {spec.name}"
         )
+    saved_labels = config.num_labels
     config.num_labels = spec.num_labels
     config.finetuning_task = spec.name.lower()
     if args is not None:
@@ -217,6 +254,11 @@ def load_model_and_tokenizer(
         )
     except OSError as err:
         raise CLIError(f"--model_dir {model_dir}: cannot load model ({str(err).splitlines()[0]})") from None
+    except RuntimeError as err:  # transformers refuses a saved classifier of another size
+        if "mismatched" not in str(err):
+            raise
+        raise CLIError(f"--model_dir {model_dir} has a classifier with {saved_labels} outputs but {spec.name} needs "
+                       f"{spec.num_labels} (a model fine-tuned for another task?)") from None
     max_positions = model.config.max_position_embeddings
     if args is not None and args.max_seq_length > max_positions:
         raise CLIError(f"--max_seq_length {args.max_seq_length} exceeds the model's {max_positions} positions")
@@ -244,10 +286,13 @@ def save_model(model: FlexBertForSequenceClassification, tokenizer, output_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-def prepare_output_dir(args: argparse.Namespace, marker: str) -> Path:
+def prepare_output_dir(args: argparse.Namespace, marker: str, create: bool = True) -> Path:
     """Create the output folder; refuse one that holds another run unless --overwrite_output_dir. Writing
-    back into the input model folder (the README's final fine-tuning) and resuming are allowed."""
+    back into the input model folder (the README's final fine-tuning) and resuming are allowed. With
+    create=False only the checks run (a run validates everything first and creates the folder last)."""
     out = Path(args.output_dir)
+    if out.exists() and not out.is_dir():
+        raise CLIError(f"--output_dir {out} exists and is not a folder")
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         same_as_input = Path(args.model_dir).resolve() == out.resolve()
         resuming = getattr(args, "resume_from_checkpoint", None) is not None
@@ -255,7 +300,8 @@ def prepare_output_dir(args: argparse.Namespace, marker: str) -> Path:
             raise CLIError(
                 f"--output_dir {out} is not empty and holds another run; pass --overwrite_output_dir to reuse it"
             )
-    out.mkdir(parents=True, exist_ok=True)
+    if create:
+        out.mkdir(parents=True, exist_ok=True)
     return out
 
 
