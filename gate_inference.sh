@@ -3,12 +3,12 @@
 # task's best-trade-off widths, and width+depth-dynamic with early exit over a threshold sweep; at each
 # batch size in BATCH_SIZES. Ends with one accuracy / FLOPs / latency table and a trade-off plot.
 # Extra arguments are passed to every train_gate(_new).py call. Environment: as run_glue.sh, plus
-# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"), THRESHOLDS ("0.1 0.3 0.5"), INFERENCE_DIR.
+# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"; quick: "32"), THRESHOLDS ("0.1 0.3 0.5"), INFERENCE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
 MODEL=${MODEL:-$WD_BERT_GATES}
-BATCH_SIZES=${BATCH_SIZES:-32 1}
+BATCH_SIZES=${BATCH_SIZES:-$([ "$QUICK" = 1 ] && echo 32 || echo "32 1")}
 THRESHOLDS=${THRESHOLDS:-0.1 0.3 0.5}
 CONFIG=best_tradeoff_inference_config.json
 # The task's class->width map from the best-trade-off config (README's example widths otherwise).

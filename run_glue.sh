@@ -11,13 +11,14 @@ COMMON=(--model_type bert --task_name "$TASK" --do_train --data_dir "$DATA_DIR" 
 if [ "$QUICK" = 1 ]; then
   # Quick profile: SST-2 subset, short schedules, padding trimmed per batch, importance on 256 examples.
   TEACHER_ARGS=(--learning_rate 1e-4 --num_train_epochs 2 --max_train_samples 2000 --logging_steps 1000)
-  STAGE_ARGS=(--learning_rate 5e-5 --max_train_samples 1024 --logging_steps 1000 --trim_padding
-              --importance_max_examples 256)
-  W_EPOCHS=2; D_EPOCHS=1; F_EPOCHS=1
+  # The shallow subnets of the embedded model need a higher learning rate to learn in a few steps: its
+  # intermediate [CLS] vectors start almost input-independent (it was trained with mean pooling).
+  STAGE_ARGS=(--max_train_samples 1024 --logging_steps 1000 --trim_padding --importance_max_examples 256)
+  W_EPOCHS=2; D_EPOCHS=2; F_EPOCHS=1; W_LR=5e-5; D_LR=2e-4; F_LR=1e-4
 else
   TEACHER_ARGS=(--learning_rate 5e-5 --num_train_epochs 3 --logging_steps 200)
-  STAGE_ARGS=(--learning_rate 5e-5 --logging_steps 200)
-  W_EPOCHS=3; D_EPOCHS=3; F_EPOCHS=3
+  STAGE_ARGS=(--logging_steps 200)
+  W_EPOCHS=3; D_EPOCHS=3; F_EPOCHS=3; W_LR=5e-5; D_LR=1e-4; F_LR=5e-5
 fi
 
 say "[1/4] teacher: fine-tune $BERT_DIR on $TASK -> $TEACHER_DIR"
@@ -30,7 +31,7 @@ fi
 say "[2/4] width-adaptive training with neural grafting -> $W_BERT"
 if stage_done dynabertw "$W_BERT"; then echo "reusing $W_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$TEACHER_DIR" --output_dir "$W_BERT" --overwrite_output_dir \
-    --num_train_epochs "$W_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 1.0 \
+    --num_train_epochs "$W_EPOCHS" --learning_rate "$W_LR" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 1.0 \
     --width_lambda1 1.0 --width_lambda2 0.1 --training_phase dynabertw --graft_during_training \
     "${STAGE_ARGS[@]}" "$@"
   mark_done dynabertw "$W_BERT"
@@ -39,7 +40,7 @@ fi
 say "[3/4] depth-adaptive training -> $WD_BERT"
 if stage_done dynabert "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$W_BERT" --output_dir "$WD_BERT" --overwrite_output_dir \
-    --num_train_epochs "$D_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
+    --num_train_epochs "$D_EPOCHS" --learning_rate "$D_LR" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
     --depth_lambda1 1.0 --depth_lambda2 1.0 --training_phase dynabert "${STAGE_ARGS[@]}" "$@"
   mark_done dynabert "$WD_BERT"
 fi
@@ -47,7 +48,7 @@ fi
 say "[4/4] final fine-tuning (gold labels, all subnets) in place -> $WD_BERT"
 if stage_done final_finetuning "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$WD_BERT" --output_dir "$WD_BERT" \
-    --num_train_epochs "$F_EPOCHS" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
+    --num_train_epochs "$F_EPOCHS" --learning_rate "$F_LR" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 0.5,0.75,1.0 \
     --training_phase final_finetuning "${STAGE_ARGS[@]}" "$@"
   mark_done final_finetuning "$WD_BERT"
 fi
