@@ -130,7 +130,9 @@ class FlexIntermediate(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, num_neurons: int) -> torch.Tensor:
         out = F.linear(hidden_states, self.dense.weight[:num_neurons], self.dense.bias[:num_neurons])
-        return F.gelu(out)  # erf GELU, as BERT's "gelu"
+        if torch.is_grad_enabled():
+            return F.gelu(out)  # erf GELU, as BERT's "gelu"
+        return torch.ops.aten.gelu_(out)  # same kernel in place (no backward needs `out`): one [B, T, f] less
 
 
 class FlexOutput(nn.Module):

@@ -1,0 +1,143 @@
+"""Section 4: training steps, timed as run_glue.py runs them (teacher forward without gradients, then for every
+subnet `subnet_loss` + backward; the optimizer update is not part of it). A dynabertw step (teacher + 4 widths)
+and a dynabert step (teacher + 3 depths x 4 widths) against the sum of the same parts, each timed on its own
+from a clean state (gradients None). Target: step <= 1.1 x sum of parts. The peak RSS of one dynabert step at
+batch 32 is measured in a fresh process (ru_maxrss) and reported."""
+
+from __future__ import annotations
+
+import copy
+import json
+import resource
+import subprocess
+import sys
+import time
+
+import torch
+from common import GATE_SETTING, Context, Result, emit, header, median, parse_args
+
+import run_glue
+
+TARGET = 1.1
+TIMING_BATCH = 8
+RSS_BATCH = 32
+
+
+def phase_setup(ctx: Context, phase: str):
+    """(student in train mode, frozen teacher, run_glue args, subnets as (width, depth), descending)."""
+    args = run_glue.parse_args(["--task_name", "RTE", "--training_phase", phase, "--model_dir", ctx.model_dir,
+                                "--data_dir", ctx.args.data_dir, "--depth_mult_list", "0.5,0.75,1.0"])
+    model = ctx.model("sdpa").train()
+    teacher = copy.deepcopy(model).eval()
+    for p in teacher.parameters():
+        p.requires_grad_(False)
+    widths, depths = run_glue.phase_subnets(args)
+    assert widths == sorted(GATE_SETTING, reverse=True)
+    return model, teacher, args, [(w, d) for d in depths for w in widths]
+
+
+def training_batch(ctx: Context, size: int) -> list[torch.Tensor]:
+    return [t[:size] for t in ctx.features("train", max_examples=size)]
+
+
+def teacher_forward(teacher, batch):
+    with torch.no_grad():
+        return teacher(*batch[:3])
+
+
+def subnet_part(args, model, batch, teacher_out, width, depth) -> float:
+    loss = run_glue.subnet_loss(args, model, batch, teacher_out, width, depth)
+    run_glue.check_finite(loss, 0, f"w{width}_d{depth}")
+    loss.backward()
+    return loss.item()
+
+
+def full_step(args, model, teacher, batch, subnets) -> None:
+    """The body of run_glue.train's loop for one batch (no gradient accumulation, no autocast)."""
+    teacher_out = teacher_forward(teacher, batch)
+    for width, depth in subnets:
+        subnet_part(args, model, batch, teacher_out, width, depth)
+
+
+def time_phase(ctx: Context, phase: str, rounds: int) -> tuple[list[float], list[float], dict[str, float]]:
+    model, teacher, args, subnets = phase_setup(ctx, phase)
+    batch = training_batch(ctx, TIMING_BATCH)
+    steps, sums, part_times = [], [], {}
+    for r in range(rounds + 1):  # round 0: warm-up
+        model.zero_grad(set_to_none=True)
+        start = time.perf_counter()
+        full_step(args, model, teacher, batch, subnets)
+        step = time.perf_counter() - start
+        parts = {}
+        start = time.perf_counter()
+        teacher_out = teacher_forward(teacher, batch)
+        parts["teacher"] = time.perf_counter() - start
+        for width, depth in subnets:
+            model.zero_grad(set_to_none=True)
+            start = time.perf_counter()
+            subnet_part(args, model, batch, teacher_out, width, depth)
+            parts[f"w{width:g}_d{depth:g}"] = time.perf_counter() - start
+        if r:
+            steps.append(step)
+            sums.append(sum(parts.values()))
+            for k, v in parts.items():
+                part_times.setdefault(k, []).append(v)
+    model.zero_grad(set_to_none=True)
+    return steps, sums, {k: median(v) for k, v in part_times.items()}
+
+
+def rss_child(ctx: Context) -> None:
+    """Run in a fresh process: one dynabert step at batch RSS_BATCH; print RSS figures as JSON."""
+    def max_rss_mb() -> float:
+        return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+    model, teacher, args, subnets = phase_setup(ctx, "dynabert")
+    batch = training_batch(ctx, RSS_BATCH)
+    before = max_rss_mb()
+    start = time.perf_counter()
+    full_step(args, model, teacher, batch, subnets)
+    seconds = time.perf_counter() - start
+    print(json.dumps({"before_mb": before, "peak_mb": max_rss_mb(), "seconds": seconds}))
+
+
+def run(ctx: Context) -> list[Result]:
+    header(f"4. training steps (sdpa, train mode, batch {TIMING_BATCH} for timing)", ctx)
+    results = []
+    for phase, rounds in (("dynabertw", ctx.rounds(5, 3)), ("dynabert", ctx.rounds(3, 2))):
+        steps, sums, parts = time_phase(ctx, phase, rounds)
+        ratio = median([s / p for s, p in zip(steps, sums, strict=True)])
+        retried = False
+        if ratio > TARGET and not ctx.args.no_retry:
+            more_steps, more_sums, _ = time_phase(ctx, phase, rounds)
+            steps, sums, retried = steps + more_steps, sums + more_sums, True
+            ratio = median([s / p for s, p in zip(steps, sums, strict=True)])
+        biggest = ", ".join(f"{k} {1e3 * v:.0f}" for k, v in list(parts.items())[:3])
+        detail = (f"step {1e3 * median(steps):.0f} ms, parts {1e3 * median(sums):.0f} ms ({len(parts) - 1} subnets;"
+                  f" {biggest} ms, ...), {len(steps)} rounds{', re-measured' if retried else ''}")
+        results.append(emit(Result(f"training {phase} step / sum of parts (batch {TIMING_BATCH})", ratio, TARGET,
+                                   higher_is_better=False, detail=detail)))
+    cmd = [sys.executable, __file__, "--rss_child", "--threads", str(ctx.args.threads), "--data_dir",
+           ctx.args.data_dir, "--seed", str(ctx.args.seed)] + (["--model_dir", ctx.args.model_dir]
+                                                              if ctx.args.model_dir else [])
+    proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+    try:
+        rss = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        print(proc.stdout + proc.stderr, file=sys.stderr)
+        raise RuntimeError("the peak-RSS child process failed") from None
+    grew = rss["peak_mb"] - rss["before_mb"]
+    detail = (f"high-water mark {rss['before_mb']:.0f} MiB before the step (Python, torch, student, teacher), "
+              f"+{grew:.0f} MiB during it; step {rss['seconds']:.1f} s, fresh process")
+    results.append(emit(Result(f"training dynabert step peak RSS (batch {RSS_BATCH})", rss["peak_mb"], unit=" MiB",
+                               detail=detail, digits=0)))
+    return results
+
+
+if __name__ == "__main__":
+    if "--rss_child" in sys.argv:
+        sys.argv.remove("--rss_child")
+        rss_child(Context(parse_args(__doc__)))
+    else:
+        from common import run_standalone
+
+        run_standalone(__doc__, run)
