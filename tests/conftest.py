@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from transformers import BertConfig
+from transformers import BertConfig, BertTokenizer
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 if str(REPO_ROOT) not in sys.path:  # `pytest` run without `python -m` does not put the repo root on sys.path
@@ -140,3 +140,25 @@ def minilm_dir() -> Path:
     if not (path / "config.json").is_file():
         pytest.skip(f"embedded model folder missing at {path}")
     return path
+
+
+def save_model_folder(folder: Path, vocab: list[str], config: BertConfig, seed: int = 0) -> Path:
+    """A random BERT + WordPiece tokenizer saved as an ordinary HF folder (with vocab.txt), as scripts expect."""
+    folder.mkdir(parents=True)
+    (folder / "vocab.txt").write_text("\n".join(vocab) + "\n", encoding="utf-8")
+    # transformers 5 ignores BertTokenizer(vocab_file=...): load the folder like a model directory.
+    tokenizer = BertTokenizer.from_pretrained(str(folder))
+    assert tokenizer.convert_tokens_to_ids(vocab[-1]) == vocab.index(vocab[-1])
+    tokenizer.save_pretrained(str(folder))
+    torch.manual_seed(seed)
+    FlexBertForSequenceClassification(config).save_pretrained(str(folder))
+    assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
+    return folder
+
+
+def cli_argv(options: dict, *extra: str, switches: tuple[str, ...] = ()) -> list[str]:
+    """`--key value` pairs for a script's main(argv), after the given on/off switches."""
+    argv = list(switches)
+    for key, value in options.items():
+        argv += [f"--{key}", str(value)]
+    return argv + list(extra)

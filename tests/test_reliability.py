@@ -22,8 +22,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import cli_argv, save_model_folder
 from safetensors.torch import load_file
-from transformers import BertConfig, BertTokenizer
+from transformers import BertConfig
 
 import run_glue
 from transformers_ext import FlexBertForSequenceClassification
@@ -68,18 +69,9 @@ def _write_task(folder: Path, train: list[str] | bytes, dev: list[str] | None = 
 
 
 def _write_model(folder: Path, seed: int = 0, num_labels: int = 2) -> Path:
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    # transformers 5 ignores BertTokenizer(vocab_file=...): load the folder as the scripts load a model dir.
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    assert tokenizer.convert_tokens_to_ids("cat") == VOCAB.index("cat")
-    tokenizer.save_pretrained(str(folder))
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=32, num_hidden_layers=4, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels)
-    torch.manual_seed(seed)
-    FlexBertForSequenceClassification(config).save_pretrained(str(folder))
-    assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
-    return folder
+    return save_model_folder(folder, VOCAB, config, seed)
 
 
 @pytest.fixture(scope="module")
@@ -426,10 +418,7 @@ def _argv(world, model_dir, output_dir, *extra: str, **flags) -> list[str]:
         "num_train_epochs": 3, "logging_steps": 1, "num_threads": 1, "seed": 7,
     }
     options.update(flags)
-    argv = ["--do_train", "--cpu"]
-    for key, value in options.items():
-        argv += [f"--{key}", str(value)]
-    return argv + list(extra)
+    return cli_argv(options, *extra, switches=("--do_train", "--cpu"))
 
 
 @pytest.fixture

@@ -15,8 +15,9 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+from conftest import cli_argv, save_model_folder
 from safetensors.torch import load_file
-from transformers import BertConfig, BertTokenizer
+from transformers import BertConfig
 
 import run_glue
 from transformers_ext import FlexBertForSequenceClassification
@@ -62,16 +63,7 @@ def _tiny_config(**kwargs) -> BertConfig:
 
 
 def _write_model(folder: Path, seed: int = 0) -> None:
-    """A random tiny BERT + WordPiece tokenizer saved as an ordinary HF folder (with vocab.txt)."""
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    # transformers 5 ignores BertTokenizer(vocab_file=...): load the folder like a model directory.
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    assert tokenizer.convert_tokens_to_ids("cat") == VOCAB.index("cat")
-    tokenizer.save_pretrained(str(folder))
-    torch.manual_seed(seed)
-    FlexBertForSequenceClassification(_tiny_config()).save_pretrained(str(folder))
-    assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
+    save_model_folder(folder, VOCAB, _tiny_config(), seed)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -99,10 +91,7 @@ def _argv(env: dict[str, Path], model_dir: Path, output_dir: Path, phase: str, *
         "num_train_epochs": 1, "logging_steps": 2, "num_threads": 1, "seed": 42,
     }
     options.update(flags)
-    argv = ["--do_train", "--cpu"]
-    for key, value in options.items():
-        argv += [f"--{key}", str(value)]
-    return argv + list(extra)
+    return cli_argv(options, *extra, switches=("--do_train", "--cpu"))
 
 
 def _run(env, model_dir, output_dir, phase, *extra, **flags) -> dict:

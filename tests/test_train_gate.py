@@ -18,8 +18,9 @@ from unittest import mock
 
 import pytest
 import torch
+from conftest import cli_argv, save_model_folder
 from safetensors.torch import load_file, save_file
-from transformers import BertConfig, BertTokenizer
+from transformers import BertConfig
 
 import plot_tradeoff
 import train_gate
@@ -76,19 +77,10 @@ def _write_stsb(folder: Path, n: int = N_TRAIN) -> None:
 
 
 def _write_model(folder: Path, num_labels: int = 2, seed: int = 0) -> None:
-    """A random tiny BERT (initializer_range 0.2, so that the subnets disagree and the gate targets are mixed)
-    with a WordPiece tokenizer and vocab.txt, saved as an ordinary HF folder."""
-    folder.mkdir(parents=True)
-    (folder / "vocab.txt").write_text("\n".join(VOCAB) + "\n", encoding="utf-8")
-    # transformers 5 ignores BertTokenizer(vocab_file=...): load the folder like a model directory.
-    tokenizer = BertTokenizer.from_pretrained(str(folder))
-    assert tokenizer.convert_tokens_to_ids("cat") == VOCAB.index("cat")
-    tokenizer.save_pretrained(str(folder))
-    torch.manual_seed(seed)
+    """initializer_range 0.2, so that the subnets disagree and the gate targets are mixed."""
     config = BertConfig(vocab_size=len(VOCAB), hidden_size=HIDDEN, num_hidden_layers=L, num_attention_heads=4,
                         intermediate_size=64, max_position_embeddings=64, num_labels=num_labels, initializer_range=0.2)
-    FlexBertForSequenceClassification(config).save_pretrained(str(folder))
-    assert (folder / "vocab.txt").is_file() and (folder / "config.json").is_file()
+    save_model_folder(folder, VOCAB, config, seed)
 
 
 def _argv(env, model_dir: Path, output_dir: Path, *extra: str, task: str = "RTE", **flags) -> list[str]:
@@ -98,10 +90,7 @@ def _argv(env, model_dir: Path, output_dir: Path, *extra: str, task: str = "RTE"
         "per_gpu_eval_batch_size": 8, "num_threads": 1,
     }
     options.update(flags)
-    argv = ["--cpu"]
-    for key, value in options.items():
-        argv += [f"--{key}", str(value)]
-    return argv + list(extra)
+    return cli_argv(options, *extra, switches=("--cpu",))
 
 
 def _train(env, model_dir, output_dir, *extra, **flags) -> dict:
