@@ -18,7 +18,7 @@ $(VENV)/.installed: requirements.txt requirements-dev.txt
 venv: $(VENV)/.installed
 
 demo: venv
-	PATH=$(abspath $(VENV))/bin:$$PATH QUICK=1 bash demo.sh
+	PATH=$(abspath $(VENV))/bin:$$PATH PYTHON=$(abspath $(PY)) QUICK=1 bash demo.sh
 
 test: venv
 	$(PY) -m ruff check .

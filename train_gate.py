@@ -77,7 +77,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="Training: the gate classes' widths (= --gate_setting). Inference: class -> width map "
            "(C entries; untrained widths such as 0.55 allowed).")
     a("--depth_mult_list", type=multiplier_list, default=[1.0],
-      help="Inference depth (one value; dynamic modes need 1.0). Also sets default off-ramps when a list.")
+      help="Inference depth (one value; dynamic modes need 1.0).")
     a("--gate_setting", type=multiplier_list, default=[1.0],
       help="Widths whose correctness defines the gate targets; must match --width_mult_list for training.")
     a("--training_phase", default="dynabertw", help="'traingate' to train gates (with --do_train).")
@@ -87,15 +87,19 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="'histogram' (N/(C*n_c) over training targets), 'reference' (the paper's per-task table) or a "
            "comma list of C weights.")
     a("--regression_threshold", type=float, default=0.5,
-      help="Regression (STS-B): a subnet is right if |prediction - label| < this; also the off-ramp rule.")
-    a("--backbone_dropout", action="store_true", help="Keep backbone dropout on while training gates (reference).")
+      help="Regression (STS-B) gate targets: a subnet is right if |prediction - label| < this.")
+    a("--backbone_dropout", action="store_true",
+      help="Backbone dropout on while computing the training batches' gate inputs (the reference's train mode; "
+           "recomputes them every batch instead of once). Targets are always computed in eval mode.")
     a("--fixed_gate", type=float, default=None, help="Inference: force this width everywhere (gates not run).")
     a("--static", action="store_true", help="Static subnet inference.")
     a("--w_dynamic", action="store_true", help="Width-dynamic inference (gates), depth 1.0.")
     a("--d_dynamic", action="store_true", help="Depth-dynamic only: early exit at a fixed width.")
     a("--wd_dynamic", action="store_true", help="Width- and depth-dynamic inference (gates + --early_exit).")
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
-    a("--exit_threshold", type=float, default=0.57, help="Exit iff entropy (natural log) < this.")
+    a("--exit_threshold", type=float, default=0.57,
+      help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
+           "this since the previous off-ramp.")
     a("--off_ramps", type=int_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
@@ -133,16 +137,50 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
 
 
 # ---- gate training -----------------------------------------------------------------------------------------
-def precompute(model, dataset, args, device) -> tuple[torch.Tensor, torch.Tensor]:
-    """[CLS] vectors the gates read at every gate-setting width `[C, G, N, h]` and correctness `[C, N]`."""
-    states, correct = [], []
-    for batch in tqdm(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
-                      desc="gate inputs and targets", leave=False):
-        s, c = gate_inputs_and_correctness(model, [t.to(device) for t in trim_padding(batch)],
-                                           args.gate_setting, args.regression_threshold)
-        states.append(s.cpu())
-        correct.append(c.cpu())
-    return torch.cat(states, dim=2), torch.cat(correct, dim=1)
+# Gate inputs are kept in memory when they fit; larger sets (MNLI, QQP, augmented data) recompute per batch.
+GATE_CACHE_BYTES = 4 * 2**30
+
+
+class GateInputs:
+    """The [CLS] vectors the gates read at every gate-setting width, `[C, G, B, h]` for a batch of example
+    indices, and each width's correctness `[C, N]` (hence the targets). With the backbone frozen and in eval
+    mode these are fixed, so they are computed once when they fit in GATE_CACHE_BYTES; otherwise, and with
+    `backbone_dropout` (fresh dropout noise per batch, as the reference), they are recomputed per batch."""
+
+    def __init__(self, model, dataset, args, device, backbone_dropout: bool = False):
+        self.model, self.dataset, self.args, self.device = model, dataset, args, device
+        self.backbone_dropout = backbone_dropout
+        size = len(args.gate_setting) * model.config.num_gates * len(dataset) * model.config.hidden_size * 4
+        keep = size <= GATE_CACHE_BYTES and not backbone_dropout
+        states, correct = [], []
+        for batch in tqdm(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
+                          desc="gate inputs and targets", leave=False):
+            s, c = self._compute(batch, dropout=False)
+            correct.append(c.cpu())
+            if keep:
+                states.append(s.cpu())
+        self.correct = torch.cat(correct, dim=1)
+        self.targets = gate_targets(self.correct[:-1])
+        self.states = torch.cat(states, dim=2) if keep else None
+
+    def _compute(self, batch, dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
+        self.model.train(dropout)
+        try:
+            return gate_inputs_and_correctness(self.model, [t.to(self.device) for t in trim_padding(batch)],
+                                               self.args.gate_setting, self.args.regression_threshold)
+        finally:
+            self.model.eval()
+
+    def __len__(self) -> int:
+        return len(self.targets)
+
+    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """(states `[C, G, B, h]`, targets `[B]`) on the device, for example indices `idx`."""
+        if self.states is not None:
+            states = self.states[:, :, idx]
+        else:
+            states = self._compute([t[idx] for t in self.dataset.tensors], self.backbone_dropout)[0]
+        return states.to(self.device), self.targets[idx].to(self.device)
 
 
 def gate_epoch_loss(model, states, targets, weights, temperature, generator=None) -> tuple[torch.Tensor, list]:
@@ -185,12 +223,9 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
 
     logger.info("computing gate targets: %d widths x %d train + %d dev examples", num_classes, len(train_set),
                 sum(len(d) for d in dev_sets))
-    train_states, train_correct = precompute(model, train_set, args, device)
-    train_targets = gate_targets(train_correct[:-1])
-    dev_data = []
-    for d in dev_sets:
-        s, c = precompute(model, d, args, device)
-        dev_data.append((s, gate_targets(c[:-1])))
+    train_inputs = GateInputs(model, train_set, args, device, backbone_dropout=args.backbone_dropout)
+    dev_inputs = [GateInputs(model, d, args, device) for d in dev_sets]
+    train_targets = train_inputs.targets
     hist = torch.bincount(train_targets, minlength=num_classes).tolist()
     logger.info("train target histogram (class: count): %s", dict(zip(args.gate_setting, hist, strict=True)))
 
@@ -230,17 +265,18 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
         model.gates.eval()
         with torch.no_grad():
             totals, correct, count = [], torch.zeros(num_gates), 0
-            for states, targets in dev_data:
+            for inputs in dev_inputs:
                 split_loss, n_batches = torch.zeros(num_classes), 0
-                for start in range(0, len(targets), args.per_gpu_eval_batch_size):
-                    sl = slice(start, start + args.per_gpu_eval_batch_size)
-                    _, per_width = gate_epoch_loss(model, states[:, :, sl], targets[sl], weights, temperature)
+                for start in range(0, len(inputs), args.per_gpu_eval_batch_size):
+                    idx = torch.arange(start, min(start + args.per_gpu_eval_batch_size, len(inputs)))
+                    batch_states, batch_targets = inputs.batch(idx)
+                    _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature)
                     split_loss += torch.stack(per_width[::-1]).cpu()
                     n_batches += 1
                     # gate accuracy: each gate's argmax on the full-width states against the target
-                    logits = torch.stack([gate(states[-1, g, sl]) for g, gate in enumerate(model.gates)])
-                    correct += (logits.argmax(-1) == targets[sl]).float().sum(1).cpu()
-                    count += len(targets[sl])
+                    logits = torch.stack([gate(batch_states[-1, g]) for g, gate in enumerate(model.gates)])
+                    correct += (logits.argmax(-1) == batch_targets).float().sum(1).cpu()
+                    count += len(batch_targets)
                 totals.append(split_loss.mean() / n_batches)
         model.gates.train()
         return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
@@ -250,8 +286,8 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     for epoch in range(epochs):
         for batch_idx, (idx,) in enumerate(epoch_batches(index_set, batch_size, args.seed, epoch)):
             temperature = temperature_at(global_step, n_train, batch_size, epochs, temperature)
-            states = train_states[:, :, idx].to(device)
-            loss, _ = gate_epoch_loss(model, states, train_targets[idx].to(device), weights, temperature)
+            states, targets = train_inputs.batch(idx)
+            loss, _ = gate_epoch_loss(model, states, targets, weights, temperature)
             check_finite(loss, global_step, "gates")
             (loss / args.gradient_accumulation_steps).backward()
             if (batch_idx + 1) % args.gradient_accumulation_steps:
@@ -412,7 +448,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
         for i in range(config.num_hidden_layers)
     ]
-    if batch_times:
+    if batch_times and (args.record_gpu_time or args.record_cpu_time):
         total_time = sum(batch_times)
         results["latency_ms_per_batch"] = 1000 * total_time / len(batch_times)
         results["latency_ms_per_example"] = 1000 * total_time / n_examples_timed
@@ -426,7 +462,8 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         "early_exit": args.early_exit, "exit_threshold": args.exit_threshold if args.early_exit else None,
         "off_ramps": off_ramps if args.early_exit else None, "fixed_width": fixed,
         "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
-        "device": str(device), "timing": "cuda_events" if use_cuda_events else "wall_clock",
+        "device": str(device), "timing": ("cuda_events" if use_cuda_events else "wall_clock")
+        if (args.record_gpu_time or args.record_cpu_time) else None,
         "model_dir": args.model_dir, "num_examples": n_total, "results": results,
     }
     print_report(report)

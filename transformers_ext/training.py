@@ -112,7 +112,7 @@ def add_common_args(parser: argparse.ArgumentParser) -> None:
     a("--evaluate_during_training", type=str2bool, nargs="?", const=True, default=True,
       help="Evaluate every --logging_steps updates (true/false).")
     a("--do_lower_case", type=str2bool, nargs="?", const=True, default=True,
-      help="Lower-case input (uncased models); the tokenizer's own setting is used when it has one.")
+      help="Lower-case input (true/false); overrides the tokenizer's own setting, so keep true for uncased models.")
     a("--per_gpu_train_batch_size", type=int, default=32, help="Training batch size per device/process.")
     a("--per_gpu_eval_batch_size", type=int, default=32, help="Evaluation batch size per device.")
     a("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer update.")
@@ -337,7 +337,10 @@ def epoch_batches(
         order = torch.arange(n)
     global_batch = batch_size * world
     for b in range(start_batch, (n + global_batch - 1) // global_batch):
-        chunk = order[b * global_batch : (b + 1) * global_batch][rank::world]
+        global_chunk = order[b * global_batch : (b + 1) * global_batch]
+        if len(global_chunk) < world:
+            break  # a last batch too small to give every process an example is dropped (all ranks alike)
+        chunk = global_chunk[rank::world]
         yield [t[chunk] for t in dataset.tensors]
 
 
