@@ -62,6 +62,8 @@ from transformers_ext.training import (
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
+# The depths run_glue.py trains by default: off-ramps go after the last layer of each one below 1.0.
+TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -326,7 +328,7 @@ def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
     config = model.config
     config.early_exit = args.early_exit
     config.exit_threshold = args.exit_threshold
-    config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, [0.5, 0.75, 1.0])
+    config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
     save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str)})
 
 
@@ -377,7 +379,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         raise CLIError(str(err)) from None
     off_ramps = args.off_ramps
     if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, [0.5, 0.75])
+        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
     splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
