@@ -16,8 +16,12 @@ if [ "$QUICK" = 1 ]; then
   STAGE_ARGS=(--max_train_samples 1024 --logging_steps 1000 --trim_padding --importance_max_examples 256)
   W_EPOCHS=2; D_EPOCHS=2; F_EPOCHS=1; W_LR=5e-5; D_LR=2e-4; F_LR=1e-4
 else
-  TEACHER_ARGS=(--learning_rate 5e-5 --num_train_epochs 3 --logging_steps 200)
-  STAGE_ARGS=(--logging_steps 200)
+  # Full profile: all data, 3 epochs per stage. Batches grouped by length with padding trimmed (1.5-1.9x fewer
+  # tokens on MRPC/RTE); importance on 512 training examples (the reference uses the dev set, 277-408 examples
+  # on RTE/MRPC) instead of the whole split at each of the 7 rewiring/grafting passes; the teacher uses the
+  # quick profile's higher learning rate, which this 6-layer model needs.
+  TEACHER_ARGS=(--learning_rate 1e-4 --num_train_epochs 3 --logging_steps 200 --trim_padding --group_by_length)
+  STAGE_ARGS=(--logging_steps 200 --trim_padding --group_by_length --importance_max_examples 512)
   W_EPOCHS=3; D_EPOCHS=3; F_EPOCHS=3; W_LR=5e-5; D_LR=1e-4; F_LR=5e-5
 fi
 

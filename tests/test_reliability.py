@@ -199,6 +199,7 @@ CASES = [
     Case("glue-resume-missing", _glue("--resume_from_checkpoint", "{in}/no_ckpt"), ["no_ckpt", "checkpoint"]),
     Case("glue-resume-none-yet", _glue("--resume_from_checkpoint"), ["no checkpoint to resume"]),
     # -- width / depth multipliers
+    Case("glue-negative-max-steps", _glue("--max_steps", "-2"), ["--max_steps", "-2"]),
     Case("glue-width-empty", _glue("--width_mult_list", "", phase="dynabertw"), ["width_mult_list", "empty"]),
     Case("glue-width-zero", _glue("--width_mult_list", "0,0.5", phase="dynabertw"), ["width_mult_list", "0"]),
     Case("glue-width-negative", _glue("--width_mult_list", "-0.5", phase="dynabertw"), ["-0.5", "(0, 1]"]),

@@ -17,12 +17,13 @@ import torch
 import torch.nn.functional as F
 from conftest import cli_argv, save_model_folder
 from safetensors.torch import load_file
+from torch.utils.data import TensorDataset
 from transformers import BertConfig
 
 import run_glue
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.training import subnet_key
+from transformers_ext.training import LENGTH_GROUP, epoch_batches, subnet_key
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -397,6 +398,59 @@ def test_grafting_fires_at_scheduled_steps_in_a_real_run(env, finetuned, tmp_pat
 
 
 
+@pytest.mark.parametrize("max_steps, steps_evaluated", [(3, [2, 3]), (6, [2, 4, 6])])
+def test_max_steps_overrides_epochs(env, finetuned, tmp_path, max_steps, steps_evaluated):
+    # 32 examples / batch 8 = 4 updates per epoch; one epoch asked for, so 6 updates need a second epoch
+    out = tmp_path / f"max_steps_{max_steps}"
+    results = _run(env, finetuned, out, "final_finetuning", width_mult_list="1.0", max_steps=max_steps)
+    assert [h["step"] for h in results["history"]] == steps_evaluated
+    state = torch.load(out / f"checkpoint-{max_steps}" / "training_state.pt", weights_only=False)
+    assert state["scheduler"]["last_epoch"] == max_steps
+    assert state["scheduler"]["_last_lr"] == [0.0, 0.0]  # the linear decay ends exactly at the last update
+
+
+# ---- batching ------------------------------------------------------------------------------------------------
+def _length_dataset(n: int = 700, max_len: int = 40) -> TensorDataset:
+    gen = torch.Generator().manual_seed(0)
+    lengths = torch.randint(3, max_len + 1, (n,), generator=gen)
+    mask = (torch.arange(max_len)[None, :] < lengths[:, None]).long()
+    return TensorDataset(torch.arange(n)[:, None] * mask, mask, torch.zeros_like(mask), torch.arange(n))
+
+
+def _epoch(dataset, **kwargs) -> list[list[torch.Tensor]]:
+    return list(epoch_batches(dataset, 4, seed=3, epoch=1, **kwargs))
+
+
+def test_group_by_length_is_a_shuffle_with_fewer_padded_tokens():
+    dataset = _length_dataset()
+    lengths = dataset.tensors[1].sum(1)
+    plain, grouped = _epoch(dataset), _epoch(dataset, lengths=lengths)
+    ids = torch.cat([b[3] for b in grouped])
+    assert sorted(ids.tolist()) == list(range(len(dataset)))  # every example once
+    # the same shuffle, only reordered inside each run of LENGTH_GROUP batches (50 x 4 examples)
+    plain_ids = torch.cat([b[3] for b in plain])
+    for start in range(0, len(dataset), 4 * LENGTH_GROUP):
+        chunk = slice(start, start + 4 * LENGTH_GROUP)
+        assert sorted(ids[chunk].tolist()) == sorted(plain_ids[chunk].tolist())
+        assert (lengths[ids[chunk]].diff() <= 0).all()  # longest first
+    padded = {name: sum(int(b[1].sum(1).max()) * len(b[3]) for b in batches)
+              for name, batches in (("plain", plain), ("grouped", grouped))}
+    assert padded["grouped"] < 0.7 * padded["plain"]
+    again = _epoch(dataset, lengths=lengths)
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(grouped, again))  # deterministic, so resumable
+    resumed = _epoch(dataset, lengths=lengths, start_batch=60)
+    assert all(torch.equal(a[3], b[3]) for a, b in zip(grouped[60:], resumed, strict=True))
+
+
+def test_group_by_length_shards_each_global_batch_across_processes():
+    dataset = _length_dataset(n=101)
+    lengths = dataset.tensors[1].sum(1)
+    single = list(epoch_batches(dataset, 8, seed=3, epoch=0, lengths=lengths))
+    ranks = [list(epoch_batches(dataset, 4, seed=3, epoch=0, rank=r, world=2, lengths=lengths)) for r in (0, 1)]
+    for whole, part0, part1 in zip(single, *ranks, strict=True):
+        assert sorted(whole[3].tolist()) == sorted(part0[3].tolist() + part1[3].tolist())
+
+
 # ---- best-checkpoint selection -------------------------------------------------------------------------------
 @pytest.mark.parametrize("scripted, best_step", [
     # (w=1.0, w=0.5) scores at steps 1..4: step 3 has the best full width, step 2 the best sum; a tie later
@@ -444,7 +498,7 @@ def test_resume_continues_exactly(env, finetuned, tmp_path, monkeypatch):
     """dynabertw with grafting and dropout on, shuffled: 2 epochs x 4 updates, checkpoints at 3, 6, 8. A run
     killed after the step-3 checkpoint and resumed ends where the uninterrupted run ends."""
     flags = dict(num_train_epochs=2, logging_steps=3, width_mult_list="0.5,1.0", warmup_steps=2)
-    extra = ("--graft_during_training",)
+    extra = ("--graft_during_training", "--group_by_length", "--trim_padding")
     full = tmp_path / "full"
     full_results = _run(env, finetuned, full, "dynabertw", *extra, **flags)
 

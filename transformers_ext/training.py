@@ -310,6 +310,8 @@ def write_json(path: str | Path, obj) -> None:
 
 
 # ---- batching ---------------------------------------------------------------------------------------------
+LENGTH_GROUP = 50  # global batches sorted together by --group_by_length (Hugging Face's megabatch size)
+
 def trim_padding(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     """Drop padding columns beyond the longest example of the batch (results are unchanged: padded keys
     are masked out)."""
@@ -326,16 +328,24 @@ def epoch_batches(
     rank: int = 0,
     world: int = 1,
     start_batch: int = 0,
+    lengths: torch.Tensor | None = None,
 ) -> Iterator[list[torch.Tensor]]:
     """Deterministic batches of one epoch: the order depends only on (seed, epoch), so a resumed run skips
     `start_batch` batches and sees exactly the data it would have seen. Under torchrun each process takes
-    its share of every global batch (batch_size per process)."""
+    its share of every global batch (batch_size per process).
+
+    With `lengths` (tokens per example) and shuffling, each run of LENGTH_GROUP global batches of the shuffled
+    order is sorted longest first (Hugging Face's group_by_length): batches then hold examples of similar
+    length, so trimming their padding saves most of the padded compute while the epoch stays a shuffle."""
     n = len(dataset)
+    global_batch = batch_size * world
     if shuffle:
         order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        if lengths is not None:
+            order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)]
+                               for group in order.split(global_batch * LENGTH_GROUP)])
     else:
         order = torch.arange(n)
-    global_batch = batch_size * world
     for b in range(start_batch, (n + global_batch - 1) // global_batch):
         global_chunk = order[b * global_batch : (b + 1) * global_batch]
         if len(global_chunk) < world:
