@@ -12,15 +12,21 @@ import resource
 import subprocess
 import sys
 import time
+from functools import partial
 
 import torch
-from common import GATE_SETTING, Context, Result, emit, header, median, parse_args
+from common import GATE_SETTING, Context, Result, emit, header, interleaved, median, median_ratio, parse_args
+from torch.utils.data import TensorDataset
 
 import run_glue
+from transformers_ext.training import epoch_batches, trim_padding
 
 TARGET = 1.1
 TIMING_BATCH = 8
 RSS_BATCH = 32
+GROUPED_TARGET = 1.3  # epoch-time speed-up of --group_by_length with --trim_padding on RTE
+EPOCH_BATCH = 32
+SAMPLE_EVERY = 8  # time every 8th batch of an epoch's order (both orders: the same number of batches)
 
 
 def phase_setup(ctx: Context, phase: str):
@@ -86,6 +92,30 @@ def time_phase(ctx: Context, phase: str, rounds: int) -> tuple[list[float], list
     return steps, sums, {k: median(v) for k, v in part_times.items()}
 
 
+def train_on(model, batches: list[list[torch.Tensor]]) -> None:
+    for batch in batches:
+        input_ids, attention_mask, token_type_ids, labels = trim_padding(batch)
+        model(input_ids, attention_mask, token_type_ids, labels=labels).loss.backward()
+        model.zero_grad(set_to_none=True)
+
+
+def group_by_length_epoch(ctx: Context, rounds: int) -> Result:
+    """Full-width forward + backward over RTE training batches of 32, padding trimmed per batch: the plain
+    shuffle against --group_by_length's order of the same epoch, every SAMPLE_EVERY-th batch of each timed."""
+    train = TensorDataset(*ctx.features("train"))
+    orders = {"shuffled": list(epoch_batches(train, EPOCH_BATCH, ctx.args.seed, 0)),
+              "grouped": list(epoch_batches(train, EPOCH_BATCH, ctx.args.seed, 0, lengths=train.tensors[1].sum(1)))}
+    tokens = {name: sum(int(b[1].sum(1).max()) * len(b[3]) for b in batches) for name, batches in orders.items()}
+    model = ctx.model("sdpa").train()
+    times = interleaved({name: partial(train_on, model, batches[::SAMPLE_EVERY])
+                         for name, batches in orders.items()}, rounds)
+    detail = (f"padded tokens per epoch {tokens['shuffled']:,} -> {tokens['grouped']:,} "
+              f"({tokens['shuffled'] / tokens['grouped']:.2f}x); {len(orders['grouped'][::SAMPLE_EVERY])} of "
+              f"{len(orders['grouped'])} batches timed, {rounds} rounds")
+    return emit(Result(f"--group_by_length epoch speed-up (RTE, batch {EPOCH_BATCH}, trimmed)",
+                       median_ratio(times["shuffled"], times["grouped"]), GROUPED_TARGET, detail=detail))
+
+
 def rss_child(ctx: Context) -> None:
     """Run in a fresh process: one dynabert step at batch RSS_BATCH; print RSS figures as JSON."""
     def max_rss_mb() -> float:
@@ -116,6 +146,7 @@ def run(ctx: Context) -> list[Result]:
                   f" {biggest} ms, ...), {len(steps)} rounds{', re-measured' if retried else ''}")
         results.append(emit(Result(f"training {phase} step / sum of parts (batch {TIMING_BATCH})", ratio, TARGET,
                                    higher_is_better=False, detail=detail)))
+    results.append(group_by_length_epoch(ctx, ctx.rounds(3, 1)))
     cmd = [sys.executable, __file__, "--rss_child", "--threads", str(ctx.args.threads), "--data_dir",
            ctx.args.data_dir, "--seed", str(ctx.args.seed)] + (["--model_dir", ctx.args.model_dir]
                                                               if ctx.args.model_dir else [])
