@@ -312,6 +312,8 @@ def train(args: argparse.Namespace) -> dict:
     lengths = train_set.tensors[1].sum(1) if args.group_by_length else None
     if args.group_by_length and not args.trim_padding:
         logger.warning("--group_by_length without --trim_padding changes the order but saves no compute")
+    if args.group_by_length and args.sequential_sampler:
+        logger.warning("--group_by_length has no effect with --sequential_sampler (it groups a shuffled order)")
     model.train()
     train_start = time.time()
     progress = tqdm(total=t_total, initial=global_step, desc=f"{phase} {spec.name}", disable=not is_main)
@@ -320,6 +322,8 @@ def train(args: argparse.Namespace) -> dict:
                                 shuffle=not args.sequential_sampler, rank=rank, world=world,
                                 start_batch=start_batch if epoch == start_epoch else 0, lengths=lengths)
         for batch_idx, batch in enumerate(batches, start=start_batch if epoch == start_epoch else 0):
+            if batch_idx >= updates_per_epoch * args.gradient_accumulation_steps:
+                break  # micro-batches after the epoch's last full update would only leak into the next epoch
             batch = [t.to(device) for t in (trim_padding(batch) if args.trim_padding else batch)]
             with autocast:
                 teacher_out = None

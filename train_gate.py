@@ -251,7 +251,8 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     epochs = int(args.num_train_epochs)
     batch_size = args.per_gpu_train_batch_size
     n_train = len(train_targets)
-    t_total = num_batches(train_set, batch_size) // args.gradient_accumulation_steps * epochs
+    updates_per_epoch = num_batches(train_set, batch_size) // args.gradient_accumulation_steps
+    t_total = updates_per_epoch * epochs
     if t_total == 0:
         raise CLIError(f"no gate update would run: {n_train} examples, batch {batch_size}, "
                        f"--gradient_accumulation_steps {args.gradient_accumulation_steps}, {epochs} epochs")
@@ -287,6 +288,8 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     progress = tqdm(total=t_total, desc=f"traingate {spec.name}")
     for epoch in range(epochs):
         for batch_idx, (idx,) in enumerate(epoch_batches(index_set, batch_size, args.seed, epoch)):
+            if batch_idx >= updates_per_epoch * args.gradient_accumulation_steps:
+                break  # micro-batches after the epoch's last full update would only leak into the next epoch
             temperature = temperature_at(global_step, n_train, batch_size, epochs, temperature)
             states, targets = train_inputs.batch(idx)
             loss, _ = gate_epoch_loss(model, states, targets, weights, temperature)

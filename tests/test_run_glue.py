@@ -409,6 +409,22 @@ def test_max_steps_overrides_epochs(env, finetuned, tmp_path, max_steps, steps_e
     assert state["scheduler"]["_last_lr"] == [0.0, 0.0]  # the linear decay ends exactly at the last update
 
 
+def test_gradient_accumulation_leaves_no_gradient_across_epochs(env, finetuned, tmp_path, monkeypatch):
+    # 32 examples / batch 12 = 3 batches per epoch: with 2 batches per update, the third would make no update
+    calls, original = [], run_glue.subnet_loss
+
+    def subnet_loss(args, model, batch, *rest):
+        calls.append(len(batch[0]))
+        return original(args, model, batch, *rest)
+
+    monkeypatch.setattr(run_glue, "subnet_loss", subnet_loss)
+    out = tmp_path / "accumulated"
+    results = _run(env, finetuned, out, "final_finetuning", width_mult_list="1.0", num_train_epochs=2,
+                   per_gpu_train_batch_size=12, gradient_accumulation_steps=2, logging_steps=100)
+    assert calls == [12, 12, 12, 12]  # two full micro-batches per epoch; the 8-example leftover never runs
+    assert [h["step"] for h in results["history"]] == [2]
+
+
 # ---- batching ------------------------------------------------------------------------------------------------
 def _length_dataset(n: int = 700, max_len: int = 40) -> TensorDataset:
     gen = torch.Generator().manual_seed(0)

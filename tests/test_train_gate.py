@@ -291,6 +291,23 @@ def test_gradient_accumulation_steps(env):
     assert [h["step"] for h in results["history"]] == [1, 2, 3, 4]
 
 
+def test_gradient_accumulation_skips_the_leftover_batch(env, monkeypatch):
+    """3 batches of 12 per epoch (32 examples), 2 per update: the third makes no update and must not run,
+    or its gradient would be added to the next epoch's first update."""
+    batch_sizes, original = [], train_gate.gate_epoch_loss
+
+    def gate_epoch_loss(model, states, targets, *rest, **kwargs):
+        if torch.is_grad_enabled():  # training, not validation
+            batch_sizes.append(len(targets))
+        return original(model, states, targets, *rest, **kwargs)
+
+    monkeypatch.setattr(train_gate, "gate_epoch_loss", gate_epoch_loss)
+    results = _train(env, env["bert"], env["root"] / "accum_leftover", num_train_epochs=2, logging_steps=1,
+                     gradient_accumulation_steps=2, per_gpu_train_batch_size=12)
+    assert batch_sizes == [12, 12, 12, 12]
+    assert [h["step"] for h in results["history"]] == [1, 2]
+
+
 def test_fewer_gates_than_layers(env, capsys):
     """--num_gates 2 on 4 layers: each gate sets the width of a group of two layers."""
     out = env["root"] / "two_gates"
