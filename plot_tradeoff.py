@@ -71,9 +71,9 @@ def plot(rows: list[dict], path: Path) -> None:
     if wd:
         ax.plot([r["rel_flops"] for r in wd], [r["score"] for r in wd], marker="D", c="tab:purple", zorder=5,
                 label="width+depth-dynamic (early exit sweep)")
-        for r in wd:
-            ax.annotate(r["run"].split("_t")[-1], (r["rel_flops"], r["score"]), textcoords="offset points",
-                        xytext=(4, -10), fontsize=7, color="tab:purple")
+        for i, r in enumerate(wd):  # labels alternate below/above: neighbouring thresholds often nearly coincide
+            ax.annotate(f"t={r['run'].split('_t')[-1]}", (r["rel_flops"], r["score"]), textcoords="offset points",
+                        xytext=(4, -10 if i % 2 == 0 else 5), fontsize=7, color="tab:purple")
     full = [r for r in static if r["run"] == "static_w1.0_d1.0"]
     if full:
         ax.scatter([1.0], [full[0]["score"]], marker="o", s=220, facecolors="none", edgecolors="k", lw=1.5,
