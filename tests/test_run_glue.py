@@ -397,6 +397,19 @@ def test_grafting_fires_at_scheduled_steps_in_a_real_run(env, finetuned, tmp_pat
     _check_output_folder(out, _subnets([0.5, 1.0], [1.0]))
 
 
+def test_same_seed_gives_bit_identical_width_stage(env, finetuned, tmp_path):
+    # rewiring, grafting, length-grouped shuffling and dropout all draw from seeded state: two runs must agree
+    # to the bit, and a different seed must not (else the check could not fail)
+    flags = dict(per_gpu_train_batch_size=4, num_train_epochs=2, logging_steps=8, width_mult_list="0.5,1.0")
+    extra = ("--graft_during_training", "--group_by_length", "--trim_padding")
+    runs = {name: tmp_path / name for name in ("a", "b", "other_seed")}
+    for name, out in runs.items():
+        _run(env, finetuned, out, "dynabertw", *extra, **flags, seed=7 if name == "other_seed" else 42)
+    a, b, other = (_weights(out) for out in runs.values())
+    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert not all(torch.equal(a[name], other[name]) for name in a)
+
+
 
 @pytest.mark.parametrize("max_steps, steps_evaluated", [(3, [2, 3]), (6, [2, 4, 6])])
 def test_max_steps_overrides_epochs(env, finetuned, tmp_path, max_steps, steps_evaluated):
