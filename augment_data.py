@@ -25,7 +25,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transformers_ext.training import ArgumentParser
+from transformers_ext.cli import ArgumentParser
 from utils_glue import DataError, TaskSpec, get_task, read_examples, read_tsv
 
 log = logging.getLogger("augment_data")

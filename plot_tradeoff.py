@@ -8,8 +8,9 @@ import io
 import json
 from pathlib import Path
 
-from transformers_ext.training import ArgumentParser, CLIError, run_cli
-from utils_glue import atomic_write_text, primary_metric
+from transformers_ext.checkpoint_io import write_text
+from transformers_ext.cli import ArgumentParser, CLIError, run_cli
+from utils_glue import primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",
            "mean_layers"]
@@ -103,7 +104,7 @@ def main() -> None:
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
-    atomic_write_text(output_dir / "tradeoff.csv", buf.getvalue())
+    write_text(output_dir / "tradeoff.csv", buf.getvalue())
     plot(rows, output_dir / "tradeoff.png")
     print(format_table(rows))
     print(f"\ntable: {output_dir / 'tradeoff.csv'}\nplot:  {output_dir / 'tradeoff.png'}")

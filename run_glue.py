@@ -7,79 +7,129 @@ Phases (--training_phase):
                     teacher with --data_aug, else gold labels; --graft_during_training applies neural grafting
   dynabert          all depth x width subnets, distilled from the width-adaptive model
   final_finetuning  gold labels for all subnets
+
+Depth subnets are prefixes of each other, so by default one forward per width serves every depth: the head
+is applied after each depth's last layer, the depths' losses are summed and backpropagated once
+(--separate_subnet_passes runs one forward and backward per subnet instead, as the reference).
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import json
 import logging
 import os
-import shutil
 import time
-from contextlib import nullcontext
-from pathlib import Path
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from tensorboardX import SummaryWriter
-from tqdm.auto import tqdm
 
 import utils_glue
 from transformers_ext import compute_importance, graft, rewire
-from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.training import (
+from transformers_ext.checkpoint_io import (
+    load_model_and_tokenizer,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+    save_model,
+    write_json,
+    write_text,
+)
+from transformers_ext.cli import (
     ArgumentParser,
     CLIError,
-    add_common_args,
-    all_reduce_gradients,
+    add_task_args,
+    add_training_args,
+    finish_training_args,
+    multiplier_list,
+    run_cli,
+    str2bool,
+    validate_subnets,
+    validate_task_args,
+)
+from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
+from transformers_ext.trainer import (
+    Hooks,
+    Schedule,
     build_optimizer,
     check_finite,
-    epoch_batches,
     evaluate_subnets,
+    fit,
     format_subnet_table,
-    load_model_and_tokenizer,
-    multiplier_list,
-    num_batches,
-    prepare_output_dir,
-    rng_state,
-    run_cli,
-    save_model,
-    set_rng_state,
     set_seed,
     setup_device,
     setup_logging,
     subnet_key,
-    trim_padding,
-    validate_common_args,
-    validate_subnets,
-    write_json,
 )
 
 logger = logging.getLogger("flexbert")
-PHASES = ("finetuning", "dynabertw", "dynabert", "final_finetuning")
 RESULTS_FILE = "eval_results.json"
 
 
+# ---- phases --------------------------------------------------------------------------------------------------
+def gold_loss(args, model, logits, hidden_states, labels, teacher_out, depth) -> torch.Tensor:
+    return model.compute_loss(logits, labels)
+
+
+def width_distil_loss(args, model, logits, hidden_states, labels, teacher_out, depth) -> torch.Tensor:
+    """dynabertw with --data_aug: logit KD + hidden-state MSE layer by layer; gold labels without a teacher."""
+    if teacher_out is None:
+        return gold_loss(args, model, logits, hidden_states, labels, teacher_out, depth)
+    layer_map = list(range(len(hidden_states)))
+    return args.width_lambda1 * logit_kd_loss(logits, teacher_out.logits) + args.width_lambda2 * (
+        hidden_mse_loss(hidden_states, teacher_out.hidden_states, layer_map))
+
+
+def depth_distil_loss(args, model, logits, hidden_states, labels, teacher_out, depth) -> torch.Tensor:
+    """dynabert: logit KD + hidden-state MSE against the teacher layers m(j) = floor(j / d)."""
+    layer_map = teacher_layer_map(len(hidden_states) - 1, depth, model.config.num_hidden_layers)
+    return args.depth_lambda1 * logit_kd_loss(logits, teacher_out.logits) + args.depth_lambda2 * (
+        hidden_mse_loss(hidden_states, teacher_out.hidden_states, layer_map))
+
+
+@dataclass(frozen=True)
+class Phase:
+    loss: Callable  # (args, model, logits, hidden_states, labels, teacher_out, depth) -> loss of one subnet
+    teacher: str  # "never", "with_aug" (only when training on augmented data) or "always"
+    train_widths: bool  # train --width_mult_list (else full width only)
+    train_depths: bool  # train --depth_mult_list (else full depth only)
+    rewire: bool  # rewire by importance before training; the only phase that may graft
+    data_aug: bool  # --data_aug applies
+
+
+PHASES: dict[str, Phase] = {
+    "finetuning": Phase(gold_loss, "never", False, False, False, True),
+    "dynabertw": Phase(width_distil_loss, "with_aug", True, False, True, True),
+    "dynabert": Phase(depth_distil_loss, "always", True, True, False, True),
+    "final_finetuning": Phase(gold_loss, "never", True, True, False, False),
+}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = ArgumentParser(description=__doc__)
+    add_task_args(parser)
+    add_training_args(parser, learning_rate=2e-5, epochs=3.0, logging_steps=400, seed=42)
     a = parser.add_argument
-    a("--learning_rate", type=float, default=2e-5, help="Peak AdamW learning rate.")
-    a("--num_train_epochs", type=float, default=3.0, help="Training epochs (int() of it are run).")
+    a("--evaluate_during_training", type=str2bool, nargs="?", const=True, default=True,
+      help="Evaluate every --logging_steps updates (true/false); the end of training is always evaluated.")
     a("--max_steps", type=int, default=0,
       help="If > 0: stop after this many updates, overriding --num_train_epochs (the learning rate decays to 0 "
            "over them; grafting keeps SPEC's per-epoch schedule), e.g. to compare runs at equal cost.")
-    a("--logging_steps", type=int, default=400, help="Evaluate all subnets (and checkpoint) every N updates.")
-    a("--seed", type=int, default=42, help="Random seed (model init, data order, dropout).")
-    a("--num_workers", type=int, default=16,
-      help="Accepted for compatibility; features are pre-tensorised and batched in-process.")
     a("--width_mult_list", type=multiplier_list, default=[0.25, 0.5, 0.75, 1.0],
       help="Width multipliers trained and evaluated (comma list).")
     a("--depth_mult_list", type=multiplier_list, default=[1.0], help="Depth multipliers (comma list).")
-    a("--training_phase", choices=PHASES, default="dynabertw", help="Which stage of the pipeline to run.")
+    a("--training_phase", choices=list(PHASES), default="dynabertw", help="Which stage of the pipeline to run.")
+    a("--depth_lambda1", type=float, default=1.0, help="dynabert: weight of the logit distillation loss.")
+    a("--depth_lambda2", type=float, default=1.0, help="dynabert: weight of the hidden-state MSE loss.")
+    a("--width_lambda1", type=float, default=1.0, help="dynabertw with --data_aug: weight of logit distillation.")
+    a("--width_lambda2", type=float, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
     a("--graft_during_training", action="store_true",
       help="dynabertw only: neural grafting about 3 times per epoch, none in the last epoch.")
+    a("--separate_subnet_passes", action="store_true",
+      help="One forward and backward per (width, depth) subnet, as the reference, instead of one per width "
+           "shared by all depths (same gradient up to float rounding without dropout; about 2x slower).")
     a("--importance_split", choices=["train", "dev"], default="train",
       help="Data for head/neuron importance (rewiring, grafting); 'dev' mimics the reference.")
     a("--importance_max_examples", type=int, default=None, help="Examples used for importance (default all).")
@@ -90,23 +140,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--group_by_length", action="store_true",
       help="Shuffle, then sort each run of 50 batches by length so batches hold similar lengths; with "
            "--trim_padding this skips most padding (1.5-1.9x fewer tokens on MRPC/RTE at length 128).")
-    a("--load_checkpoint", action="store_true", help="Resume from the latest checkpoint in --output_dir.")
-    a("--resume_from_checkpoint", nargs="?", const="latest", default=None,
-      help="Resume from a checkpoint folder (or the latest in --output_dir when no path is given).")
-    a("--fp16", action="store_true", help="float16 autocast with loss scaling (CUDA only).")
-    a("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA).")
-    args = parser.parse_args(argv)
-    if args.load_checkpoint and args.resume_from_checkpoint is None:
-        args.resume_from_checkpoint = "latest"
-    return args
+    return finish_training_args(parser.parse_args(argv))
 
 
 def phase_subnets(args: argparse.Namespace) -> tuple[list[float], list[float]]:
     """Widths and depths trained (and evaluated) in this phase, descending."""
-    if args.training_phase == "finetuning":
-        return [1.0], [1.0]
-    depths = [1.0] if args.training_phase == "dynabertw" else args.depth_mult_list
-    return sorted(args.width_mult_list, reverse=True), sorted(depths, reverse=True)
+    phase = PHASES[args.training_phase]
+    widths = args.width_mult_list if phase.train_widths else [1.0]
+    depths = args.depth_mult_list if phase.train_depths else [1.0]
+    return sorted(widths, reverse=True), sorted(depths, reverse=True)
 
 
 def graft_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[int, int]:
@@ -119,65 +161,35 @@ def should_graft(step: int, graft_step: int, graft_stop: int) -> bool:
     return step > 0 and step % graft_step == 0 and step <= graft_stop
 
 
-def subnet_loss(
-    args: argparse.Namespace,
-    model,
-    batch: list[torch.Tensor],
-    teacher_out,
-    width: float,
-    depth: float,
-) -> torch.Tensor:
-    """The loss of one (width, depth) subnet for this phase."""
+def subnet_loss(args: argparse.Namespace, model, batch: list[torch.Tensor], teacher_out, width: float,
+                depth: float) -> torch.Tensor:
+    """The loss of one (width, depth) subnet for this phase, from a forward of its own."""
     input_ids, attention_mask, token_type_ids, labels = batch
-    model.set_width_depth(width, depth)
-    out = model(input_ids, attention_mask, token_type_ids, labels=labels)
-    phase = args.training_phase
-    if phase == "dynabertw" and teacher_out is not None:
-        layer_map = list(range(len(out.hidden_states)))
-        return args.width_lambda1 * logit_kd_loss(out.logits, teacher_out.logits) + args.width_lambda2 * (
-            hidden_mse_loss(out.hidden_states, teacher_out.hidden_states, layer_map)
-        )
-    if phase == "dynabert":
-        layer_map = teacher_layer_map(model.num_layers_kept, depth, model.config.num_hidden_layers)
-        return args.depth_lambda1 * logit_kd_loss(out.logits, teacher_out.logits) + args.depth_lambda2 * (
-            hidden_mse_loss(out.hidden_states, teacher_out.hidden_states, layer_map)
-        )
-    return out.loss
+    out = model(input_ids, attention_mask, token_type_ids, subnet=model.subnet(width, depth))
+    return PHASES[args.training_phase].loss(args, model, out.logits, out.hidden_states, labels, teacher_out, depth)
 
 
-def find_checkpoint(output_dir: Path, requested: str) -> Path:
-    if requested != "latest":
-        path = Path(requested)
-        if not (path / "training_state.pt").is_file():
-            raise CLIError(f"--resume_from_checkpoint {requested} is not a checkpoint folder (no training_state.pt)")
-        return path
-    checkpoints = [c for c in output_dir.glob("checkpoint-*") if c.name.split("-", 1)[1].isdigit()]
-    checkpoints = sorted((c for c in checkpoints if (c / "training_state.pt").is_file()),
-                         key=lambda p: int(p.name.split("-", 1)[1]))
-    if not checkpoints:
-        raise CLIError(f"no checkpoint to resume from in {output_dir}")
-    return checkpoints[-1]
-
-
-def save_checkpoint(output_dir: Path, model, tokenizer, state: dict) -> None:
-    """Write checkpoint-{step}/ completely under a temporary name, then rename it: a kill at any moment
-    leaves the previous complete checkpoint. Older checkpoints are removed afterwards."""
-    final = output_dir / f"checkpoint-{state['global_step']}"
-    tmp = output_dir / f".tmp-checkpoint-{state['global_step']}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_model(model, tokenizer, tmp)
-    torch.save(state, tmp / "training_state.pt")
-    if final.exists():  # the same step saved again: move the old folder aside rather than delete it first
-        final.rename(output_dir / f".old-checkpoint-{state['global_step']}-{os.getpid()}")
-    tmp.rename(final)
-    for old in [*output_dir.glob("checkpoint-*"), *output_dir.glob(".old-checkpoint-*")]:
-        if old != final:  # hidden first, then deleted: a kill mid-way never leaves a half-deleted checkpoint-*
-            hidden = old if old.name.startswith(".") else old.rename(output_dir / f".old-{old.name}-{os.getpid()}")
-            shutil.rmtree(hidden, ignore_errors=True)
+def prefix_shared_loss(args: argparse.Namespace, model, batch: list[torch.Tensor], teacher_out, width: float,
+                       depths: list[float]) -> torch.Tensor:
+    """The summed loss of every depth at one width from ONE forward of the deepest subnet: the depth-d
+    subnet's hidden states are that forward's first rnd(d*L)+1, and its head runs on the last of them. One
+    backward of the sum gives the sum of the subnets' gradients."""
+    input_ids, attention_mask, token_type_ids, labels = batch
+    subnets = {d: model.subnet(width, d) for d in depths}
+    deepest = max(subnets.values(), key=lambda s: s.num_layers)
+    out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
+    loss_of = PHASES[args.training_phase].loss
+    total = 0
+    for d, subnet in subnets.items():
+        n = subnet.num_layers
+        logits = out.logits if n == deepest.num_layers else model.classify(out.hidden_states[n])
+        total = total + loss_of(args, model, logits, out.hidden_states[: n + 1], labels, teacher_out, d)
+    return total
 
 
 def train(args: argparse.Namespace) -> dict:
     spec = utils_glue.get_task(args.task_name)
+    phase_name, phase = args.training_phase, PHASES[args.training_phase]
     device, rank, world = setup_device(args.cpu, args.num_threads)
     is_main = rank == 0
     if args.fp16 and device.type != "cuda":
@@ -187,12 +199,11 @@ def train(args: argparse.Namespace) -> dict:
         torch.distributed.barrier()
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
-    phase = args.training_phase
-    trained_widths, trained_depths = phase_subnets(args)
-    validate_subnets(model.config, {"--width_mult_list": trained_widths}, {"--depth_mult_list": trained_depths})
-    if phase == "final_finetuning" and args.data_aug:
-        logger.warning("final_finetuning uses gold labels on the original data: --data_aug ignored")
-    use_aug = args.data_aug and phase in ("dynabertw", "dynabert")
+    widths, depths = phase_subnets(args)
+    validate_subnets(model.config, {"--width_mult_list": widths}, {"--depth_mult_list": depths})
+    if args.data_aug and not phase.data_aug:
+        logger.warning("%s uses gold labels on the original data: --data_aug ignored", phase_name)
+    use_aug = args.data_aug and phase.data_aug
 
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
     train_set = utils_glue.load_dataset(
@@ -205,7 +216,7 @@ def train(args: argparse.Namespace) -> dict:
                                                      max_examples=args.max_eval_samples, **load)
 
     teacher = None
-    if (phase == "dynabertw" and use_aug) or phase == "dynabert":
+    if phase.teacher == "always" or (phase.teacher == "with_aug" and use_aug):
         teacher = copy.deepcopy(model).eval()  # un-rewired, full width and depth
         for p in teacher.parameters():
             p.requires_grad_(False)
@@ -214,51 +225,37 @@ def train(args: argparse.Namespace) -> dict:
         teacher.to(device)
 
     importance_set = None
-    if phase == "dynabertw":
+    if phase.rewire:
         importance_set = (
             utils_glue.load_dataset(args.task_name, args.data_dir, "train", **load)
             if args.importance_split == "train" else dev_sets["dev"]
         )
 
     def importance() -> tuple[torch.Tensor, torch.Tensor]:
-        batches = (trim_padding(b) for b in epoch_batches(importance_set, args.per_gpu_eval_batch_size, 0, 0, False))
+        batches = (utils_glue.trim_padding(b)
+                   for b in utils_glue.epoch_batches(importance_set, args.per_gpu_eval_batch_size, 0, 0, False))
         return compute_importance(model, batches, device, args.importance_max_examples)
 
-    widths, depths = phase_subnets(args)
-    updates_per_epoch = num_batches(train_set, args.per_gpu_train_batch_size, world) // args.gradient_accumulation_steps
-    if args.max_steps > 0:
-        if updates_per_epoch == 0:
-            raise CLIError(f"--max_steps {args.max_steps}: {len(train_set)} examples make no full update "
-                           f"(batch {args.per_gpu_train_batch_size} x {world} x {args.gradient_accumulation_steps})")
-        t_total, epochs = args.max_steps, -(-args.max_steps // updates_per_epoch)
-    else:
-        epochs = int(args.num_train_epochs)
-        t_total = updates_per_epoch * epochs
+    try:
+        schedule = Schedule.make(utils_glue.num_batches(train_set, args.per_gpu_train_batch_size, world),
+                                 args.gradient_accumulation_steps, args.num_train_epochs, args.max_steps)
+    except CLIError as err:
+        raise CLIError(f"{err} ({len(train_set)} examples, batch {args.per_gpu_train_batch_size} x {world} x "
+                       f"{args.gradient_accumulation_steps})") from None
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(model, params, args.learning_rate, args.weight_decay,
-                                           args.warmup_steps, t_total)
-    scaler = torch.amp.GradScaler("cuda") if args.fp16 else None
-    autocast = (torch.autocast(device.type, dtype=torch.float16 if args.fp16 else torch.bfloat16)
-                if (args.fp16 or args.bf16) else nullcontext())
-    graft_step, graft_stop = graft_schedule(len(train_set), args.per_gpu_train_batch_size, epochs)
+    optimizer, scheduler = build_optimizer(params, args.learning_rate, args.weight_decay, args.warmup_steps,
+                                           schedule.total_updates)
+    graft_step, graft_stop = graft_schedule(len(train_set), args.per_gpu_train_batch_size, schedule.epochs)
 
-    global_step, start_epoch, start_batch, best_score, history = 0, 0, 0, float("-inf"), []
+    resume = None
     if args.resume_from_checkpoint:
-        ckpt = find_checkpoint(output_dir, args.resume_from_checkpoint)
-        state = torch.load(ckpt / "training_state.pt", weights_only=False)
-        if state["args"].get("training_phase") != phase:
-            raise CLIError(f"{ckpt} is a checkpoint of phase {state['args'].get('training_phase')}, not {phase}")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(ckpt / "model.safetensors", device=str(device)), strict=False)
-        optimizer.load_state_dict(state["optimizer"])
-        scheduler.load_state_dict(state["scheduler"])
-        global_step, start_epoch, start_batch = state["global_step"], state["epoch"], state["batch_in_epoch"]
-        best_score, history = state["best_score"], state["history"]
-        set_rng_state(state["rng"])
-        logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, global_step, start_epoch, start_batch)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device)
+        if resume["args"].get("training_phase") != phase_name:
+            raise CLIError(f"{ckpt} is a checkpoint of phase {resume['args'].get('training_phase')}, not {phase_name}")
+        logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, resume["global_step"],
+                    resume["epoch"], resume["batch_in_epoch"])
     else:
-        if phase == "dynabertw":
+        if phase.rewire:
             logger.info("rewiring: head and neuron importance on the %s split", args.importance_split)
             rewire(model, *importance())
         set_seed(args.seed)  # again before the loop (SPEC §4.1)
@@ -266,131 +263,103 @@ def train(args: argparse.Namespace) -> dict:
     output_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
     logger.info("***** %s on %s: %d examples, %d epochs, %d updates, subnets depth %s x width %s *****",
-                phase, spec.name, len(train_set), epochs, t_total, depths, widths)
-    if phase == "dynabertw" and args.graft_during_training:
+                phase_name, spec.name, len(train_set), schedule.epochs, schedule.total_updates, depths, widths)
+    grafting = phase.rewire and args.graft_during_training
+    if grafting:
         logger.info("grafting every %d updates until update %d", graft_step, graft_stop)
+    metric = utils_glue.primary_metric(args.task_name)
 
-    def evaluate_and_save(epoch: int, batch_in_epoch: int) -> None:
-        nonlocal best_score
+    def evaluate(state) -> tuple[float, dict]:
         results = evaluate_subnets(model, args.task_name, dev_sets, widths, depths,
                                    args.per_gpu_eval_batch_size, device)
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
-            check_finite(torch.tensor(metrics["eval_loss"]), global_step, key)
-        metric = utils_glue.primary_metric(args.task_name)
+            check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
-        improved = score > best_score
-        history.append({"step": global_step, "score_sum": score, "results": results})
-        logger.info("step %d, %s per subnet (sum %.4f%s):\n%s", global_step, metric, score,
-                    ", new best" if improved else "", format_subnet_table(results, metric))
+        logger.info("step %d, %s per subnet (sum %.4f%s):\n%s", state.global_step, metric, score,
+                    ", new best" if score > state.best_score else "", format_subnet_table(results, metric))
         if writer is not None:
             for key, metrics in results.items():
                 for name, value in metrics.items():
-                    writer.add_scalar(f"eval/{key}/{name}", value, global_step)
-            writer.add_scalar("eval/score_sum", score, global_step)
-        if not is_main:
-            return
-        if improved:
-            best_score = score
-            save_model(model, tokenizer, output_dir)
-            write_json(output_dir / "training_args.json", vars(args))
-            txt = output_dir / "eval_results.txt"  # appended by rewriting it atomically: never a torn file
-            lines = [f"{key} {k} = {v}\n" for key, metrics in results.items() for k, v in metrics.items()]
-            lines.append(f"step {global_step} best {metric} per subnet: {[r[metric] for r in results.values()]}\n")
-            utils_glue.atomic_write_text(txt, (txt.read_text() if txt.is_file() else "") + "".join(lines))
-        best = max(history, key=lambda h: h["score_sum"])
-        summary = {"task": spec.name, "phase": phase, "metric": metric, "best_step": best["step"],
-                   "best_score_sum": best["score_sum"], "best": best["results"], "history": history}
+                    writer.add_scalar(f"eval/{key}/{name}", value, state.global_step)
+            writer.add_scalar("eval/score_sum", score, state.global_step)
+        return score, {"step": state.global_step, "score_sum": score, "results": results}
+
+    def on_best(state, record: dict) -> None:
+        save_model(model, tokenizer, output_dir)
+        write_json(output_dir / "training_args.json", vars(args))
+        txt = output_dir / "eval_results.txt"  # appended by rewriting it atomically: never a torn file
+        lines = [f"{key} {k} = {v}\n" for key, metrics in record["results"].items() for k, v in metrics.items()]
+        lines.append(f"step {state.global_step} best {metric} per subnet: "
+                     f"{[r[metric] for r in record['results'].values()]}\n")
+        write_text(txt, (txt.read_text() if txt.is_file() else "") + "".join(lines))
+
+    def write_summary(state, record=None, improved=False, extra: dict | None = None) -> None:
+        best = max(state.history, key=lambda h: h["score_sum"])
+        summary = {"task": spec.name, "phase": phase_name, "metric": metric, "best_step": best["step"],
+                   "best_score_sum": best["score_sum"], "best": best["results"], "history": state.history,
+                   **(extra or {})}
         # eval_results.json is the latest phase's; the per-phase copy survives in-place final fine-tuning.
         write_json(output_dir / RESULTS_FILE, summary)
-        write_json(output_dir / f"eval_results_{phase}.json", summary)
-        save_checkpoint(output_dir, model, tokenizer, {
-            "global_step": global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
-            "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
-            "best_score": best_score, "history": history, "rng": rng_state(), "args": vars(args),
-        })
+        write_json(output_dir / f"eval_results_{phase_name}.json", summary)
+
+    def after_update(state) -> None:
+        if grafting and should_graft(state.global_step, graft_step, graft_stop):
+            graft(model, *importance())
+            model.zero_grad(set_to_none=True)
+            logger.info("grafted at step %d", state.global_step)
 
     lengths = train_set.tensors[1].sum(1) if args.group_by_length else None
     if args.group_by_length and not args.trim_padding:
         logger.warning("--group_by_length without --trim_padding changes the order but saves no compute")
     if args.group_by_length and args.sequential_sampler:
         logger.warning("--group_by_length has no effect with --sequential_sampler (it groups a shuffled order)")
+
+    def batches(epoch: int, start_batch: int):
+        return utils_glue.epoch_batches(train_set, args.per_gpu_train_batch_size, args.seed, epoch,
+                                        shuffle=not args.sequential_sampler, rank=rank, world=world,
+                                        start_batch=start_batch, lengths=lengths)
+
+    def batch_losses(batch, state):
+        batch = [t.to(device) for t in (utils_glue.trim_padding(batch) if args.trim_padding else batch)]
+        teacher_out = None
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_out = teacher(*batch[:3])
+        if args.separate_subnet_passes or len(depths) == 1:
+            for d in depths:
+                for w in widths:
+                    yield subnet_key(w, d), subnet_loss(args, model, batch, teacher_out, w, d)
+        else:
+            for w in widths:
+                yield "+".join(subnet_key(w, d) for d in depths), prefix_shared_loss(
+                    args, model, batch, teacher_out, w, depths)
+
+    hooks = Hooks(after_update=after_update, evaluate=evaluate, on_best=on_best, after_evaluate=write_summary,
+                  save_checkpoint=lambda state: save_checkpoint(output_dir, model, tokenizer,
+                                                                {**state, "args": vars(args)}))
     model.train()
     train_start = time.time()
-    progress = tqdm(total=t_total, initial=global_step, desc=f"{phase} {spec.name}", disable=not is_main)
-    for epoch in range(start_epoch, epochs):
-        batches = epoch_batches(train_set, args.per_gpu_train_batch_size, args.seed, epoch,
-                                shuffle=not args.sequential_sampler, rank=rank, world=world,
-                                start_batch=start_batch if epoch == start_epoch else 0, lengths=lengths)
-        for batch_idx, batch in enumerate(batches, start=start_batch if epoch == start_epoch else 0):
-            if batch_idx >= updates_per_epoch * args.gradient_accumulation_steps:
-                break  # micro-batches after the epoch's last full update would only leak into the next epoch
-            batch = [t.to(device) for t in (trim_padding(batch) if args.trim_padding else batch)]
-            with autocast:
-                teacher_out = None
-                if teacher is not None:
-                    with torch.no_grad():
-                        teacher_out = teacher(*batch[:3])
-                losses = {}
-                for d in depths:
-                    for w in widths:
-                        loss = subnet_loss(args, model, batch, teacher_out, w, d)
-                        check_finite(loss, global_step, subnet_key(w, d))
-                        loss = loss / args.gradient_accumulation_steps
-                        (scaler.scale(loss) if scaler else loss).backward()
-                        losses[subnet_key(w, d)] = loss.item()
-            if (batch_idx + 1) % args.gradient_accumulation_steps:
-                continue
-            all_reduce_gradients([p for _, p in params], world)
-            if scaler:
-                scaler.unscale_(optimizer)
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            if scaler:
-                scaler.step(optimizer)
-                scaler.update()
-            else:
-                optimizer.step()
-            scheduler.step()
-            model.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{sum(losses.values()):.4f}")
-            if writer is not None:
-                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], global_step)
-                for key, value in losses.items():
-                    writer.add_scalar(f"train/loss/{key}", value, global_step)
-            if phase == "dynabertw" and args.graft_during_training and should_graft(global_step, graft_step,
-                                                                                      graft_stop):
-                head_imp, neuron_imp = importance()
-                graft(model, head_imp, neuron_imp)
-                model.zero_grad(set_to_none=True)
-                logger.info("grafted at step %d", global_step)
-            if args.evaluate_during_training and args.logging_steps > 0 and global_step % args.logging_steps == 0:
-                evaluate_and_save(epoch, batch_idx + 1)
-            if global_step >= t_total:
-                break
-        if global_step >= t_total:
-            break
-    progress.close()
-    if not history or history[-1]["step"] != global_step:
-        evaluate_and_save(epochs, 0)
+    state = fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule, batches=batches,
+                losses=batch_losses, hooks=hooks, resume=resume, world=world, is_main=is_main,
+                eval_every=args.logging_steps if args.evaluate_during_training and args.logging_steps > 0 else 0,
+                precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", device_type=device.type,
+                writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True))
     elapsed = time.time() - train_start
     if is_main:
-        summary = json.loads((output_dir / RESULTS_FILE).read_text())
-        summary["train_seconds"] = elapsed
-        write_json(output_dir / RESULTS_FILE, summary)
-        write_json(output_dir / f"eval_results_{phase}.json", summary)
+        write_summary(state, extra={"train_seconds": elapsed})
+        best = max(state.history, key=lambda h: h["score_sum"])
         logger.info("best step %d (score sum %.4f); model saved to %s; %.1f s",
-                    summary["best_step"], summary["best_score_sum"], output_dir, elapsed)
+                    best["step"], best["score_sum"], output_dir, elapsed)
     if writer is not None:
         writer.close()
-    return {"best_score": best_score, "global_step": global_step}
+    return {"best_score": state.best_score, "global_step": state.global_step}
 
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
-    validate_common_args(args)
-    if args.graft_during_training and args.training_phase != "dynabertw":
+    validate_task_args(args)
+    if args.graft_during_training and not PHASES[args.training_phase].rewire:
         logger.warning("--graft_during_training only applies to --training_phase dynabertw; ignored")
     if args.max_steps < 0:
         raise CLIError(f"--max_steps must be >= 0, got {args.max_steps}")

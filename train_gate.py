@@ -27,57 +27,57 @@ from tqdm.auto import tqdm
 
 import utils_glue
 from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
+from transformers_ext.checkpoint_io import (
+    load_model_and_tokenizer,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+    save_model,
+    write_json,
+)
+from transformers_ext.cli import (
+    ArgumentParser,
+    CLIError,
+    add_task_args,
+    add_training_args,
+    finish_training_args,
+    int_list,
+    multiplier_list,
+    run_cli,
+    validate_subnets,
+    validate_task_args,
+)
 from transformers_ext.flops import flops_summary
 from transformers_ext.gates import (
     REFERENCE_CLASS_WEIGHTS,
     gate_inputs_and_correctness,
     gate_loss,
     gate_targets,
+    gates_on,
     gumbel_softmax_probs,
     histogram_class_weights,
     temperature_at,
 )
-from transformers_ext.training import (
-    ArgumentParser,
-    CLIError,
-    add_common_args,
-    build_optimizer,
-    check_finite,
-    epoch_batches,
-    int_list,
-    load_model_and_tokenizer,
-    multiplier_list,
-    num_batches,
-    prepare_output_dir,
-    run_cli,
-    save_model,
-    set_seed,
-    setup_device,
-    setup_logging,
-    trim_padding,
-    validate_common_args,
-    validate_subnets,
-    write_json,
-)
+from transformers_ext.trainer import Hooks, Schedule, build_optimizer, fit, set_seed, setup_device, setup_logging
+from utils_glue import epoch_batches, num_batches, trim_padding
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
+RESULTS_FILE = "gate_results.json"
 # The depths run_glue.py trains by default: off-ramps go after the last layer of each one below 1.0.
 TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common_args(parser)
+    parser = ArgumentParser(description=__doc__)
+    add_task_args(parser)
+    add_training_args(parser, learning_rate=2e-4, epochs=10.0, logging_steps=100, seed=200)
     a = parser.add_argument
     a("--do_eval", action="store_true", help="Run inference on the dev set (ignored with --do_train).")
-    a("--learning_rate", type=float, default=2e-4, help="Gate AdamW learning rate.")
-    a("--num_train_epochs", type=float, default=10.0, help="Gate training epochs.")
-    a("--logging_steps", type=int, default=100, help="Validate gates (and keep the best) every N updates.")
-    a("--seed", type=int, default=200, help="Random seed.")
-    a("--width_mult_list", type=multiplier_list, default=[1.0],
+    a("--width_mult_list", type=multiplier_list, default=None,
       help="Training: the gate classes' widths (= --gate_setting). Inference: class -> width map "
-           "(C entries; untrained widths such as 0.55 allowed).")
+           "(C entries; untrained widths such as 0.55 allowed); default: the map the gates were trained with "
+           "(dynamic modes) or 1.0 (static).")
     a("--depth_mult_list", type=multiplier_list, default=[1.0],
       help="Inference depth (one value; dynamic modes need 1.0).")
     a("--gate_setting", type=multiplier_list, default=[1.0],
@@ -99,9 +99,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--d_dynamic", action="store_true", help="Depth-dynamic only: early exit at a fixed width.")
     a("--wd_dynamic", action="store_true", help="Width- and depth-dynamic inference (gates + --early_exit).")
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
-    a("--exit_threshold", type=float, default=0.57,
+    a("--exit_threshold", type=float, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
-           "this since the previous off-ramp.")
+           "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57).")
     a("--off_ramps", type=int_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
@@ -112,7 +112,23 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--config", default=None,
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
            "exit_threshold and mode.")
-    return parser.parse_args(argv)
+    return finish_training_args(parser.parse_args(argv))
+
+
+DEFAULT_EXIT_THRESHOLD = 0.57
+
+
+def apply_saved_defaults(args: argparse.Namespace, model) -> None:
+    """Flags left at None take the gate folder's saved settings: the trained class -> width map (dynamic
+    modes; static runs default to full width) and the exit threshold."""
+    config = model.config
+    if args.width_mult_list is None:
+        dynamic = (args.w_dynamic or args.wd_dynamic) and args.fixed_gate is None
+        saved = getattr(config, "gate_class_to_width", None) or getattr(config, "gate_setting", None)
+        args.width_mult_list = list(saved) if dynamic and saved and not args.do_train else [1.0]
+    if args.exit_threshold is None:
+        saved = getattr(config, "exit_threshold", None)
+        args.exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
 
 
 def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> None:
@@ -127,7 +143,8 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
         raise CLIError(f"--config {args.config} has no entry for task {spec.name}")
     try:
         args.width_mult_list = multiplier_list(",".join(str(w) for w in entry["width_mult_list"]))
-        args.exit_threshold = float(entry.get("exit_threshold", args.exit_threshold))
+        if "exit_threshold" in entry:
+            args.exit_threshold = float(entry["exit_threshold"])
     except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as err:
         raise CLIError(f"--config {args.config}: bad entry for {spec.name} ({err})") from None
     mode = entry.get("mode", "wd_dynamic")
@@ -190,13 +207,29 @@ def gate_epoch_loss(model, states, targets, weights, temperature, generator=None
     per-width losses. `states`: [C, G, B, h]."""
     per_width = []
     for k in reversed(range(states.shape[0])):
-        logits = torch.stack([gate(states[k, g]) for g, gate in enumerate(model.gates)])
-        probs = gumbel_softmax_probs(logits, temperature, generator)
+        probs = gumbel_softmax_probs(gates_on(model.gates, states[k]), temperature, generator)
         per_width.append(gate_loss(probs, targets, k, weights[k]))
     return sum(per_width), per_width
 
 
-def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> None:
+def class_weights(args: argparse.Namespace, spec, targets: torch.Tensor, num_classes: int) -> list[float]:
+    if args.gate_class_weights == "histogram":
+        return histogram_class_weights(targets, num_classes)
+    if args.gate_class_weights == "reference":
+        if spec.name not in REFERENCE_CLASS_WEIGHTS or num_classes != 4:
+            raise CLIError(f"--gate_class_weights reference has no row for {spec.name} with {num_classes} classes")
+        return REFERENCE_CLASS_WEIGHTS[spec.name]
+    try:
+        weights = [float(x) for x in args.gate_class_weights.split(",")]
+    except ValueError:
+        raise CLIError(f"--gate_class_weights '{args.gate_class_weights}' is not histogram, reference or "
+                       "a comma list of numbers") from None
+    if len(weights) != num_classes:
+        raise CLIError(f"--gate_class_weights has {len(weights)} values for {num_classes} classes")
+    return weights
+
+
+def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: int = 0, world: int = 1) -> None:
     if [round(w, 6) for w in args.width_mult_list] != [round(w, 6) for w in args.gate_setting]:
         raise CLIError(
             f"--gate_setting {args.gate_setting} must equal --width_mult_list {args.width_mult_list} when "
@@ -204,7 +237,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
         )
     if len(args.gate_setting) < 2:
         raise CLIError("--gate_setting needs at least two widths for gates to choose between")
-    output_dir = prepare_output_dir(args, "gate_results.json", create=False)  # created once input is validated
+    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once input is validated
     num_layers = model.config.num_hidden_layers
     num_gates = args.num_gates or num_layers
     if num_gates < 1 or num_layers % num_gates:
@@ -214,6 +247,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     for name, p in model.named_parameters():
         p.requires_grad_(name.startswith("gates."))
     model.eval()
+    is_main = rank == 0
 
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
     train_set = utils_glue.load_dataset(args.task_name, args.data_dir, "aug" if args.data_aug else "train",
@@ -230,37 +264,27 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
     train_targets = train_inputs.targets
     hist = torch.bincount(train_targets, minlength=num_classes).tolist()
     logger.info("train target histogram (class: count): %s", dict(zip(args.gate_setting, hist, strict=True)))
-
-    if args.gate_class_weights == "histogram":
-        weights = histogram_class_weights(train_targets, num_classes)
-    elif args.gate_class_weights == "reference":
-        if spec.name not in REFERENCE_CLASS_WEIGHTS or num_classes != 4:
-            raise CLIError(f"--gate_class_weights reference has no row for {spec.name} with {num_classes} classes")
-        weights = REFERENCE_CLASS_WEIGHTS[spec.name]
-    else:
-        try:
-            weights = [float(x) for x in args.gate_class_weights.split(",")]
-        except ValueError:
-            raise CLIError(f"--gate_class_weights '{args.gate_class_weights}' is not histogram, reference or "
-                           "a comma list of numbers") from None
-        if len(weights) != num_classes:
-            raise CLIError(f"--gate_class_weights has {len(weights)} values for {num_classes} classes")
+    weights = class_weights(args, spec, train_targets, num_classes)
     logger.info("class weights: %s", [round(w, 3) for w in weights])
 
     set_seed(args.seed)
-    epochs = int(args.num_train_epochs)
     batch_size = args.per_gpu_train_batch_size
     n_train = len(train_targets)
-    updates_per_epoch = num_batches(train_set, batch_size) // args.gradient_accumulation_steps
-    t_total = updates_per_epoch * epochs
-    if t_total == 0:
+    schedule = Schedule.make(num_batches(train_set, batch_size, world), args.gradient_accumulation_steps,
+                             args.num_train_epochs)
+    if schedule.total_updates == 0:
         raise CLIError(f"no gate update would run: {n_train} examples, batch {batch_size}, "
-                       f"--gradient_accumulation_steps {args.gradient_accumulation_steps}, {epochs} epochs")
+                       f"--gradient_accumulation_steps {args.gradient_accumulation_steps}, {schedule.epochs} epochs")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(model, params, args.learning_rate, 0.0, args.warmup_steps, t_total)
+    optimizer, scheduler = build_optimizer(params, args.learning_rate, args.weight_decay, args.warmup_steps,
+                                           schedule.total_updates)
+    resume = None
+    if args.resume_from_checkpoint:
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device)
+        logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
     output_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(output_dir / "runs"))
-    temperature, global_step, best_loss, history = 1.0, 0, float("inf"), []
+    writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
+    temperature = 1.0
     # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
     index_set = torch.utils.data.TensorDataset(torch.arange(n_train))
 
@@ -277,60 +301,68 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device) -> Non
                     split_loss += torch.stack(per_width[::-1]).cpu()
                     n_batches += 1
                     # gate accuracy: each gate's argmax on the full-width states against the target
-                    logits = torch.stack([gate(batch_states[-1, g]) for g, gate in enumerate(model.gates)])
+                    logits = gates_on(model.gates, batch_states[-1])
                     correct += (logits.argmax(-1) == batch_targets).float().sum(1).cpu()
                     count += len(batch_targets)
                 totals.append(split_loss.mean() / n_batches)
         model.gates.train()
         return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
 
+    def evaluate(state) -> tuple[float, dict]:
+        val = validate()
+        if writer is not None:
+            writer.add_scalar("eval/loss", val["loss"], state.global_step)
+            for g, acc in enumerate(val["gate_acc"]):
+                writer.add_scalar(f"eval/gate_acc/{g}", acc, state.global_step)
+        logger.info("step %d: dev gate loss %.4f%s; gate accuracy per gate %s", state.global_step, val["loss"],
+                    " (best)" if -val["loss"] > state.best_score else "", [round(a, 3) for a in val["gate_acc"]])
+        return -val["loss"], {"step": state.global_step, **val}
+
+    def write_results(state, record=None, improved=False) -> None:
+        write_json(output_dir / RESULTS_FILE, {
+            "task": spec.name, "gate_setting": args.gate_setting, "num_gates": num_gates, "class_weights": weights,
+            "train_target_histogram": hist, "best_dev_loss": -state.best_score, "history": state.history,
+        })
+
+    def before_batch(state) -> None:
+        nonlocal temperature
+        temperature = temperature_at(state.global_step, n_train, batch_size, schedule.epochs, temperature)
+
+    def batch_losses(batch, state):
+        states, targets = train_inputs.batch(batch[0])
+        yield "gates", gate_epoch_loss(model, states, targets, weights, temperature)[0]
+        if writer is not None:
+            writer.add_scalar("train/temperature", temperature, state.global_step + 1)
+
+    def load_extra_state(saved: dict) -> None:
+        nonlocal temperature
+        temperature = saved["temperature"]
+
+    hooks = Hooks(
+        before_batch=before_batch, evaluate=evaluate, after_evaluate=write_results,
+        on_best=lambda state, record: save_gated_model(args, model, tokenizer, output_dir),
+        save_checkpoint=lambda state: save_checkpoint(output_dir, model, tokenizer, {**state, "args": vars(args)}),
+        extra_state=lambda: {"temperature": temperature}, load_extra_state=load_extra_state,
+    )
     model.gates.train()
-    progress = tqdm(total=t_total, desc=f"traingate {spec.name}")
-    for epoch in range(epochs):
-        for batch_idx, (idx,) in enumerate(epoch_batches(index_set, batch_size, args.seed, epoch)):
-            if batch_idx >= updates_per_epoch * args.gradient_accumulation_steps:
-                break  # micro-batches after the epoch's last full update would only leak into the next epoch
-            temperature = temperature_at(global_step, n_train, batch_size, epochs, temperature)
-            states, targets = train_inputs.batch(idx)
-            loss, _ = gate_epoch_loss(model, states, targets, weights, temperature)
-            check_finite(loss, global_step, "gates")
-            (loss / args.gradient_accumulation_steps).backward()
-            if (batch_idx + 1) % args.gradient_accumulation_steps:
-                continue  # accumulate: one update per gradient_accumulation_steps batches (as t_total assumes)
-            torch.nn.utils.clip_grad_norm_([p for _, p in params], 1.0)
-            optimizer.step()
-            scheduler.step()
-            optimizer.zero_grad(set_to_none=True)
-            global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{loss.item():.4f}", tau=f"{temperature:.3f}")
-            writer.add_scalar("train/loss", loss.item(), global_step)
-            writer.add_scalar("train/temperature", temperature, global_step)
-            if global_step % args.logging_steps == 0 or global_step == t_total:
-                val = validate()
-                history.append({"step": global_step, **val})
-                writer.add_scalar("eval/loss", val["loss"], global_step)
-                for g, acc in enumerate(val["gate_acc"]):
-                    writer.add_scalar(f"eval/gate_acc/{g}", acc, global_step)
-                improved = val["loss"] < best_loss
-                logger.info("step %d: dev gate loss %.4f%s; gate accuracy per gate %s", global_step, val["loss"],
-                            " (best)" if improved else "", [round(a, 3) for a in val["gate_acc"]])
-                if improved:
-                    best_loss = val["loss"]
-                    save_gated_model(args, model, tokenizer, output_dir)
-    progress.close()
-    writer.close()
-    write_json(output_dir / "gate_results.json", {
-        "task": spec.name, "gate_setting": args.gate_setting, "num_gates": num_gates, "class_weights": weights,
-        "train_target_histogram": hist, "best_dev_loss": best_loss, "history": history,
-    })
+    fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
+        batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
+                                                   start_batch=start),
+        losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
+        is_main=is_main, precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        device_type=device.type, writer=writer, desc=f"traingate {spec.name}")
+    if writer is not None:
+        writer.close()
     logger.info("gates saved with the backbone to %s", output_dir)
 
 
 def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
+    """The backbone + gates, with the trained class -> width map and the off-ramps in config.json: inference
+    reads them as defaults."""
     config = model.config
-    config.early_exit = args.early_exit
-    config.exit_threshold = args.exit_threshold
+    config.gate_class_to_width = list(args.gate_setting)
+    if args.exit_threshold is not None:
+        config.exit_threshold = args.exit_threshold
     config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
     save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str)})
 
@@ -377,7 +409,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         fixed = args.fixed_gate if args.fixed_gate is not None else (
             args.width_mult_list[0] if mode in ("static", "d_dynamic") else None)
         if fixed is not None:
-            model.set_width_depth(fixed, depth)
+            model.subnet(fixed, depth)  # validates the pair
     except ValueError as err:
         raise CLIError(str(err)) from None
     off_ramps = args.off_ramps
@@ -502,7 +534,7 @@ def print_report(report: dict) -> None:
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
-    spec = validate_common_args(args)
+    spec = validate_task_args(args)
     if args.config:
         apply_config_file(args, spec)
     if args.do_train and args.training_phase != "traingate":
@@ -510,15 +542,18 @@ def main(argv: list[str] | None = None) -> None:
                        f"(got '{args.training_phase}'; use run_glue.py for the backbone phases)")
     if not (args.do_train or args.do_eval):
         raise CLIError("nothing to do: pass --do_train (train gates) or --do_eval (inference)")
-    device, _, _ = setup_device(args.cpu, args.num_threads)
+    device, rank, world = setup_device(args.cpu, args.num_threads)
+    if args.fp16 and device.type != "cuda":
+        raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    apply_saved_defaults(args, model)
     widths = {"--width_mult_list": args.width_mult_list, "--gate_setting": args.gate_setting}
     if args.fixed_gate is not None:
         widths["--fixed_gate"] = [args.fixed_gate]
     validate_subnets(model.config, widths, {"--depth_mult_list": args.depth_mult_list})
     if args.do_train:
-        train_gates(args, spec, model, tokenizer, device)
+        train_gates(args, spec, model, tokenizer, device, rank, world)
     else:
         run_inference(args, spec, model, tokenizer, device)
 

@@ -3,7 +3,7 @@
 ships no such file; its scripts run every mode through train_gate.py)."""
 
 from train_gate import main
-from transformers_ext.training import run_cli
+from transformers_ext.cli import run_cli
 
 if __name__ == "__main__":
     run_cli(main)

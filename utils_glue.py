@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-import tempfile
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -235,36 +235,63 @@ def load_dataset(
             pass
     dataset = convert_examples_to_features(examples, tokenizer, max_seq_length, spec)
     try:
+        from transformers_ext.checkpoint_io import torch_save  # here: checkpoint_io -> cli -> utils_glue is a cycle
+
         cache.mkdir(parents=True, exist_ok=True)
-        atomic_torch_save(list(dataset.tensors), path)
+        torch_save(list(dataset.tensors), path)
     except OSError:
         pass  # caching is an optimisation; a read-only cache dir is fine
     return dataset
 
 
-def atomic_torch_save(obj, path: str | Path) -> None:
-    """torch.save to a temporary file in the same folder, then rename: never a torn file."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+# ---- batching -------------------------------------------------------------------------------------------
+LENGTH_GROUP = 50  # global batches sorted together by --group_by_length (Hugging Face's megabatch size)
 
 
-def atomic_write_text(path: str | Path, text: str) -> None:
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w") as f:
-            f.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+def trim_padding(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Drop padding columns beyond the longest example of the batch (results are unchanged: padded keys
+    are masked out)."""
+    length = int(batch[1].sum(1).max())
+    return [t[:, :length] if t.dim() == 2 else t for t in batch]
+
+
+def epoch_batches(
+    dataset: TensorDataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    start_batch: int = 0,
+    lengths: torch.Tensor | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Deterministic batches of one epoch: the order depends only on (seed, epoch), so a resumed run skips
+    `start_batch` batches and sees exactly the data it would have seen. Under torchrun each process takes
+    its share of every global batch (batch_size per process).
+
+    With `lengths` (tokens per example) and shuffling, each run of LENGTH_GROUP global batches of the shuffled
+    order is sorted longest first (Hugging Face's group_by_length): batches then hold examples of similar
+    length, so trimming their padding saves most of the padded compute while the epoch stays a shuffle."""
+    n = len(dataset)
+    global_batch = batch_size * world
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        if lengths is not None:
+            order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)]
+                               for group in order.split(global_batch * LENGTH_GROUP)])
+    else:
+        order = torch.arange(n)
+    for b in range(start_batch, (n + global_batch - 1) // global_batch):
+        global_chunk = order[b * global_batch : (b + 1) * global_batch]
+        if len(global_chunk) < world:
+            break  # a last batch too small to give every process an example is dropped (all ranks alike)
+        chunk = global_chunk[rank::world]
+        yield [t[chunk] for t in dataset.tensors]
+
+
+def num_batches(dataset: TensorDataset, batch_size: int, world: int = 1) -> int:
+    return (len(dataset) + batch_size * world - 1) // (batch_size * world)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------

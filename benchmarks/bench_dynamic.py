@@ -155,9 +155,10 @@ def machinery_costs(ctx: Context, model, singles, width: float = 0.5) -> list[Re
     """Batch 1 without the profiler: dynamic_forward at a fixed width (no gates) against the static forward
     of the same subnet (cost of the routing/bookkeeping), and with all gates run but every class mapped to
     that width (cost of the gates)."""
+    subnet = model.subnet(width, 1.0)
+
     def static(x):
-        model.set_width_depth(width, 1.0)
-        model(*x)
+        model(*x, subnet=subnet)
 
     variants = {
         "static": static,
@@ -165,7 +166,6 @@ def machinery_costs(ctx: Context, model, singles, width: float = 0.5) -> list[Re
         "gated": lambda x: dynamic_forward(model, *x, class_to_width=[width] * len(GATE_SETTING)),
     }
     times = timed_passes(variants, singles, ctx.rounds(3, 2))
-    model.set_width_depth(1.0, 1.0)
     n = len(singles)
     per = {k: 1e3 * median(v) / n for k, v in times.items()}
     return [
@@ -181,7 +181,6 @@ def machinery_costs(ctx: Context, model, singles, width: float = 0.5) -> list[Re
 def run(ctx: Context) -> list[Result]:
     header("3. dynamic inference on RTE dev (sdpa; synthetic gates, see make_gated)", ctx)
     model, threshold, off_ramps = make_gated(ctx, "sdpa")
-    model.set_width_depth(1.0, 1.0)
     modes = mode_kwargs(threshold, off_ramps)
     results = []
     batches = split_batches(ctx, 32)

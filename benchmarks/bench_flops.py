@@ -32,12 +32,11 @@ def run(ctx: Context) -> list[Result]:
     diffs = {"sliced": [], "exported": []}
     for w, d in [(1.0, 1.0)] + [(w, d) for w in WIDTHS for d in DEPTHS]:
         analytic = 2 * len(x[0]) * subnet_macs(model.config, w, d, SEQ_LEN)["total"]
-        model.set_width_depth(w, d)
-        diffs["sliced"].append((rel_diff_percent(analytic, counted(lambda: model(*x))[0]), w, d))
+        subnet = model.subnet(w, d)
+        diffs["sliced"].append((rel_diff_percent(analytic, counted(lambda s=subnet: model(*x, subnet=s))[0]), w, d))
         small = export_subnet(model, w, d).eval()
         small.config._attn_implementation = "eager"
         diffs["exported"].append((rel_diff_percent(analytic, counted(lambda small=small: small(*x))[0]), w, d))
-    model.set_width_depth(1.0, 1.0)
     for kind, values in diffs.items():
         worst, w, d = max(values)
         results.append(emit(Result(f"flops static {kind}: max relative difference", worst, TARGET,

@@ -14,7 +14,6 @@ def run(ctx: Context) -> list[Result]:
     results = []
     for attn in ("eager", "sdpa"):
         ours = ctx.model(attn)
-        ours.set_width_depth(1.0, 1.0)
         hf = ctx.hf_twin(ours)
         for batch_size in (1, 32):
             input_ids, attention_mask, token_type_ids = ctx.batch(batch_size)

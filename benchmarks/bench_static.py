@@ -77,11 +77,11 @@ def run(ctx: Context) -> list[Result]:
         x = ctx.batch(batch_size)
 
         def forward(net, width=None, depth=None, x=x):
+            subnet = None if width is None else net.subnet(width, depth)
+
             def call():
-                if width is not None:
-                    net.set_width_depth(width, depth)
                 with torch.no_grad():
-                    net(*x)
+                    net(*x, subnet=subnet)
             return call
 
         rounds = ctx.rounds(4, 2) if batch_size == 32 else ctx.rounds(12, 6)
@@ -108,7 +108,6 @@ def run(ctx: Context) -> list[Result]:
                                                detail=detail, digits=2)))
                     if results[-1].verdict == "FAIL":
                         results.append(explain(name, variants["full"], variants[kind], flops_speedup))
-    model.set_width_depth(1.0, 1.0)
     return results
 
 

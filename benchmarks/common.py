@@ -251,8 +251,8 @@ def make_gated(ctx: Context, attn: str = "sdpa", exit_fraction: float = 0.4):
     so that off-ramp entropies spread, and the threshold is the `exit_fraction` quantile of the first
     off-ramp's entropy. What the benchmarks measure (cost of gates, per-example routing, off-ramps) does not
     depend on the gates being trained. Returns (model, exit_threshold, off_ramps)."""
-    from transformers_ext import default_off_ramps, heads_kept, neurons_kept
-    from transformers_ext.modeling_flexbert import extended_attention_mask
+    from transformers_ext import GateRouter, default_off_ramps
+    from transformers_ext.inference import prediction_entropy
 
     model = ctx.model(attn)
     config = model.config
@@ -261,25 +261,21 @@ def make_gated(ctx: Context, attn: str = "sdpa", exit_fraction: float = 0.4):
     gen = torch.Generator().manual_seed(ctx.args.seed + 1)
     h = config.hidden_size
     off_ramps = default_off_ramps(config.num_hidden_layers, [0.5, 0.75])
+
+    class CalibratingRouter(GateRouter):
+        """Fits gate i to the [CLS] states it reads (after the earlier gates' routing) just before it runs."""
+
+        def heads(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+            gate, cls = self.gates[layer_index], hidden[:, 0]
+            gate.dense.weight.copy_(torch.randn(h, h, generator=gen) / (cls.std(0, keepdim=True) * h**0.5))
+            gate.dense.bias.copy_(-gate.dense.weight @ cls.mean(0))
+            gate.classifier.weight.copy_(torch.randn(len(GATE_SETTING), h, generator=gen))
+            gate.classifier.bias.copy_(-gate(cls).mean(0))
+            return super().heads(layer_index, hidden)
+
     input_ids, attention_mask, token_type_ids, _ = ctx.features("train", max_examples=64)
-    hidden = model.embed(input_ids, token_type_ids)
-    mask = extended_attention_mask(attention_mask, hidden.dtype)
-    class_heads = torch.tensor([heads_kept(config, w) for w in GATE_SETTING])
-    threshold = None
-    for i, gate in enumerate(model.gates):  # G = L: gate i reads hidden state i and sets layer i's width
-        cls = hidden[:, 0]
-        gate.dense.weight.copy_(torch.randn(h, h, generator=gen) / (cls.std(0, keepdim=True) * h**0.5))
-        gate.dense.bias.copy_(-gate.dense.weight @ cls.mean(0))
-        gate.classifier.weight.copy_(torch.randn(len(GATE_SETTING), h, generator=gen))
-        gate.classifier.bias.copy_(-gate(cls).mean(0))
-        heads = class_heads[gate(cls).argmax(-1)]
-        out = torch.empty_like(hidden)
-        for k in heads.unique().tolist():
-            sel = heads == k
-            out[sel] = model.bert.encoder.layer[i](hidden[sel], mask[sel], k, neurons_kept(config, k))
-        hidden = out
-        if threshold is None and i in off_ramps:
-            probs = model.classify(hidden).softmax(-1)
-            entropy = -(probs * probs.clamp_min(1e-30).log()).sum(-1)
-            threshold = float(entropy.quantile(exit_fraction))
+    router = CalibratingRouter(model.gates, GATE_SETTING, config, config.num_hidden_layers)
+    states = model.encode(input_ids, attention_mask, token_type_ids, router)  # G = L: gate i sets layer i
+    entropy = prediction_entropy(model.classify(states[off_ramps[0] + 1]))
+    threshold = float(entropy.quantile(exit_fraction))
     return model.eval(), threshold, off_ramps

@@ -37,9 +37,8 @@ def test_save_load_round_trip(tmp_path):
     torch.testing.assert_close(default(*inputs).logits, logits, atol=1e-6, rtol=0)
     for (name, a), (_, b) in zip(model.state_dict().items(), loaded.state_dict().items(), strict=True):
         assert torch.equal(a, b), name
-    loaded.set_width_depth(0.5, 0.5)
-    model.set_width_depth(0.5, 0.5)
-    assert torch.equal(loaded(*inputs).logits, model(*inputs).logits)
+    assert torch.equal(loaded(*inputs, subnet=loaded.subnet(0.5, 0.5)).logits,
+                       model(*inputs, subnet=model.subnet(0.5, 0.5)).logits)
 
 
 def test_save_load_round_trip_with_gates(tmp_path):
@@ -102,12 +101,11 @@ def test_export_subnet_equals_sliced_model(tmp_path, name, width, depth):
     full_state = {k: v.clone() for k, v in model.state_dict().items()}
     inputs = make_inputs(batch=4)
     small = export_subnet(model, width, depth)
-    # the source model is left as it was (full width, weights unchanged)
-    assert (model.width_mult, model.depth_mult) == (1.0, 1.0)
+    # the source model is left as it was (weights unchanged; it holds no width/depth state to change)
+    assert not hasattr(model, "width_mult") and not hasattr(model, "depth_mult")
     assert all(torch.equal(v, full_state[k]) for k, v in model.state_dict().items())
 
-    model.set_width_depth(width, depth)
-    sliced = model(*inputs)
+    sliced = model(*inputs, subnet=model.subnet(width, depth))
     exported = small(*inputs)
     assert (exported.logits - sliced.logits).abs().max().item() <= 1e-5
     assert len(exported.hidden_states) == len(sliced.hidden_states)
@@ -119,7 +117,6 @@ def test_export_subnet_equals_sliced_model(tmp_path, name, width, depth):
     assert small.config.hidden_size == shape["hidden_size"]
     assert sum(p.numel() for p in small.parameters()) == hand_parameter_count(shape, width, depth, 3)
 
-    model.set_width_depth(1.0, 1.0)
     model.save_pretrained(tmp_path / "full")
     small.save_pretrained(tmp_path / "small")
     full_size = (tmp_path / "full" / "model.safetensors").stat().st_size

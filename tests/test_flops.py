@@ -66,11 +66,11 @@ def test_layer_macs_and_path_macs_extras():
 def test_flop_counter_agrees_with_subnet_macs(name, width, depth):
     config = make_config(**SHAPES[name], attn_implementation="eager")
     model = make_model(config)
-    model.set_width_depth(width, depth)
+    subnet = model.subnet(width, depth)
     batch, seq_len = 2, 16
     input_ids, attention_mask, token_type_ids = make_inputs(batch=batch, seq_len=seq_len, pad=False)
     with torch.no_grad(), FlopCounterMode(display=False) as counter:
-        model(input_ids, attention_mask, token_type_ids)
+        model(input_ids, attention_mask, token_type_ids, subnet=subnet)
     counted = counter.get_total_flops()
     analytic = batch * 2 * subnet_macs(config, width, depth, seq_len)["total"]
     assert abs(counted - analytic) <= 0.01 * counted

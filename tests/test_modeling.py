@@ -4,6 +4,7 @@ multipliers, and gated / early-exit dynamic inference (SPEC §0, §2, §5, §6, 
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
 
 import pytest
@@ -15,12 +16,14 @@ from transformers import BertConfig, BertForSequenceClassification
 
 from transformers_ext import (
     FlexBertForSequenceClassification,
+    Subnet,
     default_off_ramps,
     dynamic_forward,
     gate_logits,
     gate_targets,
     heads_kept,
     layers_kept,
+    make_subnet,
     neurons_kept,
     path_macs,
     subnet_macs,
@@ -126,10 +129,10 @@ def test_depth_runs_first_layers_like_truncated_hf(name, depth, layers):
     assert round(SHAPES[name]["num_hidden_layers"] * depth) == layers
     config = make_config(**SHAPES[name])
     model = make_model(config)
-    model.set_width_depth(1.0, depth)
-    assert model.num_layers_kept == layers
+    subnet = model.subnet(1.0, depth)
+    assert subnet.num_layers == layers
     inputs = make_inputs(batch=3)
-    out = model(*inputs)
+    out = model(*inputs, subnet=subnet)
     assert len(out.hidden_states) == layers + 1
     ref = stock_copy(model, num_hidden_layers=layers)
     theirs = ref(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2])
@@ -160,15 +163,14 @@ def zeroed_reference(model: FlexBertForSequenceClassification, width: float) -> 
 def test_width_equals_full_model_with_dropped_units_zeroed(shape, attn, width):
     config = make_config(**shape, attn_implementation=attn)
     model = make_model(config)
-    model.set_width_depth(width, 1.0)
-    assert model.num_heads_kept == expected_heads(config.num_attention_heads, width)
+    subnet = model.subnet(width, 1.0)
+    assert subnet.num_heads == expected_heads(config.num_attention_heads, width)
     inputs = make_inputs(batch=3)
     ref = zeroed_reference(model, width)
     theirs = ref(input_ids=inputs[0], attention_mask=inputs[1], token_type_ids=inputs[2]).logits
-    torch.testing.assert_close(model(*inputs).logits, theirs, atol=ATOL, rtol=0)
+    torch.testing.assert_close(model(*inputs, subnet=subnet).logits, theirs, atol=ATOL, rtol=0)
     # and the sliced model really differs from the full one
-    model.set_width_depth(1.0, 1.0)
-    assert (model(*inputs).logits - theirs).abs().max() > 1e-4
+    assert (model(*inputs, subnet=model.subnet(1.0, 1.0)).logits - theirs).abs().max() > 1e-4
 
 
 def test_sdpa_and_eager_agree_when_sliced():
@@ -176,23 +178,31 @@ def test_sdpa_and_eager_agree_when_sliced():
     sdpa = make_model(make_config(**SHAPES["medium"], attn_implementation="sdpa"))
     inputs = make_inputs(batch=3)
     for width, depth in [(0.25, 0.5), (0.75, 0.75)]:
-        eager.set_width_depth(width, depth)
-        sdpa.set_width_depth(width, depth)
-        torch.testing.assert_close(eager(*inputs).logits, sdpa(*inputs).logits, atol=ATOL, rtol=0)
+        torch.testing.assert_close(eager(*inputs, subnet=eager.subnet(width, depth)).logits,
+                                   sdpa(*inputs, subnet=sdpa.subnet(width, depth)).logits, atol=ATOL, rtol=0)
 
 
-def test_width_depth_setting_persists_and_switches_back():
+def test_subnet_is_a_value_and_the_model_holds_no_width_state():
+    # (was: the width/depth setting persists and switches back; the model now has no such setting)
     model = make_model(make_config(**SHAPES["medium"]))
     inputs = make_inputs()
     full = model(*inputs).logits
-    model.set_width_depth(0.5, 0.5)
-    assert (model.num_heads_kept, model.num_neurons_kept, model.num_layers_kept) == (6, 48, 3)
-    small_1 = model(*inputs).logits
-    torch.testing.assert_close(model(*inputs).logits, small_1, atol=0, rtol=0)
-    model.set_width_depth(depth_mult=1.0)  # width stays
-    assert (model.num_heads_kept, model.num_layers_kept) == (6, 6)
-    model.set_width_depth(1.0, 1.0)
+    half = model.subnet(0.5, 0.5)
+    assert half == Subnet(6, 48, 3) == make_subnet(model.config, 0.5, 0.5)
+    assert (half.num_heads, half.num_neurons, half.num_layers) == (6, 48, 3)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        half.num_heads = 12
+    small_1 = model(*inputs, subnet=half).logits
+    torch.testing.assert_close(model(*inputs, subnet=half).logits, small_1, atol=0, rtol=0)
+    wide = model.subnet(0.5, 1.0)  # same width, full depth
+    assert (wide.num_heads, wide.num_layers) == (6, 6)
+    assert model.subnet(1.0, 1.0) == model.subnet() == Subnet(12, 96, 6)
+    # running a subnet changed nothing: subnet=None (and the full subnet) is the full model, bit for bit
     torch.testing.assert_close(model(*inputs).logits, full, atol=0, rtol=0)
+    torch.testing.assert_close(model(*inputs, subnet=model.subnet(1.0, 1.0)).logits, full, atol=0, rtol=0)
+    for name in ("num_heads_kept", "num_neurons_kept", "num_layers_kept", "width_mult", "depth_mult",
+                 "set_width_depth"):
+        assert not hasattr(model, name), name
 
 
 # ---- rounding rules -------------------------------------------------------------------------------------
@@ -243,7 +253,7 @@ def test_impossible_width_raises(width):
     # 0.05 * 8 = 0.4 and 0.0625 * 8 = 0.5 both round to 0 heads
     model = make_model(make_config())
     with pytest.raises(ValueError):
-        model.set_width_depth(width, 1.0)
+        model.subnet(width, 1.0)
     with pytest.raises(ValueError):
         heads_kept(model.config, width)
     with pytest.raises(ValueError):
@@ -255,7 +265,7 @@ def test_impossible_depth_raises(depth):
     # L=4: 0.1 * 4 = 0.4 and 0.125 * 4 = 0.5 both round to 0 layers
     model = make_model(make_config())
     with pytest.raises(ValueError):
-        model.set_width_depth(1.0, depth)
+        model.subnet(1.0, depth)
     with pytest.raises(ValueError):
         layers_kept(model.config, depth)
 
@@ -302,9 +312,9 @@ def hand_used_linear_entries(shape: dict[str, int], width: float, depth: float, 
 def test_used_parameter_counts_and_views(name, width, depth):
     shape = SHAPES[name]
     model = make_model(make_config(**shape, num_labels=3))
-    model.set_width_depth(width, depth)
+    subnet = model.subnet(width, depth)
     with LinearRecorder() as recorder:
-        model(*make_inputs(batch=2))
+        model(*make_inputs(batch=2), subnet=subnet)
     used = sum(w.numel() + (0 if b is None else b.numel()) for w, b in recorder.calls)
     assert used == hand_used_linear_entries(shape, width, depth, 3)
     # 6 dense layers per executed layer + pooler + classifier
@@ -379,8 +389,7 @@ def test_dynamic_fixed_width_equals_static_subnet(name, width, depth):
     model = make_model(make_config(**SHAPES[name]))
     inputs = make_inputs(batch=4)
     out = dynamic_forward(model, *inputs, fixed_width=width, depth_mult=depth)
-    model.set_width_depth(width, depth)
-    torch.testing.assert_close(out.logits, model(*inputs).logits, atol=ATOL, rtol=0)
+    torch.testing.assert_close(out.logits, model(*inputs, subnet=model.subnet(width, depth)).logits, atol=ATOL, rtol=0)
     n, k = layers_kept(model.config, depth), heads_kept(model.config, width)
     assert torch.all(out.exit_layer == n) and torch.all(out.gates_run == 0)
     assert torch.all(out.heads[:, :n] == k) and torch.all(out.heads[:, n:] == 0)
@@ -400,8 +409,7 @@ def test_gates_forced_to_one_class_equal_static_subnet(name, cls, class_to_width
     inputs = make_inputs(batch=4, seq_len=12)
     out = dynamic_forward(model, *inputs, class_to_width=class_to_width)
     width = class_to_width[cls]
-    model.set_width_depth(width, 1.0)
-    torch.testing.assert_close(out.logits, model(*inputs).logits, atol=1e-6, rtol=0)
+    torch.testing.assert_close(out.logits, model(*inputs, subnet=model.subnet(width, 1.0)).logits, atol=1e-6, rtol=0)
     config = model.config
     L, h = config.num_hidden_layers, config.hidden_size
     assert torch.all(out.width_class == cls)
@@ -556,8 +564,8 @@ def test_early_exit_threshold_extremes():
 
     always = dynamic_forward(model, *inputs, fixed_width=1.0, early_exit=True, exit_threshold=1e9, off_ramps=[1, 2])
     assert torch.all(always.exit_layer == 2) and torch.all(always.off_ramps_run == 1)
-    model.set_width_depth(1.0, 0.5)  # the first two layers
-    torch.testing.assert_close(always.logits, model(*inputs).logits, atol=ATOL, rtol=0)
+    first_two = model.subnet(1.0, 0.5)  # the first two layers
+    torch.testing.assert_close(always.logits, model(*inputs, subnet=first_two).logits, atol=ATOL, rtol=0)
     expected = path_macs(model.config, T, [8, 8], num_off_ramps_run=1, exited=True)
     assert torch.all(always.linear_macs == expected["linear"])
     assert torch.all(always.attention_macs == expected["attention"])
@@ -589,8 +597,8 @@ def test_early_exit_regression_never_at_first_ramp():
     inputs = make_inputs(batch=4)
     always = dynamic_forward(model, *inputs, fixed_width=0.5, early_exit=True, exit_threshold=1e9, off_ramps=[0, 2])
     assert torch.all(always.exit_layer == 3) and torch.all(always.off_ramps_run == 2)
-    model.set_width_depth(0.5, 0.75)  # 3 layers
-    torch.testing.assert_close(always.logits, model(*inputs).logits, atol=ATOL, rtol=0)
+    three_layers = model.subnet(0.5, 0.75)  # 3 layers
+    torch.testing.assert_close(always.logits, model(*inputs, subnet=three_layers).logits, atol=ATOL, rtol=0)
     never = dynamic_forward(model, *inputs, fixed_width=0.5, early_exit=True, exit_threshold=0.0, off_ramps=[0, 2])
     assert torch.all(never.exit_layer == 4)
 

@@ -283,7 +283,7 @@ def _expand(text: str, world: dict[str, Path], out: Path) -> str:
 # traceback and exits 1, as Python does). RELIABILITY_FRESH=1 runs every case as a fresh `python script.py`.
 LAUNCHER = r"""
 import json, os, runpy, sys, time, traceback
-import torch, transformers, tensorboardX, utils_glue, transformers_ext.training, run_glue, train_gate  # noqa
+import torch, transformers, tensorboardX, utils_glue, transformers_ext.trainer, run_glue, train_gate  # noqa
 jobs, parallel = json.loads(sys.stdin.read()), int(sys.argv[1])
 running, done = {}, {}
 def start(job):

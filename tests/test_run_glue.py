@@ -23,7 +23,8 @@ from transformers import BertConfig
 import run_glue
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.training import LENGTH_GROUP, epoch_batches, subnet_key
+from transformers_ext.trainer import subnet_key
+from utils_glue import LENGTH_GROUP, epoch_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -305,7 +306,7 @@ def test_depth_phase_loss_formula_and_gradients_stop_at_the_kept_layers():
         model.zero_grad(set_to_none=True)
         loss = run_glue.subnet_loss(args, model, batch, teacher_out, 0.5, depth)
         with torch.no_grad():
-            out = model(*batch[:3])
+            out = model(*batch[:3], subnet=model.subnet(0.5, depth))
         assert len(out.hidden_states) == n + 1
         layer_map = {2: [0, 2, 4], 3: [0, 1, 2, 4]}[n]
         expected = 0.7 * logit_kd_loss(out.logits, teacher_out.logits) + 0.3 * sum(

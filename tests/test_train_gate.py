@@ -26,8 +26,10 @@ import plot_tradeoff
 import train_gate
 import utils_glue
 from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, heads_kept, subnet_macs
+from transformers_ext.checkpoint_io import load_model_and_tokenizer
+from transformers_ext.cli import CLIError, run_cli
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
-from transformers_ext.training import CLIError, evaluate_subnets, load_model_and_tokenizer, predict, run_cli
+from transformers_ext.trainer import evaluate_subnets, predict
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -193,7 +195,9 @@ def test_gate_training_writes_a_gated_model_folder(env, gated):
     config = json.loads((out / "config.json").read_text())
     assert config["gate_setting"] == WIDTHS and config["num_gates"] == L
     assert config["off_ramps"] == [1, 2]  # after the last layer of depth 0.5 (2 layers) and 0.75 (3 layers)
-    assert config["early_exit"] is False and config["exit_threshold"] == 0.57
+    # (was: config["early_exit"] is False; the folder now keeps the trained class -> width map instead)
+    assert "early_exit" not in config and config["exit_threshold"] == 0.57
+    assert config["gate_class_to_width"] == WIDTHS
     model = FlexBertForSequenceClassification.from_pretrained(str(out))
     assert model.gates is not None and len(model.gates) == L
     assert all(g.classifier.out_features == C for g in model.gates)
@@ -220,8 +224,7 @@ def test_gate_training_targets_from_per_width_predictions(env, gated):
     model, dataset = _dev_set(env, env["bert"], split="train")
     correct = []
     for w in WIDTHS[:-1]:
-        model.set_width_depth(w, 1.0)
-        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"))
+        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"), w, 1.0)
         correct.append(torch.from_numpy(logits.argmax(-1) == labels))
     expected = torch.bincount(gate_targets(torch.stack(correct)), minlength=C).tolist()
     assert results["train_target_histogram"] == expected
@@ -240,8 +243,7 @@ def test_regression_gate_targets_use_the_threshold(env):
     model, dataset = _dev_set(env, env["bert_reg"], task="STS-B", split="train")
     preds = []
     for w in WIDTHS[:-1]:
-        model.set_width_depth(w, 1.0)
-        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"))
+        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"), w, 1.0)
         preds.append(torch.from_numpy(logits).view(-1))
     labels = torch.from_numpy(labels).float()
     errors = sorted((preds[0] - labels).abs().tolist())
@@ -353,8 +355,7 @@ def test_static_equals_run_glue_evaluation(env, gated, width, depth):
     results = report["results"]
     assert results["acc"] == expected["acc"]
     assert results["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
-    model.set_width_depth(width, depth)
-    logits, _, _ = predict(model, dataset, 8, torch.device("cpu"))
+    logits, _, _ = predict(model, dataset, 8, torch.device("cpu"), width, depth)
     torch.testing.assert_close(routed.logits, torch.from_numpy(logits), atol=ATOL, rtol=0)
 
     n, k = round(depth * L), heads_kept(model.config, width)

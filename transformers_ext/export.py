@@ -6,7 +6,7 @@ import copy
 
 import torch
 
-from .modeling_flexbert import FlexBertForSequenceClassification, head_size, heads_kept, layers_kept, neurons_kept
+from .modeling_flexbert import FlexBertForSequenceClassification, head_size, make_subnet
 
 
 @torch.no_grad()
@@ -20,9 +20,8 @@ def export_subnet(
     saved folder rebuilds it in our class. Gates are not exported (a static subnet has no routing).
     """
     config = copy.deepcopy(model.config)
-    num_heads = heads_kept(config, width_mult)
-    num_neurons = neurons_kept(config, num_heads)
-    num_layers = layers_kept(config, depth_mult)
+    subnet = make_subnet(config, width_mult, depth_mult)
+    num_heads, num_neurons, num_layers = subnet.num_heads, subnet.num_neurons, subnet.num_layers
     rows = num_heads * head_size(config)
     config.attention_head_size = head_size(config)
     config.num_attention_heads = num_heads

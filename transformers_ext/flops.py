@@ -13,9 +13,10 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
+import torch
 from transformers import BertConfig
 
-from .modeling_flexbert import head_size, heads_kept, layers_kept, neurons_kept
+from .modeling_flexbert import head_size, make_subnet, neurons_kept
 
 
 def layer_macs(config: BertConfig, seq_len: int, num_heads: int) -> tuple[int, int]:
@@ -38,26 +39,48 @@ def path_macs(
 ) -> dict[str, int]:
     """MACs of one example's executed path: the layers it ran (heads per layer), gates and off-ramps.
     An example that `exited` at an off-ramp took that off-ramp's prediction: no final head runs."""
-    h, labels = config.hidden_size, config.num_labels
     linear = attention = 0
     for num_heads in heads_per_layer:
         lin, att = layer_macs(config, seq_len, num_heads)
         linear, attention = linear + lin, attention + att
+    final = head_macs(config, config.num_labels)
     if not exited:
-        linear += h * h + h * labels  # final pooler + classifier on [CLS]
-    linear += num_gates_run * (h * h + h * num_gate_classes)
-    linear += num_off_ramps_run * (h * h + h * labels)
+        linear += final
+    linear += num_gates_run * head_macs(config, num_gate_classes) + num_off_ramps_run * final
     return {"linear": linear, "attention": attention, "total": linear + attention}
+
+
+def head_macs(config: BertConfig, num_labels: int) -> int:
+    """One pooler + classifier (final head or off-ramp; a gate with `num_labels` = its classes) on [CLS]."""
+    h = config.hidden_size
+    return h * h + h * num_labels
 
 
 def subnet_macs(
     config: BertConfig, width_mult: float, depth_mult: float, seq_len: int, num_gates_run: int = 0
 ) -> dict[str, int]:
     """MACs of the static sub-network (width_mult, depth_mult) on one example of length `seq_len`."""
-    num_heads = heads_kept(config, width_mult)
-    num_layers = layers_kept(config, depth_mult)
+    subnet = make_subnet(config, width_mult, depth_mult)
     num_classes = len(getattr(config, "gate_setting", None) or [])
-    return path_macs(config, seq_len, [num_heads] * num_layers, num_gates_run, 0, num_classes)
+    return path_macs(config, seq_len, [subnet.num_heads] * subnet.num_layers, num_gates_run, 0, num_classes)
+
+
+def executed_macs(config: BertConfig, seq_len: int, record) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-example (linear, attention) MACs `[B]` of the paths in an `inference.PathRecord`: the layers each
+    example ran at their widths, the gates and off-ramps it ran, and the final head unless it exited."""
+    heads = record.heads
+    linear = torch.zeros(heads.shape[0], dtype=torch.long, device=heads.device)
+    attention = torch.zeros_like(linear)
+    for k in heads.unique().tolist():
+        if k:
+            lin, att = layer_macs(config, seq_len, k)
+            count = (heads == k).sum(1)
+            linear += count * lin
+            attention += count * att
+    final = head_macs(config, config.num_labels)
+    linear += (~record.exited).long() * final
+    linear += record.gates_run * head_macs(config, record.num_gate_classes) + record.off_ramps_run * final
+    return linear, attention
 
 
 def flops_summary(path: dict[str, float], full: dict[str, float]) -> dict[str, float]:

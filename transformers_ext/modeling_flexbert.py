@@ -6,12 +6,16 @@ BERT folder or hub id loads with `from_pretrained`, and `save_pretrained` writes
 Width slicing takes the *first* `k` heads and `f` FFN neurons of every layer as views of the full weights
 (`weight[:rows]`, `weight[:, :cols]`): rewiring (`rewiring.py`) puts the most important ones first, so the
 prefix is the best sub-network. Depth keeps the first `n` layers ("incremental" depth, SPEC §2.2).
+A `Subnet` names one static choice; `FlexEncoder.forward` is the only loop over layers, asking a router
+per layer how wide to run and which examples stay.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from decimal import Decimal
+from typing import Protocol
 
 import torch
 import torch.nn.functional as F
@@ -20,6 +24,8 @@ from transformers import BertConfig
 from transformers.modeling_outputs import SequenceClassifierOutput
 from transformers.models.bert.modeling_bert import BertEmbeddings, BertPooler, BertPreTrainedModel
 
+# Output switches of Hugging Face's forward that callers such as pipelines pass; our outputs do not depend on them.
+HF_OUTPUT_SWITCHES = {"return_dict", "output_hidden_states", "output_attentions"}
 # Additive attention-mask value on padded keys (SPEC §2: -10000, as BERT's original code).
 MASK_VALUE = -10000.0
 
@@ -54,6 +60,23 @@ def layers_kept(config: BertConfig, depth_mult: float) -> int:
     if n < 1:
         raise ValueError(f"depth multiplier {depth_mult} keeps no layer of {config.num_hidden_layers}")
     return n
+
+
+@dataclass(frozen=True)
+class Subnet:
+    """A static sub-network: the first `num_heads` heads and `num_neurons` FFN neurons of each of the first
+    `num_layers` layers. Made by `model.subnet(width_mult, depth_mult)`; passed to `forward` as an argument,
+    so the model itself holds no width state."""
+
+    num_heads: int
+    num_neurons: int
+    num_layers: int
+
+
+def make_subnet(config: BertConfig, width_mult: float = 1.0, depth_mult: float = 1.0) -> Subnet:
+    """The subnet at (width_mult, depth_mult); ValueError when it keeps no head or no layer."""
+    num_heads = heads_kept(config, width_mult)
+    return Subnet(num_heads, neurons_kept(config, num_heads), layers_kept(config, depth_mult))
 
 
 def head_size(config: BertConfig) -> int:
@@ -169,10 +192,77 @@ class FlexLayer(nn.Module):
         return self.output(self.intermediate(attention_output, num_neurons), attention_output)
 
 
+class Router(Protocol):
+    """What the encoder loop asks per layer (implementations: `transformers_ext.inference`).
+
+    `num_layers`: layers to run. `heads(i, hidden)`: the heads layer i runs at, one int for every active
+    example or a `[B_active]` tensor (examples are then grouped by width). `after_layer(i, hidden)`: None, or a
+    `[B_active]` bool tensor of the examples that stay (the others left at an off-ramp)."""
+
+    num_layers: int
+
+    def heads(self, layer_index: int, hidden: torch.Tensor) -> int | torch.Tensor: ...
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor | None: ...
+
+
 class FlexEncoder(nn.Module):
     def __init__(self, config: BertConfig):
         super().__init__()
+        self.config = config
         self.layer = nn.ModuleList([FlexLayer(config) for _ in range(config.num_hidden_layers)])
+
+    def forward(
+        self,
+        hidden: torch.Tensor,
+        mask: torch.Tensor,
+        router: Router,
+        head_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """The only loop over layers. Returns the hidden states: the input plus each executed layer's output,
+        each holding the examples still active after it (all of them unless the router lets some exit)."""
+        states = [hidden]
+        for i in range(router.num_layers):
+            heads = router.heads(i, hidden)
+            layer, layer_head_mask = self.layer[i], None if head_mask is None else head_mask[i]
+            groups = [heads] if isinstance(heads, int) else heads.unique().tolist()
+            if len(groups) == 1:
+                k = groups[0]
+                hidden = layer(hidden, mask, k, neurons_kept(self.config, k), layer_head_mask)
+            else:  # per-example widths: each width group runs once, results scattered back
+                out = torch.empty_like(hidden)
+                for k in groups:
+                    sel = (heads == k).nonzero().view(-1)
+                    out[sel] = layer(hidden[sel], mask[sel], k, neurons_kept(self.config, k), layer_head_mask)
+                hidden = out
+            stay = router.after_layer(i, hidden)
+            if stay is not None:
+                hidden, mask = hidden[stay], mask[stay]
+            states.append(hidden)
+            if hidden.shape[0] == 0:
+                break
+        return states
+
+
+@dataclass
+class StaticRouter:
+    """Every example through the same subnet (training, evaluation, static inference). With a `record`
+    (`inference.PathRecord`) the heads run per layer are written into it."""
+
+    subnet: Subnet
+    record: object | None = None
+
+    @property
+    def num_layers(self) -> int:
+        return self.subnet.num_layers
+
+    def heads(self, layer_index: int, hidden: torch.Tensor) -> int:
+        if self.record is not None:
+            self.record.ran(layer_index, self.subnet.num_heads)
+        return self.subnet.num_heads
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> None:
+        return None
 
 
 class Gate(nn.Module):
@@ -202,10 +292,11 @@ class FlexBertModel(BertPreTrainedModel):
 
 
 class FlexBertForSequenceClassification(BertPreTrainedModel):
-    """BERT for GLUE with run-time width/depth, optional width gates, and hidden states for distillation.
+    """BERT for GLUE whose forward runs any (width, depth) subnet, with optional width gates.
 
-    `set_width_depth(w, d)` chooses the static sub-network used by `forward`. Gates (added by `add_gates` or
-    loaded when `config.gate_setting` is present) are used by `transformers_ext.dynamic`, not by `forward`.
+    `forward(..., subnet=model.subnet(w, d))` runs one static subnet; gated and early-exit inference pass a
+    router to the same encoder loop (`transformers_ext.inference`). Gates are created by `add_gates` or
+    loaded when `config.gate_setting` is present.
     """
 
     def __init__(self, config: BertConfig):
@@ -219,21 +310,10 @@ class FlexBertForSequenceClassification(BertPreTrainedModel):
             self.gates = nn.ModuleList(
                 [Gate(config.hidden_size, len(config.gate_setting)) for _ in range(config.num_gates)]
             )
-        self.width_mult, self.depth_mult = 1.0, 1.0
-        self.num_heads_kept = config.num_attention_heads
-        self.num_neurons_kept = config.intermediate_size
-        self.num_layers_kept = config.num_hidden_layers
         self.post_init()
 
-    # ---- run-time sub-network selection -------------------------------------------------------------
-    def set_width_depth(self, width_mult: float | None = None, depth_mult: float | None = None) -> None:
-        if width_mult is not None:
-            self.num_heads_kept = heads_kept(self.config, width_mult)
-            self.num_neurons_kept = neurons_kept(self.config, self.num_heads_kept)
-            self.width_mult = width_mult
-        if depth_mult is not None:
-            self.num_layers_kept = layers_kept(self.config, depth_mult)
-            self.depth_mult = depth_mult
+    def subnet(self, width_mult: float = 1.0, depth_mult: float = 1.0) -> Subnet:
+        return make_subnet(self.config, width_mult, depth_mult)
 
     def add_gates(self, gate_setting: list[float], num_gates: int) -> None:
         """Create fresh width gates (N(0, 0.02) weights, zero biases) and record the setting in the config."""
@@ -249,9 +329,24 @@ class FlexBertForSequenceClassification(BertPreTrainedModel):
                 nn.init.zeros_(module.bias)
         self.gates.to(self.classifier.weight.device)
 
-    # ---- building blocks shared with dynamic inference ----------------------------------------------
+    # ---- building blocks of every path (static, gated, early exit) -----------------------------------------
     def embed(self, input_ids: torch.Tensor, token_type_ids: torch.Tensor | None) -> torch.Tensor:
         return self.bert.embeddings(input_ids=input_ids, token_type_ids=token_type_ids)
+
+    def encode(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None,
+        token_type_ids: torch.Tensor | None,
+        router: Router,
+        head_mask: torch.Tensor | None = None,
+    ) -> list[torch.Tensor]:
+        """Embeddings, then the encoder loop under `router`: the list of hidden states."""
+        if attention_mask is None:
+            attention_mask = torch.ones_like(input_ids)
+        hidden = self.embed(input_ids, token_type_ids)
+        mask = extended_attention_mask(attention_mask, hidden.dtype)
+        return self.bert.encoder(hidden, mask, router, head_mask)
 
     def classify(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """Pooler + classifier on the [CLS] position: the final head and every off-ramp."""
@@ -270,23 +365,21 @@ class FlexBertForSequenceClassification(BertPreTrainedModel):
         token_type_ids: torch.Tensor | None = None,
         labels: torch.Tensor | None = None,
         head_mask: torch.Tensor | None = None,
+        subnet: Subnet | None = None,
         **kwargs,
     ) -> SequenceClassifierOutput:
-        """Run the current (width, depth) sub-network.
+        """Run `subnet` (None: the full model). Of Hugging Face's other arguments only the output switches are
+        accepted (hidden states are always returned); anything else is refused rather than ignored.
 
         Returns logits and `hidden_states`: the embedding output plus each executed layer's output
-        (`num_layers_kept + 1` tensors). `head_mask` is an `[L, H]` multiplier on attention probabilities,
+        (`subnet.num_layers + 1` tensors). `head_mask` is an `[L, H]` multiplier on attention probabilities,
         used for head-importance scoring.
         """
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids)
-        hidden = self.embed(input_ids, token_type_ids)
-        mask = extended_attention_mask(attention_mask, hidden.dtype)
-        hidden_states = [hidden]
-        for i, layer in enumerate(self.bert.encoder.layer[: self.num_layers_kept]):
-            layer_head_mask = None if head_mask is None else head_mask[i]
-            hidden = layer(hidden, mask, self.num_heads_kept, self.num_neurons_kept, layer_head_mask)
-            hidden_states.append(hidden)
-        logits = self.classify(hidden)
+        unknown = set(kwargs) - HF_OUTPUT_SWITCHES
+        if unknown:
+            raise TypeError(f"forward() got unexpected arguments {sorted(unknown)}; pass subnet=model.subnet(w, d)")
+        states = self.encode(input_ids, attention_mask, token_type_ids,
+                             StaticRouter(subnet or self.subnet()), head_mask)
+        logits = self.classify(states[-1])
         loss = None if labels is None else self.compute_loss(logits, labels)
-        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=tuple(hidden_states))
+        return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=tuple(states))

@@ -20,14 +20,12 @@ def compute_importance(
     (first-order Taylor), summed over batches with gradients zeroed per batch (`sum_b |g_b|`).
 
     Runs the full-width, full-depth model in eval mode on gold labels; leaves no gradients behind and
-    restores the model's train/eval mode and width/depth.
+    restores the model's train/eval mode.
     """
     config = model.config
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
     was_training = model.training
-    width, depth = model.width_mult, model.depth_mult
     model.eval()
-    model.set_width_depth(1.0, 1.0)
     head_mask = torch.ones(num_layers, num_heads, device=device, requires_grad=True)
     head_importance = torch.zeros(num_layers, num_heads, device=device)
     neuron_importance = torch.zeros(num_layers, config.intermediate_size, device=device)
@@ -50,7 +48,6 @@ def compute_importance(
                 neuron_importance[i] += (taylor_in.abs() + taylor_out.abs()).detach()
             seen += input_ids.shape[0]
     model.zero_grad(set_to_none=True)
-    model.set_width_depth(width, depth)
     model.train(was_training)
     return head_importance, neuron_importance
 

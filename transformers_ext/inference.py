@@ -1,0 +1,206 @@
+"""Routed inference: what the encoder loop asks per layer (which width, who exits) and the per-example path
+record that FLOPs counting and reports read (SPEC §6).
+
+Routers: `StaticRouter(subnet)` (one width and depth for all), `GateRouter(gates, class_to_width)` (the gate
+reading a layer group's input picks its width per example) and `EarlyExit(inner, ...)` (wraps either: at an
+off-ramp, examples whose prediction is settled leave with the off-ramp's logits). `routed_forward` runs a
+batch through `FlexEncoder.forward` under a router; each example follows its own path inside the batch.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .flops import executed_macs
+from .modeling_flexbert import (
+    FlexBertForSequenceClassification,
+    Router,
+    StaticRouter,
+    _rnd,
+    heads_kept,
+    layers_kept,
+)
+
+__all__ = ["EarlyExit", "GateRouter", "PathRecord", "RoutedOutput", "StaticRouter", "default_off_ramps",
+           "dynamic_forward", "prediction_entropy", "routed_forward"]
+
+
+def default_off_ramps(num_layers: int, depth_mult_list: Sequence[float]) -> list[int]:
+    """Off-ramps after the last layer of every trained depth < 1 (L=12, depths .5/.75 -> layers 5 and 8)."""
+    return sorted({_rnd(d, num_layers) - 1 for d in depth_mult_list if d < 1 and _rnd(d, num_layers) >= 1})
+
+
+def prediction_entropy(logits: torch.Tensor) -> torch.Tensor:
+    """Entropy (natural log) of softmax(logits) per row: the classification exit rule's measure."""
+    probs = logits.softmax(-1)
+    return -(probs * probs.clamp_min(1e-30).log()).sum(-1)
+
+
+@dataclass
+class PathRecord:
+    """Per-example path of one routed batch. `active` holds the indices of the examples still running."""
+
+    heads: torch.Tensor  # [B, L] heads run per layer (0 = not run)
+    width_class: torch.Tensor  # [B, L] gate class chosen per layer (-1 = not run / no gate)
+    exit_layer: torch.Tensor  # [B] number of layers executed
+    gates_run: torch.Tensor  # [B]
+    off_ramps_run: torch.Tensor  # [B]
+    exited: torch.Tensor  # [B] bool: left at an off-ramp (so no final head ran)
+    logits: torch.Tensor  # [B, num_labels]: off-ramp logits of exited examples, then the final head's
+    active: torch.Tensor  # [B_active]
+    num_gate_classes: int = 0
+
+    @classmethod
+    def start(cls, batch: int, config, num_layers_run: int, device, dtype) -> PathRecord:
+        heads = torch.zeros(batch, config.num_hidden_layers, dtype=torch.long, device=device)
+        gates_run = torch.zeros(batch, dtype=torch.long, device=device)
+        return cls(heads=heads, width_class=torch.full_like(heads, -1),
+                   exit_layer=torch.full((batch,), num_layers_run, dtype=torch.long, device=device),
+                   gates_run=gates_run, off_ramps_run=torch.zeros_like(gates_run),
+                   exited=torch.zeros(batch, dtype=torch.bool, device=device),
+                   logits=torch.zeros(batch, config.num_labels, device=device, dtype=dtype),
+                   active=torch.arange(batch, device=device))
+
+    def ran(self, layer_index: int, heads: int | torch.Tensor) -> None:
+        self.heads[self.active, layer_index] = heads
+
+    def leave(self, leaving: torch.Tensor, layer_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Examples `leaving` (bool over the active ones) exit after layer `layer_index` with `logits`;
+        returns the bool mask of those that stay."""
+        self.logits[self.active[leaving]] = logits[leaving]
+        self.exit_layer[self.active[leaving]] = layer_index + 1
+        self.exited[self.active[leaving]] = True
+        stay = ~leaving
+        self.active = self.active[stay]
+        return stay
+
+
+class GateRouter:
+    """Gate g reads the [CLS] vector of the input of layer g*r (r = L/G; 0 = the embeddings) and picks the
+    width of layers g*r .. g*r+r-1 per example: class c -> width class_to_width[c]."""
+
+    def __init__(self, gates: nn.ModuleList, class_to_width: Sequence[float], config, num_layers: int,
+                 record: PathRecord | None = None):
+        device = next(gates.parameters()).device
+        self.gates, self.num_layers, self.record = gates, num_layers, record
+        self.class_heads = torch.tensor([heads_kept(config, w) for w in class_to_width], device=device)
+        self.layers_per_gate = config.num_hidden_layers // len(gates)
+        self.current: torch.Tensor | None = None
+        if record is not None:
+            record.num_gate_classes = len(class_to_width)
+
+    def heads(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+        r = self.layers_per_gate
+        if layer_index % r == 0:
+            chosen = self.gates[layer_index // r](hidden[:, 0]).argmax(-1)
+            self.current = self.class_heads[chosen]
+            if self.record is not None:
+                self.record.width_class[self.record.active, layer_index : layer_index + r] = chosen[:, None]
+                self.record.gates_run[self.record.active] += 1
+        if self.record is not None:
+            self.record.ran(layer_index, self.current)
+        return self.current
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> None:
+        return None
+
+    def keep(self, stay: torch.Tensor) -> None:
+        self.current = self.current[stay]
+
+
+class EarlyExit:
+    """Wraps a router: after each off-ramp layer (before the last layer run), an example leaves with the
+    off-ramp's prediction (pooler + classifier) when the entropy is strictly below `threshold`; for
+    regression, when its prediction moved less than `threshold` since the previous off-ramp (so never at the
+    first one)."""
+
+    def __init__(self, inner: StaticRouter | GateRouter, off_ramps: Sequence[int], threshold: float,
+                 classify: Callable[[torch.Tensor], torch.Tensor], regression: bool, record: PathRecord):
+        self.inner, self.threshold, self.classify = inner, threshold, classify
+        self.regression, self.record = regression, record
+        self.num_layers = inner.num_layers
+        self.off_ramps = {i for i in off_ramps if i < self.num_layers - 1}
+        self.previous_prediction: torch.Tensor | None = None
+
+    def heads(self, layer_index: int, hidden: torch.Tensor) -> int | torch.Tensor:
+        return self.inner.heads(layer_index, hidden)
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+        if layer_index not in self.off_ramps:
+            return None
+        logits = self.classify(hidden)
+        self.record.off_ramps_run[self.record.active] += 1
+        if self.regression:
+            prediction = logits.view(-1)
+            leaving = torch.zeros_like(prediction, dtype=torch.bool)
+            if self.previous_prediction is not None:
+                leaving = (prediction - self.previous_prediction).abs() < self.threshold
+            self.previous_prediction = prediction[~leaving]
+        else:
+            leaving = prediction_entropy(logits) < self.threshold
+        if not leaving.any():
+            return None
+        stay = self.record.leave(leaving, layer_index, logits)
+        if isinstance(self.inner, GateRouter):
+            self.inner.keep(stay)
+        return stay
+
+
+@dataclass
+class RoutedOutput:
+    logits: torch.Tensor  # [B, num_labels]
+    record: PathRecord
+    linear_macs: torch.Tensor  # [B]
+    attention_macs: torch.Tensor  # [B]
+
+    def __getattr__(self, name: str):  # the record's fields (heads, width_class, exit_layer, ...) directly
+        if name == "record":
+            raise AttributeError(name)
+        return getattr(self.record, name)
+
+
+@torch.no_grad()
+def routed_forward(model: FlexBertForSequenceClassification, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                   token_type_ids: torch.Tensor, router: Router, record: PathRecord) -> RoutedOutput:
+    """One batch through the encoder loop under `router`; examples still running after the last layer get
+    the final head. Returns the logits, the path record and each example's executed-path MACs."""
+    states = model.encode(input_ids, attention_mask, token_type_ids, router)
+    if record.active.numel():
+        record.logits[record.active] = model.classify(states[-1])
+    # a gate sets a whole layer group; layers cut off by depth or an exit did not run
+    record.width_class[record.heads == 0] = -1
+    linear, attention = executed_macs(model.config, input_ids.shape[1], record)
+    return RoutedOutput(record.logits, record, linear, attention)
+
+
+def dynamic_forward(
+    model: FlexBertForSequenceClassification,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    class_to_width: Sequence[float] | None = None,
+    fixed_width: float | None = None,
+    depth_mult: float = 1.0,
+    early_exit: bool = False,
+    exit_threshold: float = 0.57,
+    off_ramps: Sequence[int] = (),
+) -> RoutedOutput:
+    """Inference in any mode: gates over `class_to_width` (or one `fixed_width`, no gate run) for the first
+    rnd(depth_mult*L) layers, with early exit at `off_ramps` when `early_exit`."""
+    config = model.config
+    num_layers = layers_kept(config, depth_mult)
+    record = PathRecord.start(input_ids.shape[0], config, num_layers, input_ids.device,
+                              model.classifier.weight.dtype)
+    if fixed_width is None:
+        if model.gates is None:
+            raise ValueError("the model has no gates; train them with train_gate.py --do_train first")
+        router = GateRouter(model.gates, class_to_width, config, num_layers, record)
+    else:
+        router = StaticRouter(model.subnet(fixed_width, depth_mult), record)
+    if early_exit:
+        router = EarlyExit(router, off_ramps, exit_threshold, model.classify, config.num_labels == 1, record)
+    return routed_forward(model, input_ids, attention_mask, token_type_ids, router, record)

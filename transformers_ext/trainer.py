@@ -1,0 +1,349 @@
+"""The one training loop (`fit`) behind run_glue.py and train_gate.py, with what it needs around it: seeding,
+devices and torchrun, the optimizer and schedule, the non-finite-loss guard, and subnet evaluation.
+
+`fit` owns: epochs of deterministic (resumable) batches, gradient accumulation, AMP, the all-reduce under
+torchrun, clipping, the optimizer/scheduler step, evaluation every `eval_every` updates and at the end
+(keeping the best score), checkpoints after each evaluation, resume, the progress bar and TensorBoard. A
+script supplies what differs: the batches, the losses of one batch, the evaluation, and hooks.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import random
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import nullcontext
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.utils.data import TensorDataset
+from tqdm.auto import tqdm
+from transformers import get_linear_schedule_with_warmup
+
+import utils_glue
+
+from .checkpoint_io import rng_state, set_rng_state
+from .cli import CLIError
+from .modeling_flexbert import FlexBertForSequenceClassification
+
+logger = logging.getLogger("flexbert")
+
+
+# ---- environment -----------------------------------------------------------------------------------------
+def set_seed(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    torch.cuda.manual_seed_all(seed)
+
+
+def setup_device(cpu: bool = False, num_threads: int | None = None) -> tuple[torch.device, int, int]:
+    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU)."""
+    if num_threads:
+        torch.set_num_threads(num_threads)
+    use_cuda = torch.cuda.is_available() and not cpu
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if use_cuda else "gloo")
+    if use_cuda:
+        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank), rank, world
+    return torch.device("cpu"), rank, world
+
+
+def setup_logging(rank: int = 0) -> None:
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+        level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+    )
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
+
+
+def all_reduce_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
+    """Average gradients over processes once per update (DDP semantics; done once for all subnets)."""
+    if world == 1:
+        return
+    grads = [p.grad for p in params if p.grad is not None]
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat)
+    flat /= world
+    offset = 0
+    for g in grads:
+        g.copy_(flat[offset : offset + g.numel()].view_as(g))
+        offset += g.numel()
+
+
+def build_optimizer(params: Sequence[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float,
+                    warmup_steps: int, total_steps: int):
+    """AdamW (eps 1e-8, decoupled decay except biases/LayerNorm weights) and a linear warm-up/decay."""
+    no_decay = ("bias", "LayerNorm.weight")
+    groups = [
+        {"params": [p for n, p in params if not any(k in n for k in no_decay)], "weight_decay": weight_decay},
+        {"params": [p for n, p in params if any(k in n for k in no_decay)], "weight_decay": 0.0},
+    ]
+    optimizer = torch.optim.AdamW([g for g in groups if g["params"]], lr=lr, eps=1e-8)
+    scheduler = get_linear_schedule_with_warmup(optimizer, warmup_steps, max(total_steps, 1))
+    return optimizer, scheduler
+
+
+def check_finite(loss: torch.Tensor, step: int, subnet: str) -> None:
+    if not torch.isfinite(loss):
+        raise CLIError(f"non-finite loss ({loss.item()}) at step {step} on subnet {subnet}; nothing was saved "
+                       "for this step (lower --learning_rate or check the data)")
+
+
+# ---- the loop ----------------------------------------------------------------------------------------------
+@dataclass
+class Schedule:
+    """How long `fit` runs: `epochs` epochs of `updates_per_epoch` updates (each `accumulation` batches),
+    stopping after `total_updates`."""
+
+    epochs: int
+    updates_per_epoch: int
+    total_updates: int
+    accumulation: int = 1
+
+    @classmethod
+    def make(cls, num_batches: int, accumulation: int, epochs: float, max_steps: int = 0) -> Schedule:
+        updates_per_epoch = num_batches // accumulation
+        if max_steps > 0:
+            if updates_per_epoch == 0:
+                raise CLIError(f"--max_steps {max_steps}: the training set makes no full update")
+            return cls(-(-max_steps // updates_per_epoch), updates_per_epoch, max_steps, accumulation)
+        return cls(int(epochs), updates_per_epoch, updates_per_epoch * int(epochs), accumulation)
+
+
+@dataclass
+class LoopState:
+    global_step: int = 0
+    epoch: int = 0  # the epoch being run (on resume: the one to continue)
+    batch_in_epoch: int = 0  # batches of `epoch` already consumed
+    best_score: float = -math.inf
+    history: list[dict] = field(default_factory=list)
+
+
+@dataclass
+class Hooks:
+    """What a script plugs into `fit`. All optional.
+
+    before_batch(state): called before each batch's losses (e.g. a temperature schedule).
+    after_update(state): called after each optimizer update (e.g. neural grafting).
+    evaluate(state) -> (score, record): higher score is better; `record` goes into `state.history`.
+    on_best(state, record): the score improved (save the best model).
+    after_evaluate(state, record, improved): results files.
+    save_checkpoint(state_dict): persist a resumable checkpoint (called after each evaluation).
+    extra_state() -> dict / load_extra_state(dict): script state that a checkpoint must carry.
+    """
+
+    before_batch: Callable[[LoopState], None] | None = None
+    after_update: Callable[[LoopState], None] | None = None
+    evaluate: Callable[[LoopState], tuple[float, dict]] | None = None
+    on_best: Callable[[LoopState, dict], None] | None = None
+    after_evaluate: Callable[[LoopState, dict, bool], None] | None = None
+    save_checkpoint: Callable[[dict], None] | None = None
+    extra_state: Callable[[], dict] | None = None
+    load_extra_state: Callable[[dict], None] | None = None
+
+
+def fit(
+    *,
+    params: Sequence[tuple[str, torch.nn.Parameter]],
+    optimizer: torch.optim.Optimizer,
+    scheduler,
+    schedule: Schedule,
+    batches: Callable[[int, int], Iterable],
+    losses: Callable[[object, LoopState], Iterator[tuple[str, torch.Tensor]]],
+    hooks: Hooks,
+    eval_every: int = 0,
+    resume: dict | None = None,
+    world: int = 1,
+    is_main: bool = True,
+    precision: str = "fp32",
+    device_type: str = "cpu",
+    writer=None,
+    desc: str = "train",
+    zero_grad: Callable[[], None] | None = None,
+) -> LoopState:
+    """Train. `batches(epoch, start_batch)` yields the epoch's batches from `start_batch` on; `losses(batch,
+    state)` yields (name, loss) pairs, each backpropagated (scaled by 1/accumulation) as soon as it is
+    yielded, so that one subnet's graph is freed before the next is built. `resume` is a checkpoint's state
+    (optimizer, scheduler, RNG, counters, best score, history and the hooks' extra state)."""
+    trainable = [p for _, p in params]
+    state = LoopState()
+    if resume is not None:
+        optimizer.load_state_dict(resume["optimizer"])
+        scheduler.load_state_dict(resume["scheduler"])
+        state = LoopState(resume["global_step"], resume["epoch"], resume["batch_in_epoch"], resume["best_score"],
+                          resume["history"])
+        set_rng_state(resume["rng"])
+        if hooks.load_extra_state is not None:
+            hooks.load_extra_state(resume)
+    scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
+    autocast = (torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+                if precision != "fp32" else nullcontext())
+    zero_grad = zero_grad or (lambda: optimizer.zero_grad(set_to_none=True))
+
+    def evaluate(epoch: int, batch_in_epoch: int) -> None:
+        if hooks.evaluate is None:
+            return
+        state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
+        score, record = hooks.evaluate(state)
+        improved = score > state.best_score
+        state.history.append(record)
+        if not is_main:
+            return
+        if improved:
+            state.best_score = score
+            if hooks.on_best is not None:
+                hooks.on_best(state, record)
+        if hooks.after_evaluate is not None:
+            hooks.after_evaluate(state, record, improved)
+        if hooks.save_checkpoint is not None:
+            hooks.save_checkpoint({
+                "global_step": state.global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
+                "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
+                "best_score": state.best_score, "history": state.history, "rng": rng_state(),
+                **(hooks.extra_state() if hooks.extra_state is not None else {}),
+            })
+
+    total, accumulation = schedule.total_updates, schedule.accumulation
+    progress = tqdm(total=total, initial=state.global_step, desc=desc, disable=not is_main)
+    start_epoch, start_batch = state.epoch, state.batch_in_epoch
+    for epoch in range(start_epoch, schedule.epochs):
+        first = start_batch if epoch == start_epoch else 0
+        for batch_idx, batch in enumerate(batches(epoch, first), start=first):
+            if batch_idx >= schedule.updates_per_epoch * accumulation:
+                break  # micro-batches after the epoch's last full update would only leak into the next epoch
+            if hooks.before_batch is not None:
+                hooks.before_batch(state)
+            logged = {}
+            with autocast:
+                for name, loss in losses(batch, state):
+                    check_finite(loss, state.global_step, name)
+                    loss = loss / accumulation
+                    (scaler.scale(loss) if scaler else loss).backward()
+                    logged[name] = loss.item()
+            if (batch_idx + 1) % accumulation:
+                continue
+            all_reduce_gradients(trainable, world)
+            if scaler:
+                scaler.unscale_(optimizer)
+            torch.nn.utils.clip_grad_norm_(trainable, 1.0)
+            if scaler:
+                scaler.step(optimizer)
+                scaler.update()
+            else:
+                optimizer.step()
+            scheduler.step()
+            zero_grad()
+            state.global_step += 1
+            progress.update(1)
+            progress.set_postfix(loss=f"{sum(logged.values()):.4f}")
+            if writer is not None:
+                writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state.global_step)
+                for key, value in logged.items():
+                    writer.add_scalar(f"train/loss/{key}", value, state.global_step)
+            if hooks.after_update is not None:
+                hooks.after_update(state)
+            if eval_every > 0 and state.global_step % eval_every == 0:
+                evaluate(epoch, batch_idx + 1)
+            if state.global_step >= total:
+                break
+        if state.global_step >= total:
+            break
+    progress.close()
+    if not state.history or state.history[-1]["step"] != state.global_step:
+        evaluate(schedule.epochs, 0)
+    return state
+
+
+# ---- subnet evaluation -------------------------------------------------------------------------------------
+def subnet_key(width: float, depth: float) -> str:
+    return f"d{depth:g}_w{width:g}"
+
+
+@torch.no_grad()
+def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
+                   device: torch.device, width_mult: float, depth_mults: Sequence[float]
+                   ) -> tuple[dict[float, np.ndarray], np.ndarray, dict[float, float]]:
+    """Logits and mean loss of every depth at one width from ONE forward per batch: depth subnets are
+    prefixes, so the deepest run's hidden state after layer rnd(d*L) is exactly the depth-d subnet's, and
+    the head applied there gives its logits bit for bit. Returns ({depth: logits}, labels, {depth: loss})."""
+    was_training = model.training
+    model.eval()
+    subnets = {d: model.subnet(width_mult, d) for d in depth_mults}
+    deepest = max(subnets.values(), key=lambda s: s.num_layers)
+    logits = {d: [] for d in depth_mults}
+    loss_sum = dict.fromkeys(depth_mults, 0.0)
+    labels = []
+    for batch in utils_glue.epoch_batches(dataset, batch_size, 0, 0, shuffle=False):
+        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in utils_glue.trim_padding(batch))
+        out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
+        for d, subnet in subnets.items():
+            depth_logits = model.classify(out.hidden_states[subnet.num_layers])
+            loss_sum[d] += model.compute_loss(depth_logits, label).item() * len(label)
+            logits[d].append(depth_logits.float().cpu())
+        labels.append(label.cpu())
+    model.train(was_training)
+    return ({d: torch.cat(v).numpy() for d, v in logits.items()}, torch.cat(labels).numpy(),
+            {d: v / len(dataset) for d, v in loss_sum.items()})
+
+
+def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
+            device: torch.device, width_mult: float = 1.0, depth_mult: float = 1.0
+            ) -> tuple[np.ndarray, np.ndarray, float]:
+    """(logits, labels, mean loss) of one subnet on a dataset."""
+    logits, labels, loss = predict_depths(model, dataset, batch_size, device, width_mult, [depth_mult])
+    return logits[depth_mult], labels, loss[depth_mult]
+
+
+def evaluate_subnets(
+    model: FlexBertForSequenceClassification,
+    task_name: str,
+    dev_sets: dict[str, TensorDataset],
+    width_mult_list: Sequence[float],
+    depth_mult_list: Sequence[float],
+    batch_size: int,
+    device: torch.device,
+) -> dict[str, dict[str, float]]:
+    """Metrics of every (depth, width) sub-network, depth descending then width descending, one forward per
+    width and batch. Keys are `d{depth}_w{width}`; MNLI's mismatched accuracy is added as `acc_mm`."""
+    depths = sorted(depth_mult_list, reverse=True)
+    per_width = {}
+    for w in tqdm(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
+                  disable=len(width_mult_list) * len(depths) < 3):
+        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths)
+        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths)
+                      if "dev_mm" in dev_sets else None)
+        for d in depths:
+            metrics = utils_glue.compute_metrics(task_name, logits[d], labels)
+            if mismatched is not None:
+                metrics["acc_mm"] = utils_glue.compute_metrics(task_name, mismatched[0][d], mismatched[1])["acc"]
+            metrics["eval_loss"] = loss[d]
+            per_width[(d, w)] = metrics
+    return {subnet_key(w, d): per_width[(d, w)] for d in depths for w in sorted(width_mult_list, reverse=True)}
+
+
+def format_subnet_table(results: dict[str, dict[str, float]], metric: str) -> str:
+    """Depth rows x width columns of one metric."""
+    cells = {}
+    for key, metrics in results.items():
+        d, w = key[1:].split("_w")
+        cells[(float(d), float(w))] = metrics[metric]
+    depths = sorted({d for d, _ in cells}, reverse=True)
+    widths = sorted({w for _, w in cells}, reverse=True)
+    lines = [f"{metric:>10} | " + " ".join(f"w={w:<6g}" for w in widths)]
+    lines.append("-" * len(lines[0]))
+    for d in depths:
+        lines.append(f"{'d=' + format(d, 'g'):>10} | " + " ".join(
+            f"{cells[(d, w)]:<8.4f}" if (d, w) in cells else " " * 8 for w in widths))
+    return "\n".join(lines)
