@@ -127,6 +127,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--width_lambda2", type=float, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
     a("--graft_during_training", action="store_true",
       help="dynabertw only: neural grafting about 3 times per epoch, none in the last epoch.")
+    a("--pooling", choices=["cls", "mean"], default=None,
+      help="What the head, off-ramps and gates read: the [CLS] vector (BERT's pooler) or the mean over tokens "
+           "(for models pre-trained with mean pooling, such as the embedded MiniLM). Saved in config.json, so "
+           "later stages inherit it (default: the model's own setting, else cls).")
     a("--separate_subnet_passes", action="store_true",
       help="One forward and backward per (width, depth) subnet, as the reference, instead of one per width "
            "shared by all depths (same gradient up to float rounding without dropout; about 2x slower).")
@@ -182,7 +186,7 @@ def prefix_shared_loss(args: argparse.Namespace, model, batch: list[torch.Tensor
     total = 0
     for d, subnet in subnets.items():
         n = subnet.num_layers
-        logits = out.logits if n == deepest.num_layers else model.classify(out.hidden_states[n])
+        logits = out.logits if n == deepest.num_layers else model.classify(out.hidden_states[n], attention_mask)
         total = total + loss_of(args, model, logits, out.hidden_states[: n + 1], labels, teacher_out, d)
     return total
 

@@ -105,9 +105,9 @@ def instrument(model):
     model.embed = wrap(model.embed, "embeddings")
     classify = model.classify
 
-    def labelled_classify(hidden):
+    def labelled_classify(hidden, *mask):
         with record_function("off-ramps" if state["layers_run"] < num_layers else "final head"):
-            return classify(hidden)
+            return classify(hidden, *mask)
     model.classify = labelled_classify
 
     def run(x, kwargs):

@@ -265,17 +265,17 @@ def make_gated(ctx: Context, attn: str = "sdpa", exit_fraction: float = 0.4):
     class CalibratingRouter(GateRouter):
         """Fits gate i to the [CLS] states it reads (after the earlier gates' routing) just before it runs."""
 
-        def heads(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
-            gate, cls = self.gates[layer_index], hidden[:, 0]
+        def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+            gate, cls = self.gates[layer_index], self.summary(hidden, mask)
             gate.dense.weight.copy_(torch.randn(h, h, generator=gen) / (cls.std(0, keepdim=True) * h**0.5))
             gate.dense.bias.copy_(-gate.dense.weight @ cls.mean(0))
             gate.classifier.weight.copy_(torch.randn(len(GATE_SETTING), h, generator=gen))
             gate.classifier.bias.copy_(-gate(cls).mean(0))
-            return super().heads(layer_index, hidden)
+            return super().heads(layer_index, hidden, mask)
 
     input_ids, attention_mask, token_type_ids, _ = ctx.features("train", max_examples=64)
-    router = CalibratingRouter(model.gates, GATE_SETTING, config, config.num_hidden_layers)
+    router = CalibratingRouter(model, GATE_SETTING, config.num_hidden_layers)
     states = model.encode(input_ids, attention_mask, token_type_ids, router)  # G = L: gate i sets layer i
-    entropy = prediction_entropy(model.classify(states[off_ramps[0] + 1]))
+    entropy = prediction_entropy(model.classify(states[off_ramps[0] + 1], attention_mask))
     threshold = float(entropy.quantile(exit_fraction))
     return model.eval(), threshold, off_ramps

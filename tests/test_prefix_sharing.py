@@ -20,9 +20,10 @@ WIDTHS = [1.0, 0.75, 0.5, 0.25]
 DEPTHS = [1.0, 0.75, 0.5]
 
 
-def _model(num_labels: int, seed: int = 0):
+def _model(num_labels: int, seed: int = 0, pooling: str = "cls"):
     config = make_config(hidden_size=32, num_hidden_layers=4, num_attention_heads=8, intermediate_size=64,
-                         num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0)
+                         num_labels=num_labels, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                         pooling=pooling)
     return make_model(config, seed)
 
 
@@ -44,10 +45,11 @@ def _gradients(model, loss: torch.Tensor) -> dict[str, torch.Tensor]:
     ("dynabert", []), ("dynabert", ["--data_aug"]), ("final_finetuning", []),
 ])
 @pytest.mark.parametrize("num_labels", [2, 1], ids=["classification", "regression"])
-def test_prefix_shared_gradient_equals_sum_of_separate_subnets(phase, extra, num_labels):
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_prefix_shared_gradient_equals_sum_of_separate_subnets(phase, extra, num_labels, pooling):
     args = run_glue.parse_args(["--training_phase", phase, "--depth_mult_list", "0.5,0.75,1.0", *extra])
-    model = _model(num_labels).double().train()
-    teacher = _model(num_labels, seed=1).double().eval()
+    model = _model(num_labels, pooling=pooling).double().train()
+    teacher = _model(num_labels, seed=1, pooling=pooling).double().eval()
     batch = _batch(num_labels)
     if num_labels == 1:
         batch[3] = batch[3].double()
@@ -69,8 +71,9 @@ def test_prefix_shared_gradient_equals_sum_of_separate_subnets(phase, extra, num
 
 
 @pytest.mark.parametrize("num_labels, task", [(2, "RTE"), (1, "STS-B")])
-def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task):
-    model = _model(num_labels)
+@pytest.mark.parametrize("pooling", ["cls", "mean"])
+def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task, pooling):
+    model = _model(num_labels, pooling=pooling)
     dataset = TensorDataset(*_batch(num_labels, batch=20, seed=5))
     results = evaluate_subnets(model, task, {"dev": dataset}, WIDTHS, DEPTHS, 8, torch.device("cpu"))
     assert list(results) == [f"d{d:g}_w{w:g}" for d in DEPTHS for w in WIDTHS]

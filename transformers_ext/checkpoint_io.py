@@ -91,6 +91,8 @@ def load_model_and_tokenizer(
     saved_labels = config.num_labels
     config.num_labels = spec.num_labels
     config.finetuning_task = spec.name.lower()
+    if getattr(args, "pooling", None):
+        config.pooling = args.pooling
     if args is not None and hasattr(args, "hidden_dropout_prob"):
         config.hidden_dropout_prob = args.hidden_dropout_prob
         config.attention_probs_dropout_prob = args.attention_probs_dropout_prob

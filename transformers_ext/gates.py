@@ -18,11 +18,12 @@ def layers_per_gate(model: FlexBertForSequenceClassification) -> int:
     return model.config.num_hidden_layers // model.config.num_gates
 
 
-def gate_cls_states(model: FlexBertForSequenceClassification, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`[G, B, h]`: the [CLS] vector each of the G gates reads (gate g: hidden state g*r). The gate after the
-    last layer would have no consumer and is never run."""
+def gate_cls_states(model: FlexBertForSequenceClassification, hidden_states: Sequence[torch.Tensor],
+                    attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[G, B, h]`: the vector (`model.summary`: [CLS] or the token mean) each of the G gates reads (gate g:
+    hidden state g*r). The gate after the last layer would have no consumer and is never run."""
     r = layers_per_gate(model)
-    return torch.stack([hidden_states[g * r][:, 0] for g in range(model.config.num_gates)])
+    return torch.stack([model.summary(hidden_states[g * r], attention_mask) for g in range(model.config.num_gates)])
 
 
 def gates_on(gates: nn.ModuleList, cls_states: torch.Tensor) -> torch.Tensor:
@@ -30,9 +31,10 @@ def gates_on(gates: nn.ModuleList, cls_states: torch.Tensor) -> torch.Tensor:
     return torch.stack([gate(cls_states[g]) for g, gate in enumerate(gates)])
 
 
-def gate_logits(model: FlexBertForSequenceClassification, hidden_states: Sequence[torch.Tensor]) -> torch.Tensor:
-    """`[G, B, C]` logits of all G gates, each on the [CLS] vector of the hidden state it reads."""
-    return gates_on(model.gates, gate_cls_states(model, hidden_states))
+def gate_logits(model: FlexBertForSequenceClassification, hidden_states: Sequence[torch.Tensor],
+                attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    """`[G, B, C]` logits of all G gates, each on the summary vector of the hidden state it reads."""
+    return gates_on(model.gates, gate_cls_states(model, hidden_states, attention_mask))
 
 
 def gate_targets(correct: torch.Tensor) -> torch.Tensor:
@@ -88,7 +90,7 @@ def gate_inputs_and_correctness(
     cls_states, correct = [], []
     for w in gate_setting:
         out = model(input_ids, attention_mask, token_type_ids, subnet=model.subnet(w, 1.0))
-        cls_states.append(gate_cls_states(model, out.hidden_states))
+        cls_states.append(gate_cls_states(model, out.hidden_states, attention_mask))
         correct.append(is_correct(out.logits, labels, regression_threshold))
     return torch.stack(cls_states), torch.stack(correct)
 

@@ -13,7 +13,6 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from .flops import executed_macs
 from .modeling_flexbert import (
@@ -83,20 +82,21 @@ class GateRouter:
     """Gate g reads the [CLS] vector of the input of layer g*r (r = L/G; 0 = the embeddings) and picks the
     width of layers g*r .. g*r+r-1 per example: class c -> width class_to_width[c]."""
 
-    def __init__(self, gates: nn.ModuleList, class_to_width: Sequence[float], config, num_layers: int,
+    def __init__(self, model: FlexBertForSequenceClassification, class_to_width: Sequence[float], num_layers: int,
                  record: PathRecord | None = None):
+        config, gates = model.config, model.gates
         device = next(gates.parameters()).device
-        self.gates, self.num_layers, self.record = gates, num_layers, record
+        self.gates, self.summary, self.num_layers, self.record = gates, model.summary, num_layers, record
         self.class_heads = torch.tensor([heads_kept(config, w) for w in class_to_width], device=device)
         self.layers_per_gate = config.num_hidden_layers // len(gates)
         self.current: torch.Tensor | None = None
         if record is not None:
             record.num_gate_classes = len(class_to_width)
 
-    def heads(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor:
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         r = self.layers_per_gate
         if layer_index % r == 0:
-            chosen = self.gates[layer_index // r](hidden[:, 0]).argmax(-1)
+            chosen = self.gates[layer_index // r](self.summary(hidden, mask)).argmax(-1)
             self.current = self.class_heads[chosen]
             if self.record is not None:
                 self.record.width_class[self.record.active, layer_index : layer_index + r] = chosen[:, None]
@@ -105,7 +105,7 @@ class GateRouter:
             self.record.ran(layer_index, self.current)
         return self.current
 
-    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> None:
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         return None
 
     def keep(self, stay: torch.Tensor) -> None:
@@ -119,20 +119,21 @@ class EarlyExit:
     first one)."""
 
     def __init__(self, inner: StaticRouter | GateRouter, off_ramps: Sequence[int], threshold: float,
-                 classify: Callable[[torch.Tensor], torch.Tensor], regression: bool, record: PathRecord):
+                 classify: Callable[[torch.Tensor, torch.Tensor], torch.Tensor], regression: bool,
+                 record: PathRecord):
         self.inner, self.threshold, self.classify = inner, threshold, classify
         self.regression, self.record = regression, record
         self.num_layers = inner.num_layers
         self.off_ramps = {i for i in off_ramps if i < self.num_layers - 1}
         self.previous_prediction: torch.Tensor | None = None
 
-    def heads(self, layer_index: int, hidden: torch.Tensor) -> int | torch.Tensor:
-        return self.inner.heads(layer_index, hidden)
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int | torch.Tensor:
+        return self.inner.heads(layer_index, hidden, mask)
 
-    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor | None:
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None:
         if layer_index not in self.off_ramps:
             return None
-        logits = self.classify(hidden)
+        logits = self.classify(hidden, mask)
         self.record.off_ramps_run[self.record.active] += 1
         if self.regression:
             prediction = logits.view(-1)
@@ -170,7 +171,8 @@ def routed_forward(model: FlexBertForSequenceClassification, input_ids: torch.Te
     the final head. Returns the logits, the path record and each example's executed-path MACs."""
     states = model.encode(input_ids, attention_mask, token_type_ids, router)
     if record.active.numel():
-        record.logits[record.active] = model.classify(states[-1])
+        active_mask = None if attention_mask is None else attention_mask[record.active]
+        record.logits[record.active] = model.classify(states[-1], active_mask)
     # a gate sets a whole layer group; layers cut off by depth or an exit did not run
     record.width_class[record.heads == 0] = -1
     linear, attention = executed_macs(model.config, input_ids.shape[1], record)
@@ -198,7 +200,7 @@ def dynamic_forward(
     if fixed_width is None:
         if model.gates is None:
             raise ValueError("the model has no gates; train them with train_gate.py --do_train first")
-        router = GateRouter(model.gates, class_to_width, config, num_layers, record)
+        router = GateRouter(model, class_to_width, num_layers, record)
     else:
         router = StaticRouter(model.subnet(fixed_width, depth_mult), record)
     if early_exit:

@@ -195,15 +195,16 @@ class FlexLayer(nn.Module):
 class Router(Protocol):
     """What the encoder loop asks per layer (implementations: `transformers_ext.inference`).
 
-    `num_layers`: layers to run. `heads(i, hidden)`: the heads layer i runs at, one int for every active
-    example or a `[B_active]` tensor (examples are then grouped by width). `after_layer(i, hidden)`: None, or a
-    `[B_active]` bool tensor of the examples that stay (the others left at an off-ramp)."""
+    `num_layers`: layers to run. `heads(i, hidden, mask)`: the heads layer i runs at, one int for every active
+    example or a `[B_active]` tensor (examples are then grouped by width). `after_layer(i, hidden, mask)`:
+    None, or a `[B_active]` bool tensor of the examples that stay (the others left at an off-ramp). `hidden`
+    and the additive `mask` hold the active examples only."""
 
     num_layers: int
 
-    def heads(self, layer_index: int, hidden: torch.Tensor) -> int | torch.Tensor: ...
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int | torch.Tensor: ...
 
-    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> torch.Tensor | None: ...
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None: ...
 
 
 class FlexEncoder(nn.Module):
@@ -223,7 +224,7 @@ class FlexEncoder(nn.Module):
         each holding the examples still active after it (all of them unless the router lets some exit)."""
         states = [hidden]
         for i in range(router.num_layers):
-            heads = router.heads(i, hidden)
+            heads = router.heads(i, hidden, mask)
             layer, layer_head_mask = self.layer[i], None if head_mask is None else head_mask[i]
             groups = [heads] if isinstance(heads, int) else heads.unique().tolist()
             if len(groups) == 1:
@@ -235,7 +236,7 @@ class FlexEncoder(nn.Module):
                     sel = (heads == k).nonzero().view(-1)
                     out[sel] = layer(hidden[sel], mask[sel], k, neurons_kept(self.config, k), layer_head_mask)
                 hidden = out
-            stay = router.after_layer(i, hidden)
+            stay = router.after_layer(i, hidden, mask)
             if stay is not None:
                 hidden, mask = hidden[stay], mask[stay]
             states.append(hidden)
@@ -256,12 +257,12 @@ class StaticRouter:
     def num_layers(self) -> int:
         return self.subnet.num_layers
 
-    def heads(self, layer_index: int, hidden: torch.Tensor) -> int:
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int:
         if self.record is not None:
             self.record.ran(layer_index, self.subnet.num_heads)
         return self.subnet.num_heads
 
-    def after_layer(self, layer_index: int, hidden: torch.Tensor) -> None:
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
         return None
 
 
@@ -348,9 +349,23 @@ class FlexBertForSequenceClassification(BertPreTrainedModel):
         mask = extended_attention_mask(attention_mask, hidden.dtype)
         return self.bert.encoder(hidden, mask, router, head_mask)
 
-    def classify(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        """Pooler + classifier on the [CLS] position: the final head and every off-ramp."""
-        pooled = self.bert.pooler(hidden_states)
+    def summary(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`[B, h]`: the vector the head, the off-ramps and the gates read. `config.pooling` "cls" (default):
+        the [CLS] position, as BERT's pooler. "mean": the mean over real tokens, for models pre-trained with
+        mean pooling (the embedded MiniLM), whose intermediate [CLS] vectors barely depend on the input.
+        `attention_mask`: `[B, T]` 1/0 or the encoder's additive `[B, 1, 1, T]` mask (None: all tokens)."""
+        if getattr(self.config, "pooling", "cls") != "mean":
+            return hidden_states[:, 0]
+        if attention_mask is None:
+            return hidden_states.mean(1)
+        real = attention_mask[:, 0, 0, :] == 0 if attention_mask.dim() == 4 else attention_mask.bool()
+        weights = real.to(hidden_states.dtype).unsqueeze(-1)
+        return (hidden_states * weights).sum(1) / weights.sum(1).clamp_min(1)
+
+    def classify(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """Pooler (dense + tanh on `summary`) + classifier: the final head and every off-ramp."""
+        pooler = self.bert.pooler
+        pooled = pooler.activation(pooler.dense(self.summary(hidden_states, attention_mask)))
         return self.classifier(self.dropout(pooled))
 
     def compute_loss(self, logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -380,6 +395,6 @@ class FlexBertForSequenceClassification(BertPreTrainedModel):
             raise TypeError(f"forward() got unexpected arguments {sorted(unknown)}; pass subnet=model.subnet(w, d)")
         states = self.encode(input_ids, attention_mask, token_type_ids,
                              StaticRouter(subnet or self.subnet()), head_mask)
-        logits = self.classify(states[-1])
+        logits = self.classify(states[-1], attention_mask)
         loss = None if labels is None else self.compute_loss(logits, labels)
         return SequenceClassifierOutput(loss=loss, logits=logits, hidden_states=tuple(states))

@@ -289,7 +289,7 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
         input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in utils_glue.trim_padding(batch))
         out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
         for d, subnet in subnets.items():
-            depth_logits = model.classify(out.hidden_states[subnet.num_layers])
+            depth_logits = model.classify(out.hidden_states[subnet.num_layers], attention_mask)
             loss_sum[d] += model.compute_loss(depth_logits, label).item() * len(label)
             logits[d].append(depth_logits.float().cpu())
         labels.append(label.cpu())
