@@ -50,12 +50,14 @@ from transformers_ext.cli import (
 from transformers_ext.flops import flops_summary
 from transformers_ext.gates import (
     REFERENCE_CLASS_WEIGHTS,
+    every_width_gate_loss,
     gate_inputs_and_correctness,
     gate_loss,
     gate_targets,
     gates_on,
     gumbel_softmax_probs,
     histogram_class_weights,
+    layers_per_gate,
     temperature_at,
 )
 from transformers_ext.trainer import Hooks, Schedule, build_optimizer, fit, set_seed, setup_device, setup_logging
@@ -90,6 +92,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "comma list of C weights.")
     a("--regression_threshold", type=float, default=0.5,
       help="Regression (STS-B) gate targets: a subnet is right if |prediction - label| < this.")
+    a("--gate_loss", choices=["reference", "every_width"], default="reference",
+      help="Gate training loss. reference (SPEC 5.4): on the states of the all-width-k model only examples whose "
+           "target is k count, so a gate can score by recognising the width of its input; every_width: every "
+           "example's target counts on the states of every width.")
     a("--backbone_dropout", action="store_true",
       help="Backbone dropout on while computing the training batches' gate inputs (the reference's train mode; "
            "recomputes them every batch instead of once). Targets are always computed in eval mode.")
@@ -202,13 +208,18 @@ class GateInputs:
         return states.to(self.device), self.targets[idx].to(self.device)
 
 
-def gate_epoch_loss(model, states, targets, weights, temperature, generator=None) -> tuple[torch.Tensor, list]:
+def gate_epoch_loss(model, states, targets, weights, temperature, generator=None, rule: str = "reference"
+                    ) -> tuple[torch.Tensor, list]:
     """Summed weighted loss over widths (descending) for one batch of precomputed gate inputs, plus the
-    per-width losses. `states`: [C, G, B, h]."""
+    per-width losses. `states`: [C, G, B, h]; `rule`: --gate_loss."""
     per_width = []
+    weight_tensor = torch.tensor(weights, device=states.device)
     for k in reversed(range(states.shape[0])):
         probs = gumbel_softmax_probs(gates_on(model.gates, states[k]), temperature, generator)
-        per_width.append(gate_loss(probs, targets, k, weights[k]))
+        if rule == "every_width":
+            per_width.append(every_width_gate_loss(probs, targets, weight_tensor))
+        else:
+            per_width.append(gate_loss(probs, targets, k, weights[k]))
     return sum(per_width), per_width
 
 
@@ -297,7 +308,8 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                 for start in range(0, len(inputs), args.per_gpu_eval_batch_size):
                     idx = torch.arange(start, min(start + args.per_gpu_eval_batch_size, len(inputs)))
                     batch_states, batch_targets = inputs.batch(idx)
-                    _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature)
+                    _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature,
+                                                   rule=args.gate_loss)
                     split_loss += torch.stack(per_width[::-1]).cpu()
                     n_batches += 1
                     # gate accuracy: each gate's argmax on the full-width states against the target
@@ -318,10 +330,17 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                     " (best)" if -val["loss"] > state.best_score else "", [round(a, 3) for a in val["gate_acc"]])
         return -val["loss"], {"step": state.global_step, **val}
 
-    def write_results(state, record=None, improved=False) -> None:
+    best_gates: dict[str, torch.Tensor] = {}
+
+    def on_best(state, record) -> None:
+        best_gates.update({k: v.detach().clone() for k, v in model.gates.state_dict().items()})
+        save_gated_model(args, model, tokenizer, output_dir)
+
+    def write_results(state, record=None, improved=False, extra: dict | None = None) -> None:
         write_json(output_dir / RESULTS_FILE, {
             "task": spec.name, "gate_setting": args.gate_setting, "num_gates": num_gates, "class_weights": weights,
-            "train_target_histogram": hist, "best_dev_loss": -state.best_score, "history": state.history,
+            "gate_loss": args.gate_loss, "train_target_histogram": hist, "best_dev_loss": -state.best_score,
+            "history": state.history, **(extra or {}),
         })
 
     def before_batch(state) -> None:
@@ -330,7 +349,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
 
     def batch_losses(batch, state):
         states, targets = train_inputs.batch(batch[0])
-        yield "gates", gate_epoch_loss(model, states, targets, weights, temperature)[0]
+        yield "gates", gate_epoch_loss(model, states, targets, weights, temperature, rule=args.gate_loss)[0]
         if writer is not None:
             writer.add_scalar("train/temperature", temperature, state.global_step + 1)
 
@@ -340,12 +359,12 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
 
     hooks = Hooks(
         before_batch=before_batch, evaluate=evaluate, after_evaluate=write_results,
-        on_best=lambda state, record: save_gated_model(args, model, tokenizer, output_dir),
+        on_best=on_best,
         save_checkpoint=lambda state: save_checkpoint(output_dir, model, tokenizer, {**state, "args": vars(args)}),
         extra_state=lambda: {"temperature": temperature}, load_extra_state=load_extra_state,
     )
     model.gates.train()
-    fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
+    state = fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
         batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
                                                    start_batch=start),
         losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
@@ -353,7 +372,34 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
         device_type=device.type, writer=writer, desc=f"traingate {spec.name}")
     if writer is not None:
         writer.close()
+    if is_main and best_gates:  # how the best gates route dev examples at inference (states of chosen widths)
+        model.gates.load_state_dict(best_gates)
+        routed = routed_gate_report(model, dev_sets[0], dev_inputs[0].targets, args, device)
+        logger.info("best gates on dev, routed as at inference: accuracy per gate %s, routing entropy per gate "
+                    "%s (nats; 0 = every input gets the same width)", [round(a, 3) for a in routed["gate_acc"]],
+                    [round(e, 3) for e in routed["routing_entropy"]])
+        write_results(state, extra={"routed_dev": routed})
     logger.info("gates saved with the backbone to %s", output_dir)
+
+
+@torch.no_grad()
+def routed_gate_report(model, dataset, targets: torch.Tensor, args, device) -> dict:
+    """Dev examples routed by the gates as at inference (each gate reads the state its predecessors' choices
+    produced): per gate, the accuracy of the chosen class against the target, the histogram of chosen
+    classes and its entropy."""
+    chosen = []
+    for batch in epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False):
+        ids, mask, types = (t.to(device) for t in trim_padding(batch)[:3])
+        out = dynamic_forward(model, ids, mask, types, class_to_width=args.gate_setting)
+        chosen.append(out.width_class[:, :: layers_per_gate(model)].cpu())
+    chosen = torch.cat(chosen)  # [N, G]
+    num_classes = len(args.gate_setting)
+    counts = torch.stack([torch.bincount(chosen[:, g], minlength=num_classes) for g in range(chosen.shape[1])])
+    probs = counts.float() / counts.sum(1, keepdim=True)
+    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
+    return {"gate_acc": (chosen == targets.view(-1, 1)).float().mean(0).tolist(),
+            "class_histogram_per_gate": counts.tolist(), "routing_entropy": entropy.tolist(),
+            "target_histogram": torch.bincount(targets, minlength=num_classes).tolist()}
 
 
 def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:

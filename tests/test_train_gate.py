@@ -566,3 +566,72 @@ def test_plot_tradeoff(env, gated, tmp_path, monkeypatch, capsys):
     assert float(by_run[("static_w1.0_d1.0", 8)]["rel_flops"]) == pytest.approx(1.0)
     png = (out / "tradeoff.png").read_bytes()
     assert png.startswith(b"\x89PNG") and len(png) > 2000
+
+
+# ---- gate loss rules and the routed report (issue 17) -------------------------------------------------------
+def test_every_width_rule_gives_no_credit_for_recognising_the_input_width():
+    """A 'width detector' (on the states of width k it answers k with certainty) scores a perfect 0 under the
+    reference rule, but pays for every example whose target is another width under --gate_loss every_width."""
+    from transformers_ext.gates import every_width_gate_loss, gate_loss
+
+    targets = torch.tensor([0, 1, 2, 3, 0, 0, 3, 1])
+    weights = [1.0, 2.0, 3.0, 4.0]
+    reference, every = 0.0, 0.0
+    for k in range(4):
+        probs = torch.zeros(2, len(targets), 4)
+        probs[..., k] = 1.0  # G = 2 gates, both detecting width k
+        reference += gate_loss(probs, targets, k, weights[k])
+        every += every_width_gate_loss(probs, targets, torch.tensor(weights))
+    assert reference == 0.0
+    wrong = sum(weights[t] for t in targets.tolist()) * 3  # each example is wrong on 3 of the 4 input widths
+    expected = -math.log(1e-6) * wrong / len(targets)
+    assert abs(float(every) - expected) < 1e-3 * expected
+    # a gate that answers each example's target on every width pays nothing under either rule
+    probs = torch.nn.functional.one_hot(targets, 4).float().expand(2, -1, -1)
+    assert float(every_width_gate_loss(probs, targets, torch.tensor(weights))) == 0.0
+
+
+def test_gate_results_report_routing_on_dev(env, tmp_path):
+    results = _train(env, env["bert"], tmp_path / "every", "--gate_loss", "every_width", num_train_epochs=2,
+                     logging_steps=2)
+    assert results["gate_loss"] == "every_width"
+    routed = results["routed_dev"]
+    num_gates = len(routed["gate_acc"])
+    assert num_gates == 4 and len(routed["class_histogram_per_gate"]) == num_gates
+    n_dev = sum(routed["target_histogram"])
+    assert all(sum(h) == n_dev for h in routed["class_histogram_per_gate"])
+    for hist, entropy in zip(routed["class_histogram_per_gate"], routed["routing_entropy"], strict=True):
+        p = torch.tensor(hist, dtype=torch.float) / n_dev
+        assert abs(entropy - float(-(p * p.clamp_min(1e-12).log()).sum())) < 1e-5
+        assert 0.0 <= entropy <= math.log(4) + 1e-6
+
+
+def test_gate_training_resumes_bit_identically(env, tmp_path, monkeypatch):
+    """Stopped right after its first checkpoint, gate training resumed with --resume_from_checkpoint ends with
+    the uninterrupted run's gates and history (temperature, optimizer, schedule and RNG restored)."""
+    from safetensors.torch import load_file
+
+    flags = dict(num_train_epochs=3, logging_steps=2)
+    reference = _train(env, env["bert"], tmp_path / "reference", **flags)
+
+    class Stop(Exception):
+        pass
+
+    real = train_gate.save_checkpoint
+
+    def save_then_stop(*args, **kwargs):
+        real(*args, **kwargs)
+        raise Stop
+
+    out = tmp_path / "resumed"
+    monkeypatch.setattr(train_gate, "save_checkpoint", save_then_stop)
+    with pytest.raises(Stop):
+        _train(env, env["bert"], out, **flags)
+    monkeypatch.undo()
+    assert [p.name for p in out.glob("checkpoint-*")] == ["checkpoint-2"]
+    resumed = _train(env, env["bert"], out, "--resume_from_checkpoint", **flags)
+    assert resumed["history"] == reference["history"]
+    assert len(reference["history"]) >= 3
+    ref_w, res_w = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "reference", out))
+    gate_keys = [k for k in ref_w if k.startswith("gates.")]
+    assert gate_keys and all(torch.equal(ref_w[k], res_w[k]) for k in gate_keys)

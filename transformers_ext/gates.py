@@ -58,6 +58,14 @@ def gumbel_softmax_probs(
     return F.softmax((logits - exp.log()) / temperature, dim=-1)
 
 
+def every_width_gate_loss(probs: torch.Tensor, targets: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Weighted NLL of every example's target class, averaged over all G*B entries: used for the inputs of
+    every width, so the width that produced a gate's input carries no information about the answer (the
+    reference rule, `gate_loss`, rewards recognising it)."""
+    picked = probs.gather(-1, targets.view(1, -1, 1).expand(probs.shape[0], -1, 1)).squeeze(-1)
+    return (-picked.clamp_min(1e-6).log() * weights[targets].view(1, -1)).mean()
+
+
 def gate_loss(probs: torch.Tensor, targets: torch.Tensor, class_index: int, weight: float) -> torch.Tensor:
     """SPEC §5.4: weighted NLL of the target class over the examples whose target is `class_index`,
     averaged over all G*B entries (other entries count as zero)."""
