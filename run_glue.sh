@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Train a flexible BERT for $TASK: teacher fine-tuning -> width-adaptive training with neural grafting ->
 # depth-adaptive training -> final fine-tuning. Extra arguments are passed to every run_glue.py call.
-# Environment: TASK, BERT_DIR, DATA_DIR, OUT_DIR (and TEACHER_DIR, W_BERT, WD_BERT), QUICK=1, FORCE=1.
+# Environment: TASK, BERT_DIR, DATA_DIR, OUT_DIR (and TEACHER_DIR, W_BERT, WD_BERT), QUICK=1, FORCE=1,
+# GRAFT=0 (width stage without neural grafting), STAGES (default "teacher width depth final": the stages to run).
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
@@ -25,22 +26,31 @@ else
   W_EPOCHS=3; D_EPOCHS=3; F_EPOCHS=3; W_LR=5e-5; D_LR=1e-4; F_LR=5e-5
 fi
 
+GRAFT_ARGS=(); [ "${GRAFT:-1}" = 0 ] || GRAFT_ARGS=(--graft_during_training)
+STAGES=" ${STAGES:-teacher width depth final} "
+wanted() { [[ "$STAGES" == *" $1 "* ]]; }
+
+if wanted teacher; then
 say "[1/4] teacher: fine-tune $BERT_DIR on $TASK -> $TEACHER_DIR"
 if stage_done finetuning "$TEACHER_DIR"; then echo "reusing $TEACHER_DIR (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$BERT_DIR" --output_dir "$TEACHER_DIR" --overwrite_output_dir \
     --training_phase finetuning --width_mult_list 1.0 "${TEACHER_ARGS[@]}" "$@"
   mark_done finetuning "$TEACHER_DIR"
 fi
+fi
 
-say "[2/4] width-adaptive training with neural grafting -> $W_BERT"
+if wanted width; then
+say "[2/4] width-adaptive training${GRAFT_ARGS:+ with neural grafting} -> $W_BERT"
 if stage_done dynabertw "$W_BERT"; then echo "reusing $W_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$TEACHER_DIR" --output_dir "$W_BERT" --overwrite_output_dir \
     --num_train_epochs "$W_EPOCHS" --learning_rate "$W_LR" --width_mult_list 0.25,0.5,0.75,1.0 --depth_mult_list 1.0 \
-    --width_lambda1 1.0 --width_lambda2 0.1 --training_phase dynabertw --graft_during_training \
+    --width_lambda1 1.0 --width_lambda2 0.1 --training_phase dynabertw "${GRAFT_ARGS[@]}" \
     "${STAGE_ARGS[@]}" "$@"
   mark_done dynabertw "$W_BERT"
 fi
+fi
 
+if wanted depth; then
 say "[3/4] depth-adaptive training -> $WD_BERT"
 if stage_done dynabert "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$W_BERT" --output_dir "$WD_BERT" --overwrite_output_dir \
@@ -48,7 +58,9 @@ if stage_done dynabert "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains
     --depth_lambda1 1.0 --depth_lambda2 1.0 --training_phase dynabert "${STAGE_ARGS[@]}" "$@"
   mark_done dynabert "$WD_BERT"
 fi
+fi
 
+if wanted final; then
 say "[4/4] final fine-tuning (gold labels, all subnets) in place -> $WD_BERT"
 if stage_done final_finetuning "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 retrains)"; else
   $PY run_glue.py "${COMMON[@]}" --model_dir "$WD_BERT" --output_dir "$WD_BERT" \
@@ -57,3 +69,4 @@ if stage_done final_finetuning "$WD_BERT"; then echo "reusing $WD_BERT (FORCE=1 
   mark_done final_finetuning "$WD_BERT"
 fi
 echo "flexible BERT for $TASK: $WD_BERT"
+fi

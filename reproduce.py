@@ -1,0 +1,297 @@
+"""Reproduce the paper's claims over seeds for one task and profile, with ablations and plain baselines.
+
+For every seed it runs the project's pipeline (run_glue.sh -> train_glue.sh -> gate_inference.sh, each stage
+reused when it already finished, so a killed run continues where it stopped), then:
+  ablation no_graft   the width, depth and final stages again without --graft_during_training
+  baselines           plain fine-tuning of the full model (the pipeline's own teacher stage) and of its first
+                      rnd(d*L) layers for every trained depth d < 1, with the teacher's recipe and budget
+and writes docs/reproduce/<task>_<profile>.{json,md,png}: mean +- std over seeds of every subnet after every
+stage, of every inference mode (score, relative FLOPs, latency), the static frontier and the dynamic points
+with error bars, the gap of each dynamic point above the static frontier at its FLOPs, and the baselines.
+
+Extra arguments after `--` go to every run_glue.py call (e.g. `-- --pooling mean`); --gate_args to
+train_gate.py's gate training.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+from transformers_ext.checkpoint_io import write_json, write_text
+from transformers_ext.cli import ArgumentParser, CLIError, int_list, run_cli
+from utils_glue import get_task, primary_metric
+
+ROOT = Path(__file__).resolve().parent
+PHASES = ("dynabertw", "dynabert", "final_finetuning")
+TRAINED_DEPTHS = (0.5, 0.75)  # the depths < 1 that run_glue.sh trains; their plain baselines
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    extra = argv[argv.index("--") + 1:] if "--" in argv else []
+    argv = argv[: argv.index("--")] if "--" in argv else argv
+    parser = ArgumentParser(description=__doc__)
+    a = parser.add_argument
+    a("--task_name", default="SST-2", help="GLUE task.")
+    a("--profile", choices=["quick", "full"], default="quick", help="run_glue.sh's profile (QUICK=1 for quick).")
+    a("--seeds", type=int_list, default=[1, 2, 3], help="Comma list of seeds.")
+    a("--data_dir", default=None, help="Task folder (default: data/<task> as the shell scripts).")
+    a("--model_dir", default=None, help="Pretrained BERT (default: the embedded model, as the shell scripts).")
+    a("--output_root", default="outputs/reproduce", help="Where the runs go (<root>/<task>_<profile>/...).")
+    a("--docs_dir", default="docs/reproduce", help="Where the JSON, Markdown and PNG summaries go.")
+    a("--tag", default="", help="Suffix of the run folders and summary names, to keep variants apart.")
+    a("--no_ablations", action="store_true", help="Skip the no-grafting ablation.")
+    a("--no_baselines", action="store_true", help="Skip the plain first-layers baselines.")
+    a("--gate_args", default="",
+      help="Extra arguments of the gate training (one string, e.g. '--gate_loss every_width').")
+    a("--summarize_only", action="store_true", help="Do not run anything; summarise the finished runs.")
+    args = parser.parse_args(argv)
+    args.run_glue_args = extra
+    get_task(args.task_name)
+    return args
+
+
+# ---- running --------------------------------------------------------------------------------------------------
+def run_folder(args: argparse.Namespace) -> Path:
+    return ROOT / args.output_root / f"{args.task_name}_{args.profile}{args.tag}"
+
+
+def shell(script: str, env: dict[str, str], *script_args: str) -> None:
+    print(f"\n>>> {' '.join(f'{k}={v}' for k, v in env.items())} bash {script} {' '.join(script_args)}", flush=True)
+    proc = subprocess.run(["bash", str(ROOT / script), *script_args], env={**os.environ, **env}, cwd=ROOT)
+    if proc.returncode:
+        raise CLIError(f"{script} failed (exit {proc.returncode}) with {env}; rerun to continue where it stopped")
+
+
+def base_env(args: argparse.Namespace, out_dir: Path) -> dict[str, str]:
+    env = {"TASK": args.task_name, "OUT_DIR": str(out_dir), "QUICK": "1" if args.profile == "quick" else "0",
+           "PYTHON": sys.executable}
+    if args.data_dir:
+        env["DATA_DIR"] = args.data_dir
+    if args.model_dir:
+        env["BERT_DIR"] = args.model_dir
+    return env
+
+
+def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> Path:
+    """The pretrained model's first `num_layers` layers as a model folder (config edited, weights linked)."""
+    if (folder / "config.json").is_file():
+        return folder
+    source = Path(args.model_dir or subprocess.run(
+        ["bash", "-c", "source pipeline_env.sh && echo $BERT_DIR"], cwd=ROOT, capture_output=True, text=True,
+        env={**os.environ, "PYTHON": sys.executable}).stdout.strip())
+    config = json.loads((source / "config.json").read_text())
+    config["num_hidden_layers"] = num_layers
+    folder.mkdir(parents=True, exist_ok=True)
+    for item in source.iterdir():
+        if item.name != "config.json" and item.is_file():
+            target = folder / item.name
+            if not target.exists():
+                target.symlink_to(item.resolve())
+    write_json(folder / "config.json", config)
+    return folder
+
+
+def run_all(args: argparse.Namespace) -> None:
+    root = run_folder(args)
+    gate_args = args.gate_args.split()
+    for seed in args.seeds:
+        out = root / f"seed{seed}"
+        env = base_env(args, out)
+        seed_args = ["--seed", str(seed), *args.run_glue_args]
+        shell("run_glue.sh", env, *seed_args)
+        shell("train_glue.sh", env, "--seed", str(seed), *gate_args)
+        shell("gate_inference.sh", env, "--seed", str(seed))
+        if not args.no_ablations:
+            shell("run_glue.sh", {**base_env(args, root / f"seed{seed}_no_graft"), "TEACHER_DIR": str(out / "teacher"),
+                                  "GRAFT": "0", "STAGES": "width depth final"}, *seed_args)
+        if not args.no_baselines:
+            num_layers = read_config_layers(out / "teacher")
+            for depth in TRAINED_DEPTHS:
+                n = rnd(depth, num_layers)
+                model = truncated_model(args, n, root / f"pretrained_first_{n}_layers")
+                shell("run_glue.sh", {**base_env(args, root / f"seed{seed}_plain_{n}_layers"), "BERT_DIR": str(model),
+                                      "STAGES": "teacher"}, *seed_args)
+
+
+def read_config_layers(model_dir: Path) -> int:
+    return json.loads((model_dir / "config.json").read_text())["num_hidden_layers"]
+
+
+def rnd(mult: float, total: int) -> int:
+    from transformers_ext.modeling_flexbert import _rnd
+
+    return _rnd(mult, total)
+
+
+# ---- summarising -----------------------------------------------------------------------------------------------
+def spread(values: list[float]) -> dict:
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "values": values}
+
+
+def subnet_name(key: str) -> str:
+    """run_glue's 'd0.75_w0.5' -> the summary's 'w0.5_d0.75'."""
+    depth, width = key[1:].split("_w")
+    return f"w{width}_d{depth}"
+
+
+def stage_scores(folder: Path, phase: str, metric: str) -> dict[str, float]:
+    path = folder / f"eval_results_{phase}.json"
+    if not path.is_file():
+        return {}
+    best = json.loads(path.read_text())["best"]
+    return {subnet_name(k): v[metric] for k, v in best.items()}
+
+
+def collect(per_seed: list[dict[str, float]]) -> dict[str, dict]:
+    keys = [k for k in per_seed[0] if all(k in s for s in per_seed)] if per_seed else []
+    return {k: spread([s[k] for s in per_seed]) for k in keys}
+
+
+def frontier_at(points: list[tuple[float, float]], flops: float) -> float | None:
+    """The static frontier (upper envelope, linearly interpolated between its points) at `flops`."""
+    points = sorted(points)
+    envelope = []
+    for x, y in points:
+        if not envelope or y > envelope[-1][1]:
+            envelope.append((x, y))
+    for (x0, y0), (x1, y1) in zip(envelope, envelope[1:], strict=False):
+        if x0 <= flops <= x1:
+            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0)
+    if envelope and flops >= envelope[-1][0]:
+        return envelope[-1][1]
+    return None
+
+
+def summarize(args: argparse.Namespace) -> dict:
+    root = run_folder(args)
+    metric = primary_metric(args.task_name)
+    seeds = [s for s in args.seeds if (root / f"seed{s}" / "inference").is_dir()]
+    if not seeds:
+        raise CLIError(f"no finished seed under {root}")
+    stage_dirs = {"dynabertw": "w_bert", "dynabert": "wd_bert", "final_finetuning": "wd_bert"}
+    stages = {p: collect([stage_scores(root / f"seed{s}" / d, p, metric) for s in seeds])
+              for p, d in stage_dirs.items()}
+    stages["teacher"] = collect([stage_scores(root / f"seed{s}" / "teacher", "finetuning", metric) for s in seeds])
+
+    modes, gaps = {}, {}
+    runs = sorted({p.parent.name for s in seeds
+                   for p in (root / f"seed{s}" / "inference").glob("*/inference_results.json")})
+    for run in runs:
+        reports = [root / f"seed{s}" / "inference" / run / "inference_results.json" for s in seeds]
+        reports = [json.loads(r.read_text())["results"] for r in reports if r.is_file()]
+        if len(reports) == len(seeds):
+            modes[run] = {"score": spread([r[metric] for r in reports]),
+                          "rel_flops": spread([r["relative_flops"] for r in reports])}
+            if all("latency_ms_per_example" in r for r in reports):
+                modes[run]["ms_per_example"] = spread([r["latency_ms_per_example"] for r in reports])
+    for batch in sorted({r.rsplit("_b", 1)[1] for r in modes}):
+        static = [r for r in modes if r.startswith("static_") and r.endswith(f"_b{batch}")]
+        for run in (r for r in modes if not r.startswith("static_") and r.endswith(f"_b{batch}")):
+            per_seed = []
+            for i in range(len(seeds)):
+                points = [(modes[r]["rel_flops"]["values"][i], modes[r]["score"]["values"][i]) for r in static]
+                edge = frontier_at(points, modes[run]["rel_flops"]["values"][i])
+                if edge is not None:
+                    per_seed.append(modes[run]["score"]["values"][i] - edge)
+            if len(per_seed) == len(seeds):
+                gaps[run] = spread(per_seed)
+
+    baselines = {"plain_full_model": stages["teacher"].get("w1_d1")}
+    for n in sorted({int(p.name.split("_")[2]) for p in root.glob("seed*_plain_*_layers")}):
+        found = collect([stage_scores(root / f"seed{s}_plain_{n}_layers" / "teacher", "finetuning", metric)
+                         for s in seeds if (root / f"seed{s}_plain_{n}_layers" / "teacher").is_dir()])
+        if "w1_d1" in found:
+            baselines[f"plain_first_{n}_layers"] = found["w1_d1"]
+    ablations = {"no_graft": {p: collect([stage_scores(root / f"seed{s}_no_graft" / stage_dirs[p], p, metric)
+                                          for s in seeds if (root / f"seed{s}_no_graft").is_dir()])
+                              for p in PHASES}}
+    return {"task": args.task_name, "profile": args.profile, "seeds": seeds, "metric": metric,
+            "shared_teacher": False, "run_glue_args": args.run_glue_args, "gate_args": args.gate_args,
+            "stages": stages, "modes": modes, "dynamic_gap_over_static_frontier": gaps,
+            "baselines": baselines, "ablations": ablations}
+
+
+def fmt(s: dict | None, digits: int = 3) -> str:
+    return "-" if not s else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
+
+
+def markdown(summary: dict) -> str:
+    widths, depths = ["1", "0.75", "0.5", "0.25"], ["1", "0.75", "0.5"]
+    lines = [f"# {summary['task']}, {summary['profile']} profile: {len(summary['seeds'])} seeds "
+             f"({', '.join(map(str, summary['seeds']))}), {summary['metric']}, mean ± std",
+             "", f"run_glue.py extra arguments: `{' '.join(summary['run_glue_args']) or 'none'}`; gate training: "
+             f"`{summary['gate_args'] or 'default'}`. Each seed trains its own teacher.", "",
+             "| stage | depth | " + " | ".join(f"w={w}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
+    named = [("width (grafting)", "dynabertw"), ("depth", "dynabert"), ("final", "final_finetuning")]
+    named += [(f"no grafting: {n}", p) for n, p in (("width", "dynabertw"), ("depth", "dynabert"),
+                                                     ("final", "final_finetuning"))]
+    for i, (name, phase) in enumerate(named):
+        table = summary["stages"][phase] if i < 3 else summary["ablations"]["no_graft"].get(phase, {})
+        for d in depths:
+            cells = [fmt(table.get(f"w{w}_d{d}")) for w in widths]
+            if any(c != "-" for c in cells):
+                lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
+    lines += ["", "| baseline | score |", "|---|---|"]
+    lines += [f"| {k} | {fmt(v)} |" for k, v in summary["baselines"].items()]
+    lines += ["", "| inference run | score | relative FLOPs | ms/example | gap over static frontier |",
+              "|---|---|---|---|---|"]
+    for run, m in summary["modes"].items():
+        gap = summary["dynamic_gap_over_static_frontier"].get(run)
+        lines.append(f"| {run} | {fmt(m['score'])} | {fmt(m['rel_flops'])} | {fmt(m.get('ms_per_example'), 2)} | "
+                     f"{fmt(gap) if gap else ''} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    batch = min(r.rsplit("_b", 1)[1] for r in summary["modes"])
+    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    for kind, marker in (("static", "o"), ("dynamic", "s")):
+        runs = [r for r in summary["modes"]
+                if r.endswith(f"_b{batch}") and r.startswith("static_") == (kind == "static")]
+        xs = [summary["modes"][r]["rel_flops"]["mean"] for r in runs]
+        ys = [summary["modes"][r]["score"]["mean"] for r in runs]
+        ax.errorbar(xs, ys, xerr=[summary["modes"][r]["rel_flops"]["std"] for r in runs],
+                    yerr=[summary["modes"][r]["score"]["std"] for r in runs], fmt=marker, capsize=3, label=kind)
+    for name, value in summary["baselines"].items():
+        if value:
+            ax.axhline(value["mean"], ls="--", lw=0.8, color="grey")
+            ax.text(0.02, value["mean"], name.replace("_", " "), fontsize=7, va="bottom")
+    ax.set_xlabel("relative FLOPs")
+    ax.set_ylabel(summary["metric"])
+    ax.set_title(f"{summary['task']} {summary['profile']}: {len(summary['seeds'])} seeds, mean ± std")
+    ax.legend(loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    if not args.summarize_only:
+        run_all(args)
+    summary = summarize(args)
+    docs = ROOT / args.docs_dir
+    docs.mkdir(parents=True, exist_ok=True)
+    name = f"{args.task_name}_{args.profile}{args.tag}"
+    write_json(docs / f"{name}.json", summary)
+    text = markdown(summary)
+    write_text(docs / f"{name}.md", text)
+    plot(summary, docs / f"{name}.png")
+    print(text)
+
+
+if __name__ == "__main__":
+    run_cli(main)

@@ -1,0 +1,57 @@
+"""reproduce.py's summary: the static frontier, the dynamic points' gap above it, mean +- std over seeds, and
+the JSON layout other tools read, on a synthetic tree of finished runs (nothing is trained)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+import reproduce
+
+
+def test_frontier_is_the_interpolated_upper_envelope():
+    points = [(0.25, 0.70), (0.5, 0.80), (0.5, 0.60), (0.75, 0.78), (1.0, 0.82)]
+    assert reproduce.frontier_at(points, 0.25) == pytest.approx(0.70)
+    assert reproduce.frontier_at(points, 0.375) == pytest.approx(0.75)  # halfway between 0.70 and 0.80
+    assert reproduce.frontier_at(points, 0.75) == pytest.approx(0.81)  # 0.78 lies below the envelope
+    assert reproduce.frontier_at(points, 1.5) == pytest.approx(0.82)
+    assert reproduce.frontier_at(points, 0.1) is None  # cheaper than every static subnet: no frontier there
+
+
+def _write_run(root: Path, seed: int, acc: dict[str, float], modes: dict[str, tuple[float, float]]) -> None:
+    for folder, phase in (("teacher", "finetuning"), ("w_bert", "dynabertw"), ("wd_bert", "dynabert"),
+                          ("wd_bert", "final_finetuning")):
+        (root / f"seed{seed}" / folder).mkdir(parents=True, exist_ok=True)
+        results = {"w1_d1": acc["w1_d1"]} if phase == "finetuning" else acc
+        payload = {"best": {f"d{k.split('_d')[1]}_w{k.split('_d')[0][1:]}": {"acc": v} for k, v in results.items()}}
+        (root / f"seed{seed}" / folder / f"eval_results_{phase}.json").write_text(json.dumps(payload))
+    for run, (score, flops) in modes.items():
+        folder = root / f"seed{seed}" / "inference" / run
+        folder.mkdir(parents=True)
+        (folder / "inference_results.json").write_text(json.dumps(
+            {"results": {"acc": score, "relative_flops": flops, "latency_ms_per_example": 1.0}}))
+
+
+def test_summary_over_seeds(tmp_path, monkeypatch):
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    args = reproduce.parse_args(["--seeds", "1,2", "--summarize_only", "--output_root", "runs"])
+    root = reproduce.run_folder(args)
+    for seed, delta in ((1, 0.0), (2, 0.02)):
+        _write_run(root, seed, {"w1_d1": 0.80 + delta, "w0.5_d0.5": 0.60 + delta},
+                   {"static_w1.0_d1.0_b32": (0.80 + delta, 1.0), "static_w0.5_d1.0_b32": (0.70 + delta, 0.5),
+                    "wd_dynamic_t0.5_b32": (0.78 + delta, 0.6)})
+    summary = reproduce.summarize(args)
+    assert summary["seeds"] == [1, 2]
+    cell = summary["stages"]["final_finetuning"]["w0.5_d0.5"]
+    assert cell["values"] == [0.60, 0.62] and cell["mean"] == pytest.approx(0.61)
+    assert cell["std"] == pytest.approx(0.0141421, rel=1e-4)
+    # frontier at 0.6 FLOPs: 0.70 + (0.80 - 0.70) * 0.2 = 0.72, so the dynamic point is 0.06 above it
+    gap = summary["dynamic_gap_over_static_frontier"]["wd_dynamic_t0.5_b32"]
+    assert gap["values"] == pytest.approx([0.06, 0.06])
+    assert summary["baselines"]["plain_full_model"]["mean"] == pytest.approx(0.81)
+    assert set(summary) >= {"task", "profile", "seeds", "stages", "modes", "baselines", "ablations"}
+    assert set(summary["modes"]["static_w1.0_d1.0_b32"]) == {"score", "rel_flops", "ms_per_example"}
+    text = reproduce.markdown(summary)
+    assert "| final | 0.5 | - | - | 0.610 ± 0.014 | - |" in text
