@@ -83,10 +83,15 @@ def width_distil_loss(args, model, logits, hidden_states, labels, teacher_out, d
 
 
 def depth_distil_loss(args, model, logits, hidden_states, labels, teacher_out, depth) -> torch.Tensor:
-    """dynabert: logit KD + hidden-state MSE against the teacher layers m(j) = floor(j / d)."""
+    """dynabert: logit KD + hidden-state MSE against the teacher layers m(j) = floor(j / d)
+    (--depth_hidden_kd last: the last kept state against the teacher's last only; none: logit KD only)."""
+    kd = args.depth_lambda1 * logit_kd_loss(logits, teacher_out.logits)
+    if args.depth_hidden_kd == "none":
+        return kd
     layer_map = teacher_layer_map(len(hidden_states) - 1, depth, model.config.num_hidden_layers)
-    return args.depth_lambda1 * logit_kd_loss(logits, teacher_out.logits) + args.depth_lambda2 * (
-        hidden_mse_loss(hidden_states, teacher_out.hidden_states, layer_map))
+    if args.depth_hidden_kd == "last":
+        hidden_states, layer_map = hidden_states[-1:], layer_map[-1:]
+    return kd + args.depth_lambda2 * hidden_mse_loss(hidden_states, teacher_out.hidden_states, layer_map)
 
 
 @dataclass(frozen=True)
@@ -123,6 +128,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--training_phase", choices=list(PHASES), default="dynabertw", help="Which stage of the pipeline to run.")
     a("--depth_lambda1", type=float, default=1.0, help="dynabert: weight of the logit distillation loss.")
     a("--depth_lambda2", type=float, default=1.0, help="dynabert: weight of the hidden-state MSE loss.")
+    a("--depth_hidden_kd", choices=["layer_map", "last", "none"], default="layer_map",
+      help="dynabert's hidden-state MSE: layer_map (SPEC: every kept state j against teacher layer floor(j/d); "
+           "shallow depths pull the shared prefix layers toward different teacher layers), last (only the last "
+           "kept state, against the teacher's last) or none (logit KD only).")
     a("--width_lambda1", type=float, default=1.0, help="dynabertw with --data_aug: weight of logit distillation.")
     a("--width_lambda2", type=float, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
     a("--graft_during_training", action="store_true",

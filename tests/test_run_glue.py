@@ -618,3 +618,19 @@ def test_torchrun_two_processes_match_one_process(env, finetuned, tmp_path):
             assert a["results"][key]["eval_loss"] == pytest.approx(b["results"][key]["eval_loss"], abs=1e-4)
     # and the run did move away from its starting point
     assert any(not torch.allclose(t, _weights(finetuned)[n]) for n, t in _weights(single / "checkpoint-4").items())
+
+
+@pytest.mark.parametrize("rule", ["last", "none"])
+def test_depth_hidden_kd_variants(rule):
+    """--depth_hidden_kd last: only the last kept state against the teacher's last; none: logit KD only."""
+    args = _phase_args("dynabert", "--depth_lambda1", "0.7", "--depth_lambda2", "0.3", "--depth_hidden_kd", rule)
+    model, teacher = _model(0).eval(), _model(1).eval()
+    batch = _batch()
+    with torch.no_grad():
+        teacher_out = teacher(*batch[:3])
+        loss = run_glue.subnet_loss(args, model, batch, teacher_out, 0.5, 0.5)
+        out = model(*batch[:3], subnet=model.subnet(0.5, 0.5))
+    expected = 0.7 * logit_kd_loss(out.logits, teacher_out.logits)
+    if rule == "last":
+        expected = expected + 0.3 * F.mse_loss(out.hidden_states[-1], teacher_out.hidden_states[-1])
+    torch.testing.assert_close(loss, expected)
