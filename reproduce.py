@@ -51,6 +51,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--gate_args", default="",
       help="Extra arguments of the gate training (one string, e.g. '--gate_loss every_width').")
     a("--summarize_only", action="store_true", help="Do not run anything; summarise the finished runs.")
+    a("--note", default="", help="A sentence recorded in the summaries (e.g. which code version ran).")
     args = parser.parse_args(argv)
     args.run_glue_args = extra
     get_task(args.task_name)
@@ -213,7 +214,7 @@ def summarize(args: argparse.Namespace) -> dict:
     ablations = {"no_graft": {p: collect([stage_scores(root / f"seed{s}_no_graft" / stage_dirs[p], p, metric)
                                           for s in seeds if (root / f"seed{s}_no_graft").is_dir()])
                               for p in PHASES}}
-    return {"task": args.task_name, "profile": args.profile, "seeds": seeds, "metric": metric,
+    return {"task": args.task_name, "profile": args.profile, "seeds": seeds, "metric": metric, "note": args.note,
             "shared_teacher": False, "run_glue_args": args.run_glue_args, "gate_args": args.gate_args,
             "stages": stages, "modes": modes, "dynamic_gap_over_static_frontier": gaps,
             "baselines": baselines, "ablations": ablations}
@@ -228,7 +229,8 @@ def markdown(summary: dict) -> str:
     lines = [f"# {summary['task']}, {summary['profile']} profile: {len(summary['seeds'])} seeds "
              f"({', '.join(map(str, summary['seeds']))}), {summary['metric']}, mean ± std",
              "", f"run_glue.py extra arguments: `{' '.join(summary['run_glue_args']) or 'none'}`; gate training: "
-             f"`{summary['gate_args'] or 'default'}`. Each seed trains its own teacher.", "",
+             f"`{summary['gate_args'] or 'default'}`. Each seed trains its own teacher. {summary.get('note', '')}",
+             "",
              "| stage | depth | " + " | ".join(f"w={w}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
     named = [("width (grafting)", "dynabertw"), ("depth", "dynabert"), ("final", "final_finetuning")]
     named += [(f"no grafting: {n}", p) for n, p in (("width", "dynabertw"), ("depth", "dynabert"),
