@@ -29,6 +29,7 @@ from tensorboardX import SummaryWriter
 import utils_glue
 from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.checkpoint_io import (
+    clean_up_on_failure,
     load_model_and_tokenizer,
     prepare_output_dir,
     resume_checkpoint,
@@ -38,6 +39,9 @@ from transformers_ext.checkpoint_io import (
     write_text,
 )
 from transformers_ext.cli import (
+    COUNT,
+    NON_NEGATIVE,
+    STEPS,
     ArgumentParser,
     CLIError,
     add_task_args,
@@ -119,21 +123,22 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = parser.add_argument
     a("--evaluate_during_training", type=str2bool, nargs="?", const=True, default=True,
       help="Evaluate every --logging_steps updates (true/false); the end of training is always evaluated.")
-    a("--max_steps", type=int, default=0,
+    a("--max_steps", type=STEPS, default=0,
       help="If > 0: stop after this many updates, overriding --num_train_epochs (the learning rate decays to 0 "
            "over them; grafting keeps SPEC's per-epoch schedule), e.g. to compare runs at equal cost.")
     a("--width_mult_list", type=multiplier_list, default=[0.25, 0.5, 0.75, 1.0],
       help="Width multipliers trained and evaluated (comma list).")
     a("--depth_mult_list", type=multiplier_list, default=[1.0], help="Depth multipliers (comma list).")
     a("--training_phase", choices=list(PHASES), default="dynabertw", help="Which stage of the pipeline to run.")
-    a("--depth_lambda1", type=float, default=1.0, help="dynabert: weight of the logit distillation loss.")
-    a("--depth_lambda2", type=float, default=1.0, help="dynabert: weight of the hidden-state MSE loss.")
+    a("--depth_lambda1", type=NON_NEGATIVE, default=1.0, help="dynabert: weight of the logit distillation loss.")
+    a("--depth_lambda2", type=NON_NEGATIVE, default=1.0, help="dynabert: weight of the hidden-state MSE loss.")
     a("--depth_hidden_kd", choices=["layer_map", "last", "none"], default="layer_map",
       help="dynabert's hidden-state MSE: layer_map (SPEC: every kept state j against teacher layer floor(j/d); "
            "shallow depths pull the shared prefix layers toward different teacher layers), last (only the last "
            "kept state, against the teacher's last) or none (logit KD only).")
-    a("--width_lambda1", type=float, default=1.0, help="dynabertw with --data_aug: weight of logit distillation.")
-    a("--width_lambda2", type=float, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
+    a("--width_lambda1", type=NON_NEGATIVE, default=1.0,
+      help="dynabertw with --data_aug: weight of logit distillation.")
+    a("--width_lambda2", type=NON_NEGATIVE, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
     a("--graft_during_training", action="store_true",
       help="dynabertw only: neural grafting about 3 times per epoch, none in the last epoch.")
     a("--pooling", choices=["cls", "mean"], default=None,
@@ -145,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "shared by all depths (same gradient up to float rounding without dropout; about 2x slower).")
     a("--importance_split", choices=["train", "dev"], default="train",
       help="Data for head/neuron importance (rewiring, grafting); 'dev' mimics the reference.")
-    a("--importance_max_examples", type=int, default=None, help="Examples used for importance (default all).")
+    a("--importance_max_examples", type=COUNT, default=None, help="Examples used for importance (default all).")
     a("--sequential_sampler", action="store_true", help="Unshuffled training order (the reference's sampler).")
     a("--trim_padding", action="store_true",
       help="Train on batches trimmed to their longest example (faster; changes the hidden-state MSE, which "
@@ -207,7 +212,8 @@ def train(args: argparse.Namespace) -> dict:
     is_main = rank == 0
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
-    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once all input is validated
+    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False,  # created once all input is validated
+                                    may_write_input=phase_name == "final_finetuning")
     if world > 1:  # every process checks the folder before rank 0 starts writing into it
         torch.distributed.barrier()
     set_seed(args.seed)
@@ -262,9 +268,7 @@ def train(args: argparse.Namespace) -> dict:
 
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device)
-        if resume["args"].get("training_phase") != phase_name:
-            raise CLIError(f"{ckpt} is a checkpoint of phase {resume['args'].get('training_phase')}, not {phase_name}")
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, resume["global_step"],
                     resume["epoch"], resume["batch_in_epoch"])
     else:
@@ -369,16 +373,19 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Flags are range-checked while parsing; the task, data, model folder (`load_model_and_tokenizer`) and
+    output folder (`prepare_output_dir`: writable, not the input model except in final_finetuning, not
+    another run's) are validated before anything is written; a failed run removes the output folder it
+    created unless a checkpoint there can be resumed."""
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     validate_task_args(args)
     if args.graft_during_training and not PHASES[args.training_phase].rewire:
         logger.warning("--graft_during_training only applies to --training_phase dynabertw; ignored")
-    if args.max_steps < 0:
-        raise CLIError(f"--max_steps must be >= 0, got {args.max_steps}")
     if not args.do_train:
         raise CLIError("nothing to do: pass --do_train (evaluation of subnets runs during and after training)")
-    train(args)
+    with clean_up_on_failure(args.output_dir):
+        train(args)
 
 
 if __name__ == "__main__":

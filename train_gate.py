@@ -28,6 +28,8 @@ from tqdm.auto import tqdm
 import utils_glue
 from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
 from transformers_ext.checkpoint_io import (
+    check_writable,
+    clean_up_on_failure,
     load_model_and_tokenizer,
     prepare_output_dir,
     resume_checkpoint,
@@ -36,12 +38,17 @@ from transformers_ext.checkpoint_io import (
     write_json,
 )
 from transformers_ext.cli import (
+    COUNT,
+    MULTIPLIER,
+    NON_NEGATIVE,
+    POSITIVE,
+    STEPS,
     ArgumentParser,
     CLIError,
     add_task_args,
     add_training_args,
     finish_training_args,
-    int_list,
+    layer_list,
     multiplier_list,
     run_cli,
     validate_subnets,
@@ -85,12 +92,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--gate_setting", type=multiplier_list, default=[1.0],
       help="Widths whose correctness defines the gate targets; must match --width_mult_list for training.")
     a("--training_phase", default="dynabertw", help="'traingate' to train gates (with --do_train).")
-    a("--num_gates", type=int, default=None,
+    a("--num_gates", type=COUNT, default=None,
       help="Gates per model (a divisor of the layer count; default one per layer).")
     a("--gate_class_weights", default="histogram",
       help="'histogram' (N/(C*n_c) over training targets), 'reference' (the paper's per-task table) or a "
            "comma list of C weights.")
-    a("--regression_threshold", type=float, default=0.5,
+    a("--regression_threshold", type=POSITIVE, default=0.5,
       help="Regression (STS-B) gate targets: a subnet is right if |prediction - label| < this.")
     a("--gate_loss", choices=["reference", "every_width"], default="reference",
       help="Gate training loss. reference (SPEC 5.4): on the states of the all-width-k model only examples whose "
@@ -99,25 +106,26 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--backbone_dropout", action="store_true",
       help="Backbone dropout on while computing the training batches' gate inputs (the reference's train mode; "
            "recomputes them every batch instead of once). Targets are always computed in eval mode.")
-    a("--fixed_gate", type=float, default=None, help="Inference: force this width everywhere (gates not run).")
+    a("--fixed_gate", type=MULTIPLIER, default=None, help="Inference: force this width everywhere (gates not run).")
     a("--static", action="store_true", help="Static subnet inference.")
     a("--w_dynamic", action="store_true", help="Width-dynamic inference (gates), depth 1.0.")
     a("--d_dynamic", action="store_true", help="Depth-dynamic only: early exit at a fixed width.")
     a("--wd_dynamic", action="store_true", help="Width- and depth-dynamic inference (gates + --early_exit).")
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
-    a("--exit_threshold", type=float, default=None,
+    a("--exit_threshold", type=NON_NEGATIVE, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
            "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57).")
-    a("--off_ramps", type=int_list, default=None,
+    a("--off_ramps", type=layer_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
     a("--record_gpu_time", action="store_true",
       help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU.")
     a("--record_cpu_time", action="store_true", help="Record wall-clock latency per batch.")
-    a("--timing_warmup", type=int, default=1, help="Batches run before timing starts (excluded).")
+    a("--timing_warmup", type=STEPS, default=1, help="Batches run before timing starts (excluded).")
     a("--config", default=None,
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
-           "exit_threshold and mode.")
+           "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
+           "width list, threshold, or --early_exit where the file says false) is refused; equal values are fine.")
     return finish_training_args(parser.parse_args(argv))
 
 
@@ -125,8 +133,8 @@ DEFAULT_EXIT_THRESHOLD = 0.57
 
 
 def apply_saved_defaults(args: argparse.Namespace, model) -> None:
-    """Flags left at None take the gate folder's saved settings: the trained class -> width map (dynamic
-    modes; static runs default to full width) and the exit threshold."""
+    """Flags left at None take the gate folder's saved settings (validated when the folder was loaded): the
+    trained class -> width map (dynamic modes; static runs default to full width) and the exit threshold."""
     config = model.config
     if args.width_mult_list is None:
         dynamic = (args.w_dynamic or args.wd_dynamic) and args.fixed_gate is None
@@ -137,28 +145,71 @@ def apply_saved_defaults(args: argparse.Namespace, model) -> None:
         args.exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
 
 
+CONFIG_KEYS = ("width_mult_list", "exit_threshold", "mode", "early_exit")
+
+
 def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> None:
+    """The task's entry of --config, type-checked (numbers are numbers, early_exit a JSON boolean), applied
+    to the flags the command line left unset; a flag set to a different value than the file's is refused."""
+    where = f"--config {args.config}"
     try:
-        text = Path(args.config).read_text()
+        text = Path(args.config).read_text(encoding="utf-8")
         # The reference's file has a trailing comma; tolerate it.
         entries = json.loads(text.replace(",\n}", "\n}").replace(",}", "}"))
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"--config {args.config}: cannot read JSON ({type(err).__name__}: {err})") from None
+        raise CLIError(f"{where}: cannot read JSON ({type(err).__name__}: {err})") from None
     entry = entries.get(spec.name) if isinstance(entries, dict) else None
     if not isinstance(entry, dict):
-        raise CLIError(f"--config {args.config} has no entry for task {spec.name}")
-    try:
-        args.width_mult_list = multiplier_list(",".join(str(w) for w in entry["width_mult_list"]))
-        if "exit_threshold" in entry:
-            args.exit_threshold = float(entry["exit_threshold"])
-    except (KeyError, TypeError, ValueError, argparse.ArgumentTypeError) as err:
-        raise CLIError(f"--config {args.config}: bad entry for {spec.name} ({err})") from None
+        raise CLIError(f"{where} has no entry for task {spec.name}")
+    unknown = sorted(set(entry) - set(CONFIG_KEYS))
+    if unknown:
+        raise CLIError(f"{where}: unknown key(s) {', '.join(unknown)} for {spec.name} "
+                       f"(known: {', '.join(CONFIG_KEYS)})")
+
+    def bad(key: str, why: str) -> CLIError:
+        return CLIError(f"{where}: {spec.name}.{key} {why}, got {json.dumps(entry.get(key))}")
+
+    widths = entry.get("width_mult_list")
+    if not isinstance(widths, list) or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in widths):
+        raise bad("width_mult_list", "must be a list of numbers")
+    threshold = entry.get("exit_threshold")
+    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
+        raise bad("exit_threshold", "must be a number")
+    for key, check in (("width_mult_list", multiplier_list), ("exit_threshold", NON_NEGATIVE)):
+        try:  # the flags' own types: the same ranges as on the command line
+            if entry.get(key) is not None:
+                check(entry[key])
+        except argparse.ArgumentTypeError as err:
+            raise CLIError(f"{where}: {spec.name}.{key}: {err}") from None
+    widths = multiplier_list(widths)
+    threshold = None if threshold is None else NON_NEGATIVE(threshold)
     mode = entry.get("mode", "wd_dynamic")
     if mode not in MODES:
-        raise CLIError(f"--config {args.config}: unknown mode '{mode}' for {spec.name}")
+        raise CLIError(f"{where}: unknown mode {json.dumps(mode)} for {spec.name} (one of {', '.join(MODES)})")
+    early_exit = entry.get("early_exit", mode in ("wd_dynamic", "d_dynamic"))
+    if not isinstance(early_exit, bool):
+        raise bad("early_exit", "must be true or false (a JSON boolean)")
+
+    def refuse(given: str, saved: str) -> CLIError:
+        return CLIError(f"{given} contradicts {where}, which gives {saved} for {spec.name}; drop one")
+
+    flagged = [m for m in MODES if getattr(args, m)]
+    if flagged and flagged != [mode]:
+        raise refuse(" ".join("--" + m for m in flagged), f"mode {mode}")
+    given = args.width_mult_list
+    if given is not None and [round(w, 6) for w in given] != [round(w, 6) for w in widths]:
+        raise refuse(f"--width_mult_list {','.join(f'{w:g}' for w in given)}",
+                     f"width_mult_list {','.join(f'{w:g}' for w in widths)}")
+    if threshold is not None and args.exit_threshold is not None and args.exit_threshold != threshold:
+        raise refuse(f"--exit_threshold {args.exit_threshold:g}", f"exit_threshold {threshold:g}")
+    if args.early_exit and not early_exit:
+        raise refuse("--early_exit", "early_exit false")
+    args.width_mult_list = widths
+    if threshold is not None:
+        args.exit_threshold = threshold
     for m in MODES:
         setattr(args, m, m == mode)
-    args.early_exit = bool(entry.get("early_exit", mode in ("wd_dynamic", "d_dynamic")))
+    args.early_exit = early_exit
 
 
 # ---- gate training -----------------------------------------------------------------------------------------
@@ -223,20 +274,25 @@ def gate_epoch_loss(model, states, targets, weights, temperature, generator=None
     return sum(per_width), per_width
 
 
-def class_weights(args: argparse.Namespace, spec, targets: torch.Tensor, num_classes: int) -> list[float]:
+def class_weights(args: argparse.Namespace, spec, targets: torch.Tensor | None, num_classes: int
+                  ) -> list[float] | None:
+    """--gate_class_weights for `num_classes` gate classes. Called by main() without targets to validate the
+    flag before any work (None for 'histogram', which needs the targets)."""
     if args.gate_class_weights == "histogram":
-        return histogram_class_weights(targets, num_classes)
+        return None if targets is None else histogram_class_weights(targets, num_classes)
     if args.gate_class_weights == "reference":
         if spec.name not in REFERENCE_CLASS_WEIGHTS or num_classes != 4:
             raise CLIError(f"--gate_class_weights reference has no row for {spec.name} with {num_classes} classes")
         return REFERENCE_CLASS_WEIGHTS[spec.name]
     try:
-        weights = [float(x) for x in args.gate_class_weights.split(",")]
-    except ValueError:
+        weights = [NON_NEGATIVE(x) for x in args.gate_class_weights.split(",")]
+    except argparse.ArgumentTypeError as err:
         raise CLIError(f"--gate_class_weights '{args.gate_class_weights}' is not histogram, reference or "
-                       "a comma list of numbers") from None
+                       f"a comma list of numbers >= 0 ({err})") from None
     if len(weights) != num_classes:
         raise CLIError(f"--gate_class_weights has {len(weights)} values for {num_classes} classes")
+    if not sum(weights) > 0:
+        raise CLIError(f"--gate_class_weights {args.gate_class_weights}: every weight is 0")
     return weights
 
 
@@ -267,6 +323,8 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
     dev_sets = [utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples, **load)
                 for s in dev_splits]
     num_classes = len(args.gate_setting)
+    schedule = Schedule.make(num_batches(train_set, args.per_gpu_train_batch_size, world),  # checked before the
+                             args.gradient_accumulation_steps, args.num_train_epochs)  # gate inputs are computed
 
     logger.info("computing gate targets: %d widths x %d train + %d dev examples", num_classes, len(train_set),
                 sum(len(d) for d in dev_sets))
@@ -281,17 +339,12 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
     set_seed(args.seed)
     batch_size = args.per_gpu_train_batch_size
     n_train = len(train_targets)
-    schedule = Schedule.make(num_batches(train_set, batch_size, world), args.gradient_accumulation_steps,
-                             args.num_train_epochs)
-    if schedule.total_updates == 0:
-        raise CLIError(f"no gate update would run: {n_train} examples, batch {batch_size}, "
-                       f"--gradient_accumulation_steps {args.gradient_accumulation_steps}, {schedule.epochs} epochs")
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, args.learning_rate, args.weight_decay, args.warmup_steps,
                                            schedule.total_updates)
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
         logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
     output_dir.mkdir(parents=True, exist_ok=True)
     writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
@@ -439,8 +492,6 @@ def select_mode(args: argparse.Namespace, model) -> str:
         raise CLIError("--d_dynamic needs --early_exit")
     if args.early_exit and mode in ("static", "w_dynamic"):
         raise CLIError(f"--early_exit does not apply to --{mode}; use --wd_dynamic or --d_dynamic")
-    if args.exit_threshold < 0:
-        raise CLIError(f"--exit_threshold {args.exit_threshold} must be >= 0")
     return mode
 
 
@@ -578,6 +629,10 @@ def print_report(report: dict) -> None:
 
 
 def main(argv: list[str] | None = None) -> None:
+    """Flags are range-checked while parsing and --config is checked against them; the model folder is
+    validated completely and the output folder checked (writable; for training, not another run's, not the
+    input) before the work starts; a failed run removes the output folder it created (unless a checkpoint
+    there can be resumed)."""
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     spec = validate_task_args(args)
@@ -588,6 +643,8 @@ def main(argv: list[str] | None = None) -> None:
                        f"(got '{args.training_phase}'; use run_glue.py for the backbone phases)")
     if not (args.do_train or args.do_eval):
         raise CLIError("nothing to do: pass --do_train (train gates) or --do_eval (inference)")
+    if not args.do_train:  # inference writes its results at the end: an unusable folder is reported now
+        check_writable(args.output_dir)
     device, rank, world = setup_device(args.cpu, args.num_threads)
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
@@ -599,9 +656,16 @@ def main(argv: list[str] | None = None) -> None:
         widths["--fixed_gate"] = [args.fixed_gate]
     validate_subnets(model.config, widths, {"--depth_mult_list": args.depth_mult_list})
     if args.do_train:
-        train_gates(args, spec, model, tokenizer, device, rank, world)
-    else:
-        run_inference(args, spec, model, tokenizer, device)
+        class_weights(args, spec, None, len(args.gate_setting))
+    layers = model.config.num_hidden_layers
+    if args.off_ramps is not None and max(args.off_ramps) >= layers:  # saved into the gate folder's config
+        raise CLIError(f"--off_ramps {','.join(map(str, args.off_ramps))} must be layers 0..{layers - 1} of "
+                       f"--model_dir {args.model_dir}")
+    with clean_up_on_failure(args.output_dir):
+        if args.do_train:
+            train_gates(args, spec, model, tokenizer, device, rank, world)
+        else:
+            run_inference(args, spec, model, tokenizer, device)
 
 
 if __name__ == "__main__":

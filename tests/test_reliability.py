@@ -8,9 +8,11 @@ LAUNCHER; RELIABILITY_FRESH=1 starts a fresh interpreter per case instead)."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import random
+import resource
 import shutil
 import signal
 import subprocess
@@ -113,18 +115,145 @@ def world(tmp_path_factory) -> dict[str, Path]:
     w["bad_runs"] = inp / "inference"  # plot_tradeoff input with a corrupt result file
     (w["bad_runs"] / "static_w1.0_d1.0_b32").mkdir(parents=True)
     (w["bad_runs"] / "static_w1.0_d1.0_b32" / "inference_results.json").write_text('{"task": "RTE", "res')
+    _write_round_two(w)
     return w
 
 
+def _variant(w: dict[str, Path], name: str, source: str = "bert", files: dict[str, str | bytes | None] | None = None,
+             config: dict | None = None) -> Path:
+    """A copy of the model folder `source` with some files replaced (None: removed) and config keys changed."""
+    folder = w["in"] / name
+    shutil.copytree(w[source], folder, symlinks=True)
+    for file, content in (files or {}).items():
+        if content is None:
+            (folder / file).unlink()
+        elif isinstance(content, bytes):
+            (folder / file).write_bytes(content)
+        else:
+            (folder / file).write_text(content, encoding="utf-8")
+    if config:
+        saved = json.loads((folder / "config.json").read_text())
+        saved.update(config)
+        (folder / "config.json").write_text(json.dumps(saved))
+    w[name] = folder
+    return folder
+
+
+def _training_state(**args) -> dict:
+    """A training state of the shape trainer.fit saves, for a run with `args`."""
+    return {"global_step": 2, "epoch": 0, "batch_in_epoch": 2, "optimizer": {"state": {}, "param_groups": []},
+            "scheduler": {}, "best_score": 0.5, "history": [], "rng": {}, "args": args}
+
+
+def _write_round_two(w: dict[str, Path]) -> None:
+    """Inputs of issue 19's cases: corrupt model folders, contradicting saved settings, checkpoints to resume
+    from that do not fit, folders a run must not write into, results files of the wrong shape."""
+    inp = w["in"]
+    weights = (w["bert"] / "model.safetensors").read_bytes()
+    # -- model folders a library chokes on
+    _variant(w, "trunc_weights", files={"model.safetensors": weights[: len(weights) // 2]})
+    _variant(w, "tiny_weights", files={"model.safetensors": weights[:5]})
+    _variant(w, "no_weights", files={"model.safetensors": None})
+    _variant(w, "empty_vocab", files={"vocab.txt": "", "tokenizer.json": None})
+    big = VOCAB[:8] + [f"filler{i}" for i in range(40)] + WORDS  # the data's words get ids past the embedding
+    _variant(w, "big_vocab", files={"vocab.txt": "\n".join(big) + "\n", "tokenizer.json": None})
+    _variant(w, "no_unk", files={"vocab.txt": "\n".join(v for v in VOCAB if v != "[UNK]") + "\n",
+                                 "tokenizer.json": None})
+    _variant(w, "h30", config={"hidden_size": 30})
+    _variant(w, "config_garbage", files={"config.json": "{not json"})
+    _variant(w, "config_string_size", config={"num_hidden_layers": "4"})
+    _variant(w, "config_list", files={"config.json": "[1, 2]"})
+    _variant(w, "more_layers", config={"num_hidden_layers": 6})  # the weights hold 4
+    _variant(w, "bad_pooling", config={"pooling": "max"})
+    w["other_shape"] = save_model_folder(inp / "other_shape", VOCAB, BertConfig(  # weights of another model
+        vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
+        max_position_embeddings=64))
+    # -- gate folders whose saved settings contradict the weights or are of the wrong type
+    gated = FlexBertForSequenceClassification.from_pretrained(str(w["bert"]))
+    gated.add_gates([0.5, 1.0], 4)
+    gated.config.gate_class_to_width = [0.5, 1.0]
+    gated.config.off_ramps = [1, 2]
+    _variant(w, "gated")
+    gated.save_pretrained(str(w["gated"]))
+    _variant(w, "gates_2_of_4", source="gated", config={"num_gates": 2})
+    _variant(w, "gates_unlisted", source="gated", config={"gate_setting": None})
+    _variant(w, "saved_threshold_str", source="gated", config={"exit_threshold": "low"})
+    _variant(w, "saved_map_length", source="gated", config={"gate_class_to_width": [0.5, 0.75, 1.0]})
+    _variant(w, "saved_off_ramp", source="gated", config={"off_ramps": [1, 9]})
+    _variant(w, "saved_gates_not_divisor", source="gated", config={"num_gates": 3})
+    # -- --config files
+    for name, entry in {
+        "cfg_early_exit_str": {"width_mult_list": [0.5, 1.0], "mode": "wd_dynamic", "early_exit": "false"},
+        "cfg_wd": {"width_mult_list": [0.5, 1.0], "mode": "wd_dynamic", "exit_threshold": 0.1},
+        "cfg_width_str": {"width_mult_list": ["0.5", "1.0"], "mode": "w_dynamic"},
+        "cfg_threshold_str": {"width_mult_list": [0.5, 1.0], "exit_threshold": "0.1"},
+        "cfg_threshold_neg": {"width_mult_list": [0.5, 1.0], "exit_threshold": -1},
+        "cfg_typo": {"width_mult_list": [0.5, 1.0], "exit_treshold": 0.1},
+        "cfg_static_no_exit": {"width_mult_list": [1.0, 1.0], "mode": "static", "early_exit": False},
+    }.items():
+        w[name] = inp / f"{name}.json"
+        w[name].write_text(json.dumps({"RTE": entry}))
+    # -- checkpoints to resume a finetuning run of `bert` from
+    def checkpoint(name: str, state: dict | bytes, source: str = "bert") -> None:
+        _variant(w, name, source=source)
+        if isinstance(state, bytes):
+            (w[name] / "training_state.pt").write_bytes(state)
+        else:
+            torch.save(state, w[name] / "training_state.pt")
+
+    good_args = {"training_phase": "finetuning", "task_name": "RTE", "per_gpu_train_batch_size": 8}
+    checkpoint("ckpt_state_trunc", b"")
+    torch.save(_training_state(**good_args), inp / "state.pt")
+    checkpoint("ckpt_state_half", (inp / "state.pt").read_bytes()[:200])
+    (inp / "state.pt").unlink()
+    checkpoint("ckpt_state_list", [1, 2, 3])  # type: ignore[arg-type]
+    checkpoint("ckpt_other_shape", _training_state(**good_args), source="other_shape")
+    checkpoint("ckpt_weights_trunc", _training_state(**good_args), source="trunc_weights")
+    checkpoint("ckpt_other_phase", _training_state(**{**good_args, "training_phase": "dynabertw"}))
+    checkpoint("ckpt_other_batch", _training_state(**{**good_args, "per_gpu_train_batch_size": 16}))
+    checkpoint("ckpt_bad_optimizer", _training_state(**good_args))
+    checkpoint("ckpt_gates_2", _training_state(training_phase="traingate", task_name="RTE"))  # 2 gates, not 4
+    gated.add_gates([0.5, 1.0], 2)
+    gated.save_pretrained(str(w["ckpt_gates_2"]))
+    # -- a finished run of the teacher: the input of the next stage, which must not write into it
+    _variant(w, "teacher")
+    (w["teacher"] / "eval_results.json").write_text('{"best_step": 4}\n')
+    shutil.copytree(w["ckpt_bad_optimizer"], w["teacher"] / "checkpoint-4")
+    (inp / "teacher_link").symlink_to(w["teacher"])
+    w["teacher_link"] = inp / "teacher_link"
+    w["plain_file"] = inp / "plain_file.txt"
+    w["plain_file"].write_text("not a folder\n")
+    # -- inference folders for plot_tradeoff with results files of the wrong shape
+    def runs(name: str, report) -> None:
+        w[name] = inp / name
+        (w[name] / "static_w1.0_d1.0_b32").mkdir(parents=True)
+        (w[name] / "static_w1.0_d1.0_b32" / "inference_results.json").write_text(json.dumps(report))
+
+    ok = {"task": "RTE", "mode": "static", "batch_size": 32,
+          "results": {"acc": 0.5, "relative_flops": 1.0, "flops": 1.0, "mean_layers_executed": 4}}
+    runs("runs_list", [ok])
+    runs("runs_no_results", {k: v for k, v in ok.items() if k != "results"})
+    runs("runs_score_str", {**ok, "results": {**ok["results"], "acc": "high"}})
+    runs("runs_unknown_task", {**ok, "task": "FOO"})
+    runs("runs_batch_str", {**ok, "batch_size": "32"})
+    runs("runs_results_list", {**ok, "results": [0.5]})
+
+
 def _snapshot(path: Path) -> dict | None:
-    """Every file and folder below `path` with size and mtime (None when `path` does not exist)."""
+    """Every file and folder below `path` with size, mtime and (files) a hash of the content; None when `path`
+    does not exist."""
     if not path.exists():
         return None
-    snap = {".": (path.is_dir(), path.stat().st_size if path.is_file() else 0, path.stat().st_mtime_ns)}
+
+    def entry(p: Path) -> tuple:
+        st = p.stat()
+        digest = hashlib.sha1(p.read_bytes()).hexdigest() if p.is_file() else None
+        return p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns, digest
+
+    snap = {".": entry(path)}
     if path.is_dir():
         for p in sorted(path.rglob("*")):
-            st = p.stat()
-            snap[str(p.relative_to(path))] = (p.is_dir(), st.st_size if p.is_file() else 0, st.st_mtime_ns)
+            snap[str(p.relative_to(path))] = entry(p)
     return snap
 
 
@@ -145,6 +274,9 @@ class Case:
     out_exists: bool = False  # the output folder exists (empty) before the run
     env: dict[str, str] = field(default_factory=dict)  # for the .sh scripts ({out} and {name} expanded)
     out: str | None = None  # the output folder, if not the case's own (fresh) folder under outs/
+    code: int = 2  # the exit status: 2 bad input, 1 an environment fault
+    fsize: int | None = None  # RLIMIT_FSIZE in bytes (writes beyond it fail as on a full disk); runs fresh
+    logs: bool = False  # the run's log lines may come before the error line (a fault found during the work)
 
 
 def _glue(*flags: str, phase: str = "finetuning", data: str = "{rte}", model: str = "{bert}") -> list[str]:
@@ -261,6 +393,155 @@ CASES = [
          ["no */inference_results.json"]),
 ]
 
+# ---- round two (issue 19): one block per class of failure --------------------------------------------------
+_W2 = ("--width_mult_list", "0.5,1.0", "--gate_setting", "0.5,1.0")  # gate training on two classes
+UNWRITABLE = "/proc/flexbert-reliability/out"  # even root cannot create files in /proc
+
+
+def _plot(runs: str, out: str = "{out}") -> list[str]:
+    return ["plot_tradeoff.py", "--inference_dir", runs, "--output_dir", out]
+
+
+CASES += [
+    # 1. library errors on a corrupt model folder, checkpoint or disk become one line naming the file
+    Case("glue-weights-truncated", _glue(model="{trunc_weights}"), ["trunc_weights/model.safetensors", "cannot read"]),
+    Case("gate-weights-truncated", _eval("--static", model="{trunc_weights}"), ["trunc_weights/model.safetensors"]),
+    Case("glue-weights-header", _glue(model="{tiny_weights}"), ["tiny_weights/model.safetensors", "header"]),
+    Case("glue-weights-missing", _glue(model="{no_weights}"), ["no_weights", "no weights", "model.safetensors"]),
+    Case("glue-vocab-empty", _glue(model="{empty_vocab}"), ["empty_vocab/vocab.txt", "empty vocabulary"]),
+    Case("traingate-vocab-empty", _traingate(*_W2, model="{empty_vocab}"), ["vocab.txt", "empty"]),
+    Case("glue-vocab-no-unk", _glue(model="{no_unk}"), ["no_unk/vocab.txt", "[UNK]"]),
+    Case("glue-vocab-too-large", _glue(model="{big_vocab}"), ["big_vocab/vocab.txt", "86 tokens", "46 rows"]),
+    Case("gate-vocab-too-large", _eval("--static", model="{big_vocab}"), ["vocab.txt", "vocab_size"]),
+    Case("glue-heads-not-divisor", _glue(model="{h30}"),
+         ["h30/config.json", "hidden_size 30", "num_attention_heads 4"]),
+    Case("glue-config-garbage", _glue(model="{config_garbage}"), ["config_garbage/config.json", "cannot read"]),
+    Case("glue-config-string-size", _glue(model="{config_string_size}"), ["config_string_size", "num_hidden_layers"]),
+    Case("glue-config-not-object", _glue(model="{config_list}"), ["config_list/config.json", "not a json object"]),
+    Case("glue-config-more-layers", _glue(model="{more_layers}"), ["more_layers/model.safetensors", "4 layers", "6"]),
+    Case("glue-resume-state-empty", _glue("--resume_from_checkpoint", "{ckpt_state_trunc}"),
+         ["ckpt_state_trunc/training_state.pt", "cannot read"]),
+    Case("glue-resume-state-truncated", _glue("--resume_from_checkpoint", "{ckpt_state_half}"),
+         ["ckpt_state_half/training_state.pt", "cannot read"]),
+    Case("glue-resume-state-not-dict", _glue("--resume_from_checkpoint", "{ckpt_state_list}"),
+         ["ckpt_state_list/training_state.pt", "not a training state"]),
+    Case("glue-resume-other-shape", _glue("--resume_from_checkpoint", "{ckpt_other_shape}"),
+         ["ckpt_other_shape/model.safetensors", "shape", "[46, 48]", "[46, 32]"]),
+    Case("glue-resume-weights-truncated", _glue("--resume_from_checkpoint", "{ckpt_weights_trunc}"),
+         ["ckpt_weights_trunc/model.safetensors", "cannot read"]),
+    Case("glue-resume-bad-optimizer", _glue("--resume_from_checkpoint", "{ckpt_bad_optimizer}"),
+         ["ckpt_bad_optimizer/training_state.pt", "optimizer"]),
+    Case("glue-disk-full", _glue("--logging_steps", "2"), ["cannot write", "model.safetensors"], code=1,
+         fsize=100_000, logs=True),
+    Case("traingate-disk-full", _traingate(*_W2), ["cannot write", "model.safetensors"], code=1, fsize=100_000,
+         logs=True),
+    Case("gate-disk-full", _eval("--static"), ["cannot write", "inference_results.json"], code=1, fsize=300,
+         logs=True),
+    # 2. every numeric flag has a declared range
+    Case("glue-lr-negative", _glue("--learning_rate", "-0.001"), ["argument --learning_rate", "> 0", "-0.001"]),
+    Case("glue-lr-nan", _glue("--learning_rate", "nan"), ["argument --learning_rate", "finite"]),
+    Case("glue-weight-decay-negative", _glue("--weight_decay", "-0.1"), ["argument --weight_decay", ">= 0"]),
+    Case("glue-dropout-one", _glue("--hidden_dropout_prob", "1.0"), ["argument --hidden_dropout_prob", "[0, 1)"]),
+    Case("glue-attention-dropout-negative", _glue("--attention_probs_dropout_prob", "-0.1"),
+         ["argument --attention_probs_dropout_prob", "[0, 1)"]),
+    Case("glue-epochs-zero", _glue("--num_train_epochs", "0"), ["argument --num_train_epochs", ">= 1"]),
+    Case("glue-epochs-fraction", _glue("--num_train_epochs", "0.5"), ["argument --num_train_epochs", "0.5"]),
+    Case("glue-accumulation-too-large", _glue("--gradient_accumulation_steps", "5"),
+         ["--gradient_accumulation_steps 5", "(4)", "no update"]),
+    Case("traingate-accumulation-too-large", _traingate(*_W2, "--gradient_accumulation_steps", "9"),
+         ["--gradient_accumulation_steps 9", "no update"]),
+    Case("glue-warmup-negative", _glue("--warmup_steps", "-1"), ["argument --warmup_steps", ">= 0"]),
+    Case("glue-logging-negative", _glue("--logging_steps", "-5"), ["argument --logging_steps"]),
+    Case("glue-seed-negative", _glue("--seed", "-1"), ["argument --seed", "-1"]),
+    Case("glue-lambda-negative", _glue("--depth_lambda2", "-1", phase="dynabert"), ["argument --depth_lambda2"]),
+    Case("glue-importance-zero", _glue("--importance_max_examples", "0", phase="dynabertw"),
+         ["argument --importance_max_examples", ">= 1"]),
+    Case("glue-threads-zero", _glue("--num_threads", "0"), ["argument --num_threads", ">= 1"]),
+    Case("glue-batch-not-integer", _glue("--per_gpu_eval_batch_size", "2.5"),
+         ["argument --per_gpu_eval_batch_size", "not an integer"]),
+    Case("traingate-num-gates-zero", _traingate(*_W2, "--num_gates", "0"), ["argument --num_gates", ">= 1"]),
+    Case("traingate-off-ramps-beyond", _traingate(*_W2, "--off_ramps", "1,7"), ["--off_ramps 1,7", "0..3"]),
+    Case("traingate-regression-threshold-zero", _traingate(*_W2, "--regression_threshold", "0"),
+         ["argument --regression_threshold", "> 0"]),
+    Case("gate-off-ramps-empty", _eval("--d_dynamic", "--early_exit", "--off_ramps", ""),
+         ["argument --off_ramps", "empty"]),
+    Case("gate-exit-threshold-negative", _eval("--wd_dynamic", "--early_exit", "--exit_threshold", "-0.5"),
+         ["argument --exit_threshold", ">= 0"]),
+    Case("gate-fixed-gate-above-one", _eval("--d_dynamic", "--early_exit", "--fixed_gate", "1.5"),
+         ["argument --fixed_gate", "(0, 1]"]),
+    Case("gate-timing-warmup-negative", _eval("--static", "--timing_warmup", "-1"), ["argument --timing_warmup"]),
+    Case("traingate-class-weights-negative", _traingate(*_W2, "--gate_class_weights", "1,-1"),
+         ["--gate_class_weights", ">= 0"]),
+    Case("traingate-class-weights-zero", _traingate(*_W2, "--gate_class_weights", "0,0"),
+         ["--gate_class_weights", "every weight is 0"]),
+    # 3. saved settings are checked on load; flags that contradict --config are refused
+    Case("gate-gates-config-2-weights-4", _eval("--w_dynamic", model="{gates_2_of_4}"),
+         ["gates_2_of_4/model.safetensors", "4 gates", "2"]),
+    Case("gate-gates-unlisted", _eval("--static", model="{gates_unlisted}"), ["4 gates", "config.json has 0"]),
+    Case("gate-saved-threshold-string", _eval("--wd_dynamic", "--early_exit", model="{saved_threshold_str}"),
+         ["saved_threshold_str/config.json", "exit_threshold", "'low'"]),
+    Case("gate-saved-map-length", _eval("--w_dynamic", model="{saved_map_length}"),
+         ["gate_class_to_width", "3 widths", "2 gate classes"]),
+    Case("gate-saved-off-ramp", _eval("--wd_dynamic", "--early_exit", model="{saved_off_ramp}"),
+         ["saved_off_ramp/config.json", "off_ramps", "0..3"]),
+    Case("gate-saved-gates-not-divisor", _eval("--w_dynamic", model="{saved_gates_not_divisor}"),
+         ["num_gates 3", "4 layers"]),
+    Case("glue-saved-pooling", _glue(model="{bad_pooling}"), ["bad_pooling/config.json", "pooling", "'max'"]),
+    Case("gate-config-early-exit-string", _eval("--config", "{cfg_early_exit_str}", model="{gated}"),
+         ["cfg_early_exit_str.json", "early_exit", "boolean"]),
+    Case("gate-config-contradicts-static", _eval("--static", "--config", "{cfg_wd}", model="{gated}"),
+         ["--static contradicts", "cfg_wd.json", "wd_dynamic"]),
+    Case("gate-config-contradicts-widths", _eval("--width_mult_list", "1.0,1.0", "--config", "{cfg_wd}",
+                                                 model="{gated}"), ["--width_mult_list 1,1", "0.5,1"]),
+    Case("gate-config-contradicts-threshold", _eval("--exit_threshold", "0.3", "--config", "{cfg_wd}",
+                                                    model="{gated}"), ["--exit_threshold 0.3", "0.1"]),
+    Case("gate-config-contradicts-early-exit", _eval("--early_exit", "--config", "{cfg_static_no_exit}"),
+         ["--early_exit contradicts", "early_exit false"]),
+    Case("gate-config-widths-strings", _eval("--config", "{cfg_width_str}", model="{gated}"),
+         ["cfg_width_str.json", "width_mult_list", "numbers"]),
+    Case("gate-config-threshold-string", _eval("--config", "{cfg_threshold_str}", model="{gated}"),
+         ["cfg_threshold_str.json", "a number"]),
+    Case("gate-config-threshold-negative", _eval("--config", "{cfg_threshold_neg}", model="{gated}"),
+         ["cfg_threshold_neg.json", "RTE.exit_threshold", ">= 0"]),
+    Case("gate-config-unknown-key", _eval("--config", "{cfg_typo}", model="{gated}"), ["exit_treshold", "unknown"]),
+    Case("glue-resume-other-phase", _glue("--resume_from_checkpoint", "{ckpt_other_phase}"),
+         ["ckpt_other_phase", "--training_phase dynabertw", "not finetuning"]),
+    Case("glue-resume-other-batch", _glue("--resume_from_checkpoint", "{ckpt_other_batch}"),
+         ["ckpt_other_batch", "--per_gpu_train_batch_size 16", "not 8"]),
+    Case("traingate-resume-glue-checkpoint", _traingate(*_W2, "--resume_from_checkpoint", "{ckpt_other_phase}"),
+         ["ckpt_other_phase", "--training_phase dynabertw", "not traingate"], logs=True),  # after the gate inputs
+    Case("traingate-resume-other-gates", _traingate(*_W2, "--resume_from_checkpoint", "{ckpt_gates_2}"),
+         ["ckpt_gates_2/model.safetensors", "2 gates", "has 4"], logs=True),
+    # 4. only final_finetuning writes into its input folder; a run never replaces its input checkpoint
+    Case("glue-width-stage-in-place", _glue(phase="dynabertw", model="{teacher}"),
+         ["--output_dir", "is the input --model_dir", "final_finetuning"], out="{teacher}"),
+    Case("glue-depth-stage-in-place-overwrite", _glue("--overwrite_output_dir", phase="dynabert", model="{teacher}"),
+         ["is the input --model_dir"], out="{teacher}"),
+    Case("glue-teacher-in-place", _glue(model="{teacher}"), ["is the input --model_dir"], out="{teacher}"),
+    Case("glue-in-place-via-symlink", _glue(phase="dynabertw", model="{teacher}"), ["is the input --model_dir"],
+         out="{teacher_link}"),
+    Case("glue-resume-in-place", _glue("--resume_from_checkpoint", phase="dynabertw", model="{teacher}"),
+         ["is the input --model_dir"], out="{teacher}"),
+    Case("traingate-in-place", _traingate(*_W2, model="{teacher}"), ["is the input --model_dir"], out="{teacher}"),
+    Case("glue-input-checkpoint-inside-output", _glue("--overwrite_output_dir", model="{teacher}/checkpoint-4"),
+         ["checkpoint-4", "inside --output_dir"], out="{teacher}"),
+    # 5. an unusable output folder is reported before the work, by every script
+    Case("glue-output-unwritable", _glue(), ["--output_dir", "not writable"], out=UNWRITABLE),
+    Case("traingate-output-unwritable", _traingate(*_W2), ["--output_dir", "not writable"], out=UNWRITABLE),
+    Case("gate-output-unwritable", _eval("--static"), ["--output_dir", "not writable"], out=UNWRITABLE),
+    Case("gate-output-under-a-file", _eval("--static"), ["plain_file.txt is not a folder"],
+         out="{plain_file}/out"),
+    Case("plot-output-unwritable", _plot("{bad_runs}", UNWRITABLE), ["--output_dir", "not writable"],
+         out=UNWRITABLE),
+    # 7. plot_tradeoff.py on results files of the wrong JSON shape
+    Case("plot-json-list", _plot("{runs_list}"), ["runs_list/static_w1.0_d1.0_b32/inference_results.json", "list"]),
+    Case("plot-json-no-results", _plot("{runs_no_results}"), ["inference_results.json", "results"]),
+    Case("plot-json-score-string", _plot("{runs_score_str}"), ["inference_results.json", "results.acc"]),
+    Case("plot-json-unknown-task", _plot("{runs_unknown_task}"), ["inference_results.json", "FOO"]),
+    Case("plot-json-batch-string", _plot("{runs_batch_str}"), ["inference_results.json", "batch_size"]),
+    Case("plot-json-results-list", _plot("{runs_results_list}"), ["inference_results.json", "results"]),
+]
+
 
 @dataclass
 class Outcome:
@@ -331,9 +612,17 @@ def _prepare(case: Case, world: dict[str, Path]) -> tuple[list[str], dict[str, s
     return argv, env, out
 
 
-def _run_fresh(argv: list[str], env: dict[str, str]) -> tuple[int, str, str, float]:
+def _run_fresh(argv: list[str], env: dict[str, str], fsize: int | None = None) -> tuple[int, str, str, float]:
+    """A fresh process; with `fsize`, files cannot grow past that many bytes (writes fail with EFBIG, as on a
+    full disk; SIGXFSZ is ignored so that the write fails instead of killing the process)."""
+
+    def limit_file_size() -> None:
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, fsize))
+
     start = time.time()
-    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT)
+    proc = subprocess.run(argv, cwd=ROOT, env=env, capture_output=True, text=True, timeout=TIMEOUT,
+                          preexec_fn=limit_file_size if fsize else None)
     return proc.returncode, proc.stdout, proc.stderr, time.time() - start
 
 
@@ -356,9 +645,10 @@ def outcomes(world) -> dict[str, Outcome]:
     prepared = {c.id: _prepare(c, world) for c in CASES}
     before = {i: _snapshot(watched) for i, (_, _, watched) in prepared.items()}
     fresh = os.environ.get("RELIABILITY_FRESH") == "1"
-    python_jobs = {i: argv for i, (argv, _, _) in prepared.items() if argv[0] == PY and not fresh}
+    limits = {c.id: c.fsize for c in CASES}
+    python_jobs = {i: argv for i, (argv, _, _) in prepared.items() if argv[0] == PY and not fresh and not limits[i]}
     with ThreadPoolExecutor(max_workers=2 if fresh else 1) as pool:
-        others = {i: pool.submit(_run_fresh, argv, env) for i, (argv, env, _) in prepared.items()
+        others = {i: pool.submit(_run_fresh, argv, env, limits[i]) for i, (argv, env, _) in prepared.items()
                   if i not in python_jobs}
         ran = _run_forked(python_jobs, world, world["root"] / "logs") if python_jobs else {}
         ran.update({i: f.result() for i, f in others.items()})
@@ -369,8 +659,8 @@ def outcomes(world) -> dict[str, Outcome]:
 
 def _problems(case: Case, o: Outcome) -> list[str]:
     problems = []
-    if o.returncode == 0:
-        problems.append("exit status 0")
+    if o.returncode != case.code:
+        problems.append(f"exit status {o.returncode}, not {case.code}")
     if "Traceback" in o.stderr:
         problems.append("traceback on stderr")
     lines = [line for line in o.stderr.splitlines() if line.strip()]
@@ -379,7 +669,7 @@ def _problems(case: Case, o: Outcome) -> list[str]:
         problems.append(f"{len(errors)} 'error:' lines on stderr")
     elif errors[0] != lines[-1]:
         problems.append("the error line is not the last line of stderr")
-    elif not case.cmd[0].endswith(".sh") and len(lines) != 1:
+    elif not case.cmd[0].endswith(".sh") and not case.logs and len(lines) != 1:
         problems.append(f"{len(lines) - 1} other lines on stderr")
     else:
         missing = [s for s in case.expect if s.lower() not in errors[0].lower()]
@@ -570,3 +860,110 @@ def test_non_finite_loss_stops_the_run(world, tmp_path):
     # nothing saved: no model, no checkpoint, no results
     saved = [p.name for p in out.iterdir()] if out.exists() else []
     assert not [n for n in saved if n != "runs"], saved
+
+
+# ---- gate training: SIGKILL, then an identical rerun or a resume (issue 19, class 6) ----------------------------
+# 32 examples, batch 8, 6 epochs: 24 gate updates, an evaluation and a checkpoint every 2.
+GATE_STEPS = 24
+
+
+def _gate_argv(world, output_dir, *extra: str) -> list[str]:
+    options = {
+        "task_name": "RTE", "data_dir": world["rte"], "model_dir": world["bert"], "output_dir": output_dir,
+        "cache_dir": world["cache"], "training_phase": "traingate", "max_seq_length": 24,
+        "per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "learning_rate": 1e-3,
+        "num_train_epochs": 6, "logging_steps": 2, "num_threads": 1, "seed": 7,
+        "width_mult_list": "0.5,1.0", "gate_setting": "0.5,1.0",
+    }
+    return cli_argv(options, *extra, switches=("--do_train", "--cpu"))
+
+
+def _gates(folder: Path) -> dict[str, torch.Tensor]:
+    return {k: v for k, v in load_file(str(folder / "model.safetensors")).items() if k.startswith("gates.")}
+
+
+def _gate_history(folder: Path) -> list:
+    return json.loads((folder / "gate_results.json").read_text())["history"]
+
+
+def test_gate_training_sigkill_then_rerun_or_resume(world, tmp_path, one_thread):
+    """Gate training SIGKILLed after a checkpoint: the identical command runs again (the folder is its own
+    run's, not "another run"), and with --resume_from_checkpoint it ends bit-identical to an uninterrupted
+    run (gates, best gates, history). A folder killed before its first evaluation (only runs/ and a
+    half-written save) is rerun too."""
+    import train_gate
+
+    reference = tmp_path / "reference"
+    train_gate.main(_gate_argv(world, reference))
+    assert len(_gate_history(reference)) == GATE_STEPS // 2
+
+    killed = tmp_path / "killed"
+    argv = [PY, str(ROOT / "train_gate.py"), *map(str, _gate_argv(world, killed))]
+    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    killed_after = None
+    deadline = time.time() + TIMEOUT
+    try:
+        while proc.poll() is None and time.time() < deadline:
+            done = [p.name for p in killed.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
+            if done:
+                proc.send_signal(signal.SIGKILL)
+                killed_after = done[0]
+                break
+            time.sleep(0.0005)
+    finally:
+        proc.kill()
+        stderr = proc.communicate()[1].decode(errors="replace")
+    assert killed_after is not None, f"the run ended before it could be killed:\n{stderr[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    step = int(killed_after.split("-")[1])
+    assert step < GATE_STEPS
+    print(f"\ngate training SIGKILLed after {killed_after} of {GATE_STEPS} steps")
+    resumed = tmp_path / "resumed"
+    shutil.copytree(killed, resumed, symlinks=True)
+
+    train_gate.main(_gate_argv(world, killed))  # the identical command: starts over and replaces the run
+    assert _gate_history(killed) == _gate_history(reference)
+    for name in ("", f"checkpoint-{GATE_STEPS}"):
+        assert _max_diff(_gates(reference / name), _gates(killed / name)) == 0.0
+
+    train_gate.main(_gate_argv(world, resumed, "--resume_from_checkpoint"))
+    assert _gate_history(resumed) == _gate_history(reference)
+    for name in ("", f"checkpoint-{GATE_STEPS}"):  # the best gates and the last ones
+        assert _max_diff(_gates(reference / name), _gates(resumed / name)) == 0.0
+    assert sorted(p.name for p in resumed.glob("checkpoint-*")) == [f"checkpoint-{GATE_STEPS}"]
+
+    early = tmp_path / "early"  # killed before its first evaluation: TensorBoard's folder and a torn save
+    (early / "runs").mkdir(parents=True)
+    (early / ".saving-x1y2").mkdir()
+    (early / ".saving-x1y2" / "model.safetensors").write_bytes(b"torn")
+    train_gate.main(_gate_argv(world, early, "--num_train_epochs", "1"))
+    assert len(_gate_history(early)) == 2
+    FlexBertForSequenceClassification.from_pretrained(str(early))
+
+
+def test_every_numeric_flag_declares_a_range(monkeypatch):
+    """No flag of run_glue.py or train_gate.py is a bare int or float: each has a `bounded` type (its range
+    shows in --help and argparse enforces it), or a list type that checks its items."""
+    import train_gate
+    from transformers_ext import cli
+
+    class Captured(Exception):
+        pass
+
+    parsers = []
+
+    def capture(self, argv=None):
+        parsers.append(self)
+        raise Captured
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_args", capture)
+    for module in (run_glue, train_gate):
+        with pytest.raises(Captured):
+            module.parse_args([])
+    bare = [f"{parser.prog} {action.option_strings[0]}" for parser in parsers for action in parser._actions
+            if action.type in (int, float)]
+    assert not bare, f"numeric flags without a declared range: {bare}"
+    ranged = [a for p in parsers for a in p._actions if isinstance(a.type, cli.bounded)]
+    assert len(ranged) >= 30
+    for action in ranged:  # the range is in the help text
+        assert action.type.range_text in cli.HelpFormatter("x")._get_help_string(action)

@@ -4,6 +4,7 @@ groups each script adds (so that every `--help` lists only the flags its script 
 from __future__ import annotations
 
 import argparse
+import math
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -17,22 +18,39 @@ class CLIError(Exception):
     """A user error: printed as one line `error: ...`, exit code 2, no traceback."""
 
 
+class WriteError(OSError):
+    """Writing an output file failed (full disk, quota, I/O error): exit code 1. Raised by the writers in
+    `checkpoint_io`, whatever the library underneath raised, with the file's name in the message."""
+
+
 def run_cli(main: Callable[[], None]) -> None:
-    """Run a script's main(): user errors become one `error:` line on stderr and a non-zero exit."""
+    """Run a script's main(). The one place where failures become the one-line contract on stderr: bad input
+    (CLIError, DataError) `error: ...` and exit 2; environment faults (unreadable input, unwritable or full
+    disk: OSError) exit 1; an interrupt exit 130. Library errors are turned into CLIError where they are
+    raised (the loaders and writers of `checkpoint_io`), so they name the file."""
     try:
         main()
     except (CLIError, utils_glue.DataError) as err:
         _fail(err, 2)
     except OSError as err:  # unreadable input, unwritable output folder, full disk, ...
-        _fail(err, 1)
+        _fail(describe_os_error(err), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+
+
+def describe_os_error(err: OSError) -> str:
+    """`path: problem` for an OSError (Python's str() adds `[Errno N]` and quotes)."""
+    if isinstance(err, WriteError) or not err.strerror:
+        return str(err)
+    name = f"{err.filename}: " if err.filename else ""
+    return f"{name}{err.strerror}" + (f" -> {err.filename2}" if err.filename2 else "")
 
 
 def _fail(message: object, code: int) -> None:
     for bar in list(getattr(tqdm, "_instances", ())):  # open bars leave the cursor mid-line
         bar.close()
-    print(f"error: {message}", file=sys.stderr)
+    text = " ".join(str(message).split("\n")[0].split()) or type(message).__name__
+    print(f"error: {text}", file=sys.stderr)
     sys.exit(code)
 
 
@@ -49,20 +67,71 @@ class ArgumentParser(argparse.ArgumentParser):
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
-    """The module docstring as written, and `(default: X)` after every flag whose help does not state it."""
+    """The module docstring as written, and after every flag `(default: X)` (unless its help states it or it
+    has none) and its declared range (`bounded` types)."""
 
     def _get_help_string(self, action: argparse.Action) -> str:
         text = action.help or ""
+        notes = []
         unset = action.default is None or action.default is False or action.default is argparse.SUPPRESS
-        if "default" in text or unset or not action.option_strings:
-            return text
-        value = action.default
-        if isinstance(value, list):
-            value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
-        return f"{text} (default: {value})"
+        if not ("default" in text or unset or not action.option_strings):
+            value = action.default
+            if isinstance(value, list):
+                value = ",".join(f"{v:g}" if isinstance(v, float) else str(v) for v in value)
+            notes.append(f"default: {value}")
+        declared = getattr(action.type, "range_text", None)
+        if declared:
+            notes.append(declared)
+        return f"{text} ({'; '.join(notes)})" if notes else text
 
 
 # ---- argument types ---------------------------------------------------------------------------------------
+# Every numeric flag has a declared range, checked here while parsing: argparse then reports
+# `error: argument --flag: must be ..., got X`. Values from files (--config, a gate folder's config.json) go
+# through the same types.
+class bounded:  # lower case: used like the built-in types, type=bounded(int, 1)
+    """An argparse type: a finite int or float in [low, high] (`low_open` / `high_open` exclude the end)."""
+
+    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
+                 high_open: bool = False):
+        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
+        self.__name__ = kind.__name__  # argparse names the type in its own messages
+
+        def fmt(v: float) -> str:
+            return f"{v:g}" if isinstance(v, float) else str(v)
+
+        if low is not None and high is not None:
+            self.rule = f"in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}{')' if high_open else ']'}"
+        elif low is not None:
+            self.rule = f"{'>' if low_open else '>='} {fmt(low)}"
+        elif high is not None:
+            self.rule = f"{'<' if high_open else '<='} {fmt(high)}"
+        else:
+            self.rule = "finite"
+        self.range_text = f"must be {self.rule}"
+
+    def __call__(self, value: str | int | float) -> int | float:
+        if isinstance(value, bool):  # JSON true/false are not numbers
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
+                                             f"got {value!r}")
+        try:
+            x = self.kind(value) if isinstance(value, str) else value
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"'{value}' is not {'an integer' if self.kind is int else 'a number'}") from None
+        if not isinstance(x, int | float) or (self.kind is int and not float(x).is_integer()):
+            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
+                                             f"got {value!r}")
+        x = self.kind(x)
+        if not math.isfinite(x):
+            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
+        too_low = self.low is not None and (x <= self.low if self.low_open else x < self.low)
+        too_high = self.high is not None and (x >= self.high if self.high_open else x > self.high)
+        if too_low or too_high:
+            raise argparse.ArgumentTypeError(f"must be {self.rule}, got {value}")
+        return x
+
+
 def str2bool(value: str | bool) -> bool:
     if isinstance(value, bool):
         return value
@@ -73,21 +142,12 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got '{value}'")
 
 
-def multiplier_list(value: str) -> list[float]:
-    """A comma list of width/depth multipliers, each in (0, 1]."""
-    items = [v.strip() for v in value.split(",") if v.strip()]
+def multiplier_list(value: str | Sequence[float]) -> list[float]:
+    """A comma list of width/depth multipliers, each in (0, 1] (or a list of numbers, as in a JSON file)."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
     if not items:
         raise argparse.ArgumentTypeError("empty list; give comma-separated ratios such as 0.25,0.5,0.75,1.0")
-    result = []
-    for item in items:
-        try:
-            x = float(item)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"'{item}' is not a number") from None
-        if not 0 < x <= 1:
-            raise argparse.ArgumentTypeError(f"ratio {item} must be in (0, 1]")
-        result.append(x)
-    return result
+    return [MULTIPLIER(item) for item in items]
 
 
 def int_list(value: str) -> list[int]:
@@ -95,6 +155,24 @@ def int_list(value: str) -> list[int]:
         return [int(v) for v in value.split(",") if v.strip()]
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{value}' is not a comma list of integers") from None
+
+
+def layer_list(value: str | Sequence[int]) -> list[int]:
+    """A non-empty comma list of 0-based layer indices (the upper bound is the model's: checked at load)."""
+    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    if not items:
+        raise argparse.ArgumentTypeError("empty list; give 0-based layer indices such as 2,3")
+    return [LAYER(item) for item in items]
+
+
+MULTIPLIER = bounded(float, 0, 1, low_open=True)  # a width or depth ratio
+LAYER = bounded(int, 0)
+COUNT = bounded(int, 1)  # sizes, batches, examples, threads
+STEPS = bounded(int, 0)  # step counts where 0 means "none" / "off"
+NON_NEGATIVE = bounded(float, 0)  # loss weights, weight decay, thresholds
+POSITIVE = bounded(float, 0, low_open=True)
+PROBABILITY = bounded(float, 0, 1, high_open=True)  # dropout
+SEED = bounded(int, 0, 2**32 - 1)  # numpy's seed range
 
 
 # ---- flag groups ------------------------------------------------------------------------------------------
@@ -106,14 +184,16 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     a("--data_dir", default="data/QNLI/", help="Folder with the task's train.tsv / dev.tsv.")
     a("--model_dir", default="model/QNLI/bert/", help="Input model folder (HF format, with vocab.txt) or hub id.")
     a("--output_dir", default="dyna_bert/QNLI/", help="Where checkpoints, results and logs are written.")
-    a("--max_seq_length", type=int, default=128, help="Tokens per example after truncation/padding.")
+    a("--max_seq_length", type=bounded(int, 3), default=128, help="Tokens per example after truncation/padding.")
     a("--do_lower_case", type=str2bool, nargs="?", const=True, default=True,
       help="Lower-case input (true/false); overrides the tokenizer's own setting, so keep true for uncased models.")
-    a("--per_gpu_eval_batch_size", type=int, default=32, help="Evaluation batch size per device.")
-    a("--max_eval_samples", type=int, default=None, help="Use only the first N dev examples.")
-    a("--overwrite_output_dir", action="store_true", help="Allow writing into a folder holding another run.")
+    a("--per_gpu_eval_batch_size", type=COUNT, default=32, help="Evaluation batch size per device.")
+    a("--max_eval_samples", type=COUNT, default=None, help="Use only the first N dev examples.")
+    a("--overwrite_output_dir", action="store_true",
+      help="Allow writing into a folder holding another run (a rerun of the same script needs no flag). Never "
+           "allows writing into the input --model_dir: only run_glue.py's final_finetuning does that.")
     a("--no_cuda", "--cpu", dest="cpu", action="store_true", help="Run on CPU even if CUDA is available.")
-    a("--num_threads", type=int, default=None, help="CPU threads for torch (default: torch's choice).")
+    a("--num_threads", type=COUNT, default=None, help="CPU threads for torch (default: torch's choice).")
     a("--cache_dir", default=None, help="Feature cache folder (default $FLEXBERT_CACHE or ~/.cache/flexbert).")
     a("--attn_implementation", choices=["sdpa", "eager"], default="sdpa",
       help="Attention kernel: sdpa (fast) or eager (explicit matmuls; what FlopCounterMode checks).")
@@ -124,19 +204,21 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, epo
     """The training loop's flags (`trainer.fit`), with the script's defaults."""
     a = parser.add_argument
     a("--do_train", action="store_true", help="Train.")
-    a("--learning_rate", type=float, default=learning_rate, help="Peak AdamW learning rate.")
-    a("--num_train_epochs", type=float, default=epochs, help="Training epochs (int() of it are run).")
-    a("--per_gpu_train_batch_size", type=int, default=32, help="Training batch size per device/process.")
-    a("--gradient_accumulation_steps", type=int, default=1, help="Batches accumulated per optimizer update.")
-    a("--weight_decay", type=float, default=0.0, help="AdamW decoupled weight decay (not on biases/LayerNorm).")
-    a("--warmup_steps", type=int, default=0, help="Linear learning-rate warm-up steps.")
-    a("--logging_steps", type=int, default=logging_steps, help="Evaluate (and checkpoint) every N updates.")
-    a("--seed", type=int, default=seed, help="Random seed (model init, data order, dropout).")
-    a("--max_train_samples", type=int, default=None, help="Use only the first N training examples.")
+    a("--learning_rate", type=POSITIVE, default=learning_rate, help="Peak AdamW learning rate.")
+    a("--num_train_epochs", type=bounded(float, 1), default=epochs, help="Training epochs (int() of it are run).")
+    a("--per_gpu_train_batch_size", type=COUNT, default=32, help="Training batch size per device/process.")
+    a("--gradient_accumulation_steps", type=COUNT, default=1,
+      help="Batches accumulated per optimizer update (at most the batches of one epoch; checked on the data).")
+    a("--weight_decay", type=NON_NEGATIVE, default=0.0, help="AdamW decoupled weight decay (not on biases/LayerNorm).")
+    a("--warmup_steps", type=STEPS, default=0, help="Linear learning-rate warm-up steps.")
+    a("--logging_steps", type=STEPS, default=logging_steps,
+      help="Evaluate (and checkpoint) every N updates; 0: only at the end.")
+    a("--seed", type=SEED, default=seed, help="Random seed (model init, data order, dropout).")
+    a("--max_train_samples", type=COUNT, default=None, help="Use only the first N training examples.")
     a("--data_aug", action="store_true",
       help="Train on the augmented file (train_{TASK}_aug_with_logits.tsv or train_aug.tsv; see augment_data.py).")
-    a("--hidden_dropout_prob", type=float, default=0.1, help="Dropout on hidden states (applied to the config).")
-    a("--attention_probs_dropout_prob", type=float, default=0.1, help="Dropout on attention probabilities.")
+    a("--hidden_dropout_prob", type=PROBABILITY, default=0.1, help="Dropout on hidden states (applied to the config).")
+    a("--attention_probs_dropout_prob", type=PROBABILITY, default=0.1, help="Dropout on attention probabilities.")
     a("--load_checkpoint", action="store_true", help="Resume from the latest checkpoint in --output_dir.")
     a("--resume_from_checkpoint", nargs="?", const="latest", default=None,
       help="Resume from a checkpoint folder (or the latest in --output_dir when no path is given).")
@@ -151,17 +233,10 @@ def finish_training_args(args: argparse.Namespace) -> argparse.Namespace:
 
 
 def validate_task_args(args: argparse.Namespace) -> utils_glue.TaskSpec:
+    """The task and its data folder (numeric flags are range-checked by their argparse types)."""
     spec = utils_glue.get_task(args.task_name)
     if not Path(args.data_dir).is_dir():
         raise CLIError(f"--data_dir {args.data_dir} does not exist")
-    for name in ("per_gpu_train_batch_size", "per_gpu_eval_batch_size", "gradient_accumulation_steps"):
-        if getattr(args, name, 1) < 1:
-            raise CLIError(f"--{name} must be at least 1")
-    for name in ("max_train_samples", "max_eval_samples"):
-        if getattr(args, name, None) is not None and getattr(args, name) < 1:
-            raise CLIError(f"--{name} must be at least 1")
-    if args.max_seq_length <= 2:
-        raise CLIError(f"--max_seq_length {args.max_seq_length} leaves no room for text (needs > 2)")
     return spec
 
 

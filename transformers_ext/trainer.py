@@ -115,9 +115,10 @@ class Schedule:
     @classmethod
     def make(cls, num_batches: int, accumulation: int, epochs: float, max_steps: int = 0) -> Schedule:
         updates_per_epoch = num_batches // accumulation
+        if updates_per_epoch == 0:  # 0 updates would save the untrained model as the best one
+            raise CLIError(f"--gradient_accumulation_steps {accumulation} is more than an epoch's batches "
+                           f"({num_batches}): no update would run")
         if max_steps > 0:
-            if updates_per_epoch == 0:
-                raise CLIError(f"--max_steps {max_steps}: the training set makes no full update")
             return cls(-(-max_steps // updates_per_epoch), updates_per_epoch, max_steps, accumulation)
         return cls(int(epochs), updates_per_epoch, updates_per_epoch * int(epochs), accumulation)
 
