@@ -1,15 +1,19 @@
 #!/usr/bin/env bash
 # Inference with the gated flexible BERT: every static subnet (width x depth), width-dynamic with the
 # task's best-trade-off widths, and width+depth-dynamic with early exit over a threshold sweep; at each
-# batch size in BATCH_SIZES. Ends with one accuracy / FLOPs / latency table and a trade-off plot.
+# batch size in BATCH_SIZES. Then the calibrated settings for each FLOPs budget in BUDGETS (train_gate_new.py
+# --calibrate: map and threshold chosen on a seeded half of dev, reported on the other half; its Pareto front
+# goes on the plot). Ends with one accuracy / FLOPs / latency table and a trade-off plot.
 # Extra arguments are passed to every train_gate(_new).py call. Environment: as run_glue.sh, plus
-# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"; quick: "32"), THRESHOLDS ("0.1 0.3 0.5"), INFERENCE_DIR.
+# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"; quick: "32"), THRESHOLDS ("0.1 0.3 0.5"),
+# BUDGETS ("0.3 0.5 0.7"; empty: no calibration), INFERENCE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
 MODEL=${MODEL:-$WD_BERT_GATES}
 BATCH_SIZES=${BATCH_SIZES:-$([ "$QUICK" = 1 ] && echo 32 || echo "32 1")}
 THRESHOLDS=${THRESHOLDS:-0.1 0.3 0.5}
+BUDGETS=${BUDGETS-0.3 0.5 0.7}
 CONFIG=best_tradeoff_inference_config.json
 # The task's class->width map from the best-trade-off config (README's example widths otherwise).
 DYN_WIDTHS=$($PY -c "import json,sys; e=json.load(open('$CONFIG')).get('$TASK'); print(','.join(map(str, e['width_mult_list'])) if e else '0.5,0.75,0.75,0.75')")
@@ -43,4 +47,18 @@ for bs in $BATCH_SIZES; do
       --wd_dynamic --early_exit --exit_threshold "$t"
   done
 done
+if [ -n "$BUDGETS" ]; then  # one calibration for all budgets (the maps' forwards are shared), first batch size
+  out="$INFERENCE_DIR/calibrated"
+  if [ "$FORCE" != 1 ] && [ -f "$out/calibration_results.json" ]; then
+    echo "reusing $out"
+  else
+    echo "-- calibration for FLOPs budgets $BUDGETS"
+    log=$(mktemp) rc=0
+    $PY train_gate_new.py "${COMMON[@]}" --output_dir "$out" --per_gpu_eval_batch_size "${BATCH_SIZES%% *}" \
+      --calibrate --flops_budget "$(echo $BUDGETS | tr ' ' ',')" "${EXTRA[@]}" > "$log" 2>&1 || rc=$?
+    if [ "$rc" != 0 ]; then cat "$log" >&2; rm -f "$log"; exit "$rc"; fi
+    mv "$log" "$out.log" && chmod a+r "$out.log"
+    sed -n '/^\*\*\*\*\* Calibration/,$p' "$out.log"
+  fi
+fi
 $PY plot_tradeoff.py --inference_dir "$INFERENCE_DIR" --output_dir "$OUT_DIR"

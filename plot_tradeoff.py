@@ -8,30 +8,61 @@ import io
 import json
 from pathlib import Path
 
-from transformers_ext.checkpoint_io import write_text
+from transformers_ext.checkpoint_io import atomic_write, check_writable, reading, write_text
 from transformers_ext.cli import ArgumentParser, CLIError, run_cli
-from utils_glue import primary_metric
+from utils_glue import DataError, get_task, primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",
            "mean_layers"]
 
 
+def _is_number(value) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool)
+
+
+def _row(path: Path, report) -> dict:
+    """One table row from one report, whose shape is checked: a wrong one is one error line naming the file."""
+    def bad(why: str) -> CLIError:
+        return CLIError(f"{path}: not a valid inference_results.json ({why})")
+
+    if not isinstance(report, dict):
+        raise bad(f"a JSON {type(report).__name__}, not an object")
+    if not isinstance(report.get("task"), str):
+        raise bad("no task name")
+    try:
+        get_task(report["task"])
+        metric = primary_metric(report["task"])
+    except (DataError, KeyError) as err:
+        raise bad(str(err).strip("'\"")) from None
+    results = report.get("results")
+    if not isinstance(results, dict):
+        raise bad("no 'results' object")
+    for key in (metric, "relative_flops", "flops", "mean_layers_executed"):
+        if not _is_number(results.get(key)):
+            raise bad(f"results.{key} is not a number")
+    for key in ("latency_ms_per_example", "examples_per_second"):
+        if results.get(key) is not None and not _is_number(results[key]):
+            raise bad(f"results.{key} is not a number")
+    batch = report.get("batch_size")
+    if isinstance(batch, bool) or not isinstance(batch, int) or batch < 1:
+        raise bad("batch_size is not a positive integer")
+    if not isinstance(report.get("mode"), str):
+        raise bad("no mode")
+    return {
+        "run": path.parent.name.rsplit("_b", 1)[0], "batch": batch,
+        "score": results[metric], "metric": metric, "rel_flops": results["relative_flops"],
+        "flops_ref": results["flops"], "ms_per_example": results.get("latency_ms_per_example"),
+        "examples_per_s": results.get("examples_per_second"),
+        "mean_layers": results["mean_layers_executed"], "task": report["task"], "mode": report["mode"],
+    }
+
+
 def load_rows(inference_dir: Path) -> list[dict]:
     rows = []
     for path in sorted(inference_dir.glob("*/inference_results.json")):
-        try:
-            report = json.loads(path.read_text())
-            results = report["results"]
-            metric = primary_metric(report["task"])
-            rows.append({
-                "run": path.parent.name.rsplit("_b", 1)[0], "batch": report["batch_size"],
-                "score": results[metric], "metric": metric, "rel_flops": results["relative_flops"],
-                "flops_ref": results["flops"], "ms_per_example": results.get("latency_ms_per_example"),
-                "examples_per_s": results.get("examples_per_second"),
-                "mean_layers": results["mean_layers_executed"], "task": report["task"], "mode": report["mode"],
-            })
-        except (OSError, json.JSONDecodeError, KeyError) as err:
-            raise CLIError(f"{path}: not a valid inference_results.json ({type(err).__name__}: {err})") from None
+        with reading(path):
+            report = json.loads(path.read_text(encoding="utf-8"))
+        rows.append(_row(path, report))
     if not rows:
         raise CLIError(f"no */inference_results.json under {inference_dir}")
     return rows
@@ -49,7 +80,23 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def plot(rows: list[dict], path: Path) -> None:
+def load_pareto(inference_dir: Path) -> list[dict]:
+    """The calibration Pareto front(s) (`train_gate_new.py --calibrate`'s */calibration_pareto.csv), merged:
+    the points no other beats in both score and relative FLOPs (on the calibration split)."""
+    from transformers_ext.calibration import pareto_front
+
+    points = []
+    for path in sorted(inference_dir.glob("*/calibration_pareto.csv")):
+        try:
+            with open(path, newline="", encoding="utf-8") as f:
+                points += [{"relative_flops": float(r["relative_flops"]), "score": float(r["score"])}
+                           for r in csv.DictReader(f)]
+        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+            raise CLIError(f"{path}: not a valid calibration_pareto.csv ({type(err).__name__}: {err})") from None
+    return pareto_front(points)
+
+
+def plot(rows: list[dict], path: Path, pareto: list[dict] | None = None) -> None:
     import matplotlib
 
     matplotlib.use("Agg")
@@ -64,6 +111,9 @@ def plot(rows: list[dict], path: Path) -> None:
         if pts:
             ax.plot([p["rel_flops"] for p in pts], [p["score"] for p in pts], marker=marker, ls="--", alpha=0.8,
                     label=f"static subnets, depth {depth}")
+    if pareto:
+        ax.plot([p["relative_flops"] for p in pareto], [p["score"] for p in pareto], ds="steps-post", lw=1.2,
+                c="tab:gray", alpha=0.9, label="calibration Pareto front (calibration split)")
     wdyn = [r for r in rows if r["mode"] == "w_dynamic"]
     if wdyn:
         ax.scatter([r["rel_flops"] for r in wdyn], [r["score"] for r in wdyn], marker="*", s=180, c="tab:red",
@@ -85,9 +135,7 @@ def plot(rows: list[dict], path: Path) -> None:
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, loc="lower right")
     fig.tight_layout()
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=130)
-    tmp.replace(path)
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
 
 
 def main() -> None:
@@ -98,6 +146,7 @@ def main() -> None:
     inference_dir, output_dir = Path(args.inference_dir), Path(args.output_dir)
     if not inference_dir.is_dir():
         raise CLIError(f"--inference_dir {inference_dir} does not exist")
+    check_writable(output_dir)  # before the work, not after it
     rows = sorted(load_rows(inference_dir), key=lambda r: (r["batch"], r["mode"] != "static", -r["rel_flops"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
@@ -105,7 +154,7 @@ def main() -> None:
     writer.writeheader()
     writer.writerows(rows)
     write_text(output_dir / "tradeoff.csv", buf.getvalue())
-    plot(rows, output_dir / "tradeoff.png")
+    plot(rows, output_dir / "tradeoff.png", load_pareto(inference_dir))
     print(format_table(rows))
     print(f"\ntable: {output_dir / 'tradeoff.csv'}\nplot:  {output_dir / 'tradeoff.png'}")
 
