@@ -58,7 +58,7 @@ if [ -n "$BUDGETS" ]; then  # one calibration for all budgets (the maps' forward
       --calibrate --flops_budget "$(echo $BUDGETS | tr ' ' ',')" "${EXTRA[@]}" > "$log" 2>&1 || rc=$?
     if [ "$rc" != 0 ]; then cat "$log" >&2; rm -f "$log"; exit "$rc"; fi
     mv "$log" "$out.log" && chmod a+r "$out.log"
-    sed -n '/^\*\*\*\*\* Calibration/,$p' "$out.log"
+    tr '\r' '\n' < "$out.log" | sed -n '/^\*\*\*\*\* Calibration/,$p'  # the summary (progress bars use \r)
   fi
 fi
 $PY plot_tradeoff.py --inference_dir "$INFERENCE_DIR" --output_dir "$OUT_DIR"
