@@ -8,6 +8,7 @@ import argparse
 import sys
 import time
 
+import bench_calibration
 import bench_dynamic
 import bench_flops
 import bench_overhead
@@ -15,7 +16,8 @@ import bench_static
 import bench_training
 from common import Context, add_common_args, cpu_info
 
-SECTIONS = {"1": bench_overhead, "2": bench_static, "3": bench_dynamic, "4": bench_training, "5": bench_flops}
+SECTIONS = {"1": bench_overhead, "2": bench_static, "3": bench_dynamic, "4": bench_training, "5": bench_flops,
+            "6": bench_calibration}
 
 
 def main() -> None:
