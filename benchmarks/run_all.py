@@ -1,6 +1,6 @@
 """Run every benchmark section in one process and print the PASS/FAIL lines (exit code 1 if a target is
 missed): 1 overhead vs transformers BERT, 2 static subnets, 3 dynamic inference, 4 training steps, 5 FLOPs
-accounting. `--quick` halves the repeats; `--sections 1,3` runs a subset."""
+accounting, 6 calibration. `--quick` halves the repeats; `--sections 1,3` runs a subset."""
 
 from __future__ import annotations
 
