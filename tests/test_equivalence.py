@@ -16,6 +16,14 @@ requires exactly the recorded results:
   test_dev_features            the tokenised dev set the per-example outputs are computed on
   test_per_example_outputs     logits, heads, width_class, exit_layer, linear/attention MACs per example
 
+Bit-identity needs a CPU whose kernels round as the goldens' machine did. Another CPU (other SIMD width or
+BLAS blocking) changes the last bits of the first forward and training amplifies them (measured on an AMD
+EPYC machine: finetuning weights within 1.3e-6, later steps up to 2.2e-3 of a tensor's norm, losses within
+1e-5 relative, every accuracy, head count, width class, exit layer and MAC count identical). So the comparison
+is exact when the finetuning step reproduces its golden bit for bit (`numerics` fixture), and otherwise
+numerical: discrete values exact, floats within the NUMERIC_* tolerances, which are 5-10x the worst seen and
+far below what a change of loss, schedule or routing produces.
+
 Regenerate the goldens (only from code known to be right): .venv/bin/python tests/golden/make_golden.py
 """
 
@@ -52,9 +60,14 @@ PARITY_FLAGS: dict[str, list[str]] = {
 # Result-file differences made on purpose since the goldens: the gate folder's config stores the trained
 # class -> width map (inference reads it as its default) instead of the never-read `early_exit` (issue 15);
 # gate_results.json records the gate loss rule and how the best gates route dev examples (issue 17).
+# Issue 18: config.json names the task's labels and the stock class that loads it (new result files such as
+# all_results.json, trainer_state.json and README.md sit beside the compared ones and are not compared).
+_LABELS = {"/config/id2label: unexpected", "/config/label2id: unexpected",
+           "/config/architectures[0]: 'BertForSequenceClassification' != golden 'FlexBertForSequenceClassification'"}
 INTENDED_CHANGES: dict[str, set[str]] = {
     "gates": {"/config/early_exit: missing", "/config/gate_class_to_width: unexpected",
-              "/gate_results/gate_loss: unexpected", "/gate_results/routed_dev: unexpected"},
+              "/gate_results/gate_loss: unexpected", "/gate_results/routed_dev: unexpected"} | _LABELS,
+    **{step: set(_LABELS) for step in ("finetuning", "dynabertw", "dynabertw_aug", "dynabert", "final_finetuning")},
 }
 
 
@@ -93,8 +106,30 @@ def pipeline(tmp_path_factory, golden) -> make_golden.PipelineOutput:
     return make_golden.run_pipeline(root, PARITY_FLAGS, per_example_outputs, initial_weights=golden["initial"])
 
 
+@pytest.fixture(scope="module")
+def exact(pipeline) -> bool:
+    """Does this CPU round as the goldens' machine did? (The finetuning step's weights, bit for bit.)"""
+    expected = load_file(str(make_golden.GOLDEN_DIR / "finetuning.safetensors"))
+    same = not _tensor_mismatches(pipeline.weights["finetuning"], expected)
+    if not same:
+        print("\nthis CPU rounds differently from the goldens' machine: numerical comparison", file=sys.stderr)
+    return same
+
+
 # ---- comparison helpers ------------------------------------------------------------------------------------
-def _tensor_mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> list[str]:
+NUMERIC_WEIGHT_REL = 1e-2  # |a - e| / |e| per weight tensor (Frobenius norms)
+NUMERIC_INERT_ABS = 2e-3  # attention key biases: no effect on any output (softmax is shift-invariant), so their
+#                           gradient is rounding noise that Adam scales up to lr-sized steps; max |a - e|
+NUMERIC_FLOAT_REL = 1e-3  # JSON floats (losses, scores) and floating tensors (logits): relative ...
+NUMERIC_FLOAT_ABS = 5e-3  # ... or absolute
+
+
+def _float_close(a: float, e: float) -> bool:
+    return math.isclose(a, e, rel_tol=NUMERIC_FLOAT_REL, abs_tol=NUMERIC_FLOAT_ABS)
+
+
+def _tensor_mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], exact: bool = True,
+                       weights: bool = False) -> list[str]:
     problems = [f"missing {k}" for k in sorted(expected.keys() - actual.keys())]
     problems += [f"unexpected {k}" for k in sorted(actual.keys() - expected.keys())]
     for key in sorted(expected.keys() & actual.keys()):
@@ -103,25 +138,54 @@ def _tensor_mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torc
             problems.append(f"{key}: {a.dtype}{list(a.shape)} != golden {e.dtype}{list(e.shape)}")
         elif not torch.equal(a, e):
             diff = (a.double() - e.double()).abs()
+            if not exact and a.is_floating_point():
+                if weights and key.endswith("attention.self.key.bias"):
+                    close = bool(diff.max() <= NUMERIC_INERT_ABS)
+                elif weights:
+                    close = bool(diff.norm() <= NUMERIC_WEIGHT_REL * e.double().norm())
+                else:
+                    close = bool((diff <= NUMERIC_FLOAT_ABS + NUMERIC_FLOAT_REL * e.double().abs()).all())
+                if close:
+                    continue
             problems.append(f"{key}: {int((diff > 0).sum())}/{a.numel()} elements differ, max |diff| {diff.max():.3g}")
     return problems
 
 
-def _json_mismatches(actual, expected, path: str = "") -> list[str]:
-    """Leaf paths where two JSON values differ (exact: floats compared with ==, types must agree)."""
+def _json_mismatches(actual, expected, path: str = "", exact: bool = True) -> list[str]:
+    """Leaf paths where two JSON values differ (types must agree; floats compared with ==, or within the
+    NUMERIC_FLOAT tolerances when not `exact`)."""
     if isinstance(expected, dict) and isinstance(actual, dict):
         problems = [f"{path}/{k}: missing" for k in expected if k not in actual]
         problems += [f"{path}/{k}: unexpected" for k in actual if k not in expected]
         for k in expected:
             if k in actual:
-                problems += _json_mismatches(actual[k], expected[k], f"{path}/{k}")
+                problems += _json_mismatches(actual[k], expected[k], f"{path}/{k}", exact)
         return problems
     if isinstance(expected, list) and isinstance(actual, list) and len(expected) == len(actual):
-        return [p for i, (a, e) in enumerate(zip(actual, expected)) for p in _json_mismatches(a, e, f"{path}[{i}]")]
+        return [p for i, (a, e) in enumerate(zip(actual, expected))
+                for p in _json_mismatches(a, e, f"{path}[{i}]", exact)]
     same_nan = isinstance(actual, float) and isinstance(expected, float) and math.isnan(actual) and math.isnan(expected)
-    if type(actual) is not type(expected) or (actual != expected and not same_nan):
+    close = not exact and isinstance(actual, float) and isinstance(expected, float) and _float_close(actual, expected)
+    if type(actual) is not type(expected) or (actual != expected and not same_nan and not close):
         return [f"{path}: {actual!r} != golden {expected!r}"]
     return []
+
+
+def _text_mismatch(actual: str, expected: str, exact: bool) -> bool:
+    """A printed report differs: exactly, or (not `exact`) in a word or beyond the tolerance in a number."""
+    if actual == expected or exact:
+        return actual != expected
+    a_words, e_words = actual.split(), expected.split()
+    if len(a_words) != len(e_words):
+        return True
+    for a, e in zip(a_words, e_words, strict=True):
+        if a != e:
+            try:
+                if not _float_close(float(a.strip(",%()[]")), float(e.strip(",%()[]"))):
+                    return True
+            except ValueError:
+                return True
+    return False
 
 
 def _fail_on(problems: list[str], what: str) -> None:
@@ -133,23 +197,23 @@ def _fail_on(problems: list[str], what: str) -> None:
 
 # ---- tests -------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("step", make_golden.TRAIN_STEP_NAMES)
-def test_training_weights(pipeline, step):
+def test_training_weights(pipeline, exact, step):
     expected = load_file(str(make_golden.GOLDEN_DIR / f"{step}.safetensors"))
-    _fail_on(_tensor_mismatches(pipeline.weights[step], expected), f"{step} model.safetensors")
+    _fail_on(_tensor_mismatches(pipeline.weights[step], expected, exact, weights=True), f"{step} model.safetensors")
 
 
 @pytest.mark.parametrize("step", make_golden.TRAIN_STEP_NAMES)
-def test_training_results(pipeline, golden, step):
-    problems = [p for p in _json_mismatches(pipeline.records[step], golden["records"][step])
+def test_training_results(pipeline, golden, exact, step):
+    problems = [p for p in _json_mismatches(pipeline.records[step], golden["records"][step], exact=exact)
                 if p not in INTENDED_CHANGES.get(step, ())]
     _fail_on(problems, f"{step} result files")
 
 
 @pytest.mark.parametrize("step", make_golden.INFERENCE_STEP_NAMES)
-def test_inference_results(pipeline, golden, step):
+def test_inference_results(pipeline, golden, exact, step):
     actual, expected = pipeline.records[step], golden["records"][step]
-    _fail_on(_json_mismatches(actual["report"], expected["report"]), f"{step} inference_results.json")
-    assert actual["stdout"] == expected["stdout"], f"{step}: printed report differs"
+    _fail_on(_json_mismatches(actual["report"], expected["report"], exact=exact), f"{step} inference_results.json")
+    assert not _text_mismatch(actual["stdout"], expected["stdout"], exact), f"{step}: printed report differs"
 
 
 def test_steps_match_the_goldens(golden):
@@ -173,7 +237,28 @@ def test_dev_features(pipeline, golden):
 
 
 @pytest.mark.parametrize("setting", sorted(make_golden.PER_EXAMPLE_SETTINGS))
-def test_per_example_outputs(pipeline, golden, setting):
+def test_per_example_outputs(pipeline, golden, exact, setting):
     keys = [f"{setting}/{name}" for name in make_golden.PER_EXAMPLE_FIELDS]
     _fail_on(_tensor_mismatches({k: pipeline.per_example[k] for k in keys},
-                                {k: golden["per_example"][k] for k in keys}), f"per-example outputs, {setting}")
+                                {k: golden["per_example"][k] for k in keys}, exact), f"per-example outputs, {setting}")
+
+
+def test_numerical_comparison_still_catches_real_changes():
+    """The fallback for other CPUs tolerates rounding, not behaviour: a 5 % change of one weight tensor, one
+    flipped accuracy or head count, or a logit moved by 0.05 is still reported."""
+    gen = torch.Generator().manual_seed(0)
+    weight = torch.randn(8, 8, generator=gen)
+    golden = {"layer.dense.weight": weight, "attention.self.key.bias": torch.zeros(8)}
+    noisy = {"layer.dense.weight": weight + 1e-4 * torch.randn(8, 8, generator=gen),
+             "attention.self.key.bias": torch.full((8,), 3e-4)}
+    assert not _tensor_mismatches(noisy, golden, exact=False, weights=True)
+    assert _tensor_mismatches(noisy, golden, exact=True, weights=True)
+    changed = {**noisy, "layer.dense.weight": weight * 1.05}
+    assert _tensor_mismatches(changed, golden, exact=False, weights=True)
+    assert _tensor_mismatches({"heads": torch.tensor([4, 2])}, {"heads": torch.tensor([4, 3])}, exact=False)
+    assert _tensor_mismatches({"logits": torch.tensor([0.35])}, {"logits": torch.tensor([0.3])}, exact=False)
+    assert not _json_mismatches({"loss": 0.69315, "acc": 0.5}, {"loss": 0.69314, "acc": 0.5}, exact=False)
+    assert _json_mismatches({"acc": 0.5417}, {"acc": 0.5}, exact=False)
+    assert _json_mismatches({"n": 3}, {"n": 4}, exact=False)
+    assert not _text_mismatch("acc 0.5000 loss 0.69315", "acc 0.5000 loss 0.69314", exact=False)
+    assert _text_mismatch("acc 0.5417 loss 0.69315", "acc 0.5000 loss 0.69315", exact=False)

@@ -83,10 +83,11 @@ def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task
             with torch.no_grad():  # separate forwards of the subnet itself, one batch of 8 at a time
                 logits = torch.cat([model(*[t[i:i + 8] for t in dataset.tensors[:3]], subnet=subnet).logits
                                     for i in range(0, 20, 8)])
+            # bit-identical on some CPUs; others pick kernels by shape and differ in the last bits (4e-9 seen)
             torch.testing.assert_close(torch.from_numpy(predict(model, dataset, 8, torch.device("cpu"), w, d)[0]),
-                                       logits, rtol=0, atol=0)
+                                       logits, rtol=0, atol=1e-6)
             import utils_glue
 
             expected = utils_glue.compute_metrics(task, logits.numpy(), dataset.tensors[3].numpy())
             for key, value in expected.items():
-                assert results[f"d{d:g}_w{w:g}"][key] == value
+                assert results[f"d{d:g}_w{w:g}"][key] == pytest.approx(value, rel=0, abs=1e-6)
