@@ -12,6 +12,9 @@ similarity (GloVe with --glove_embs, otherwise the model's own input word embedd
 from __future__ import annotations
 
 import argparse
+import csv
+import io
+import json
 import logging
 import os
 import random
@@ -19,14 +22,24 @@ import re
 import sys
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 
 from transformers_ext.cli import ArgumentParser
-from utils_glue import DataError, TaskSpec, get_task, read_examples, read_tsv
+from utils_glue import (
+    DataError,
+    TaskSpec,
+    custom_augmented_file,
+    data_format,
+    get_task,
+    read_examples,
+    read_table,
+    read_tsv,
+    resolve_columns,
+)
 
 log = logging.getLogger("augment_data")
 
@@ -240,14 +253,17 @@ class Augmenter:
         return draw_variants(sentence, tokens, cands, self.n, self.p, self.rng)
 
 
-def augment_rows(spec: TaskSpec, rows: list[list[str]], augmenter: Augmenter) -> Iterator[list[str]]:
-    """Per row and text column: the original row, then one row per variant of that column (SPEC §1.5)."""
-    columns = [spec.text_a] + ([spec.text_b] if spec.text_b is not None else [])
+def augment_rows(columns: TaskSpec | Sequence[int | str], rows: Sequence[list[str] | dict],
+                 augmenter: Augmenter) -> Iterator[list[str] | dict]:
+    """Per row and text column: the original row, then one row per variant of that column (SPEC §1.5).
+    `columns`: the text columns (positions in a list row, names in a dict row), or a GLUE TaskSpec's."""
+    if isinstance(columns, TaskSpec):
+        columns = [columns.text_a] + ([columns.text_b] if columns.text_b is not None else [])
     for fields in rows:
         for col in columns:
             yield fields
-            for variant in augmenter.augment(fields[col]):
-                new = list(fields)
+            for variant in augmenter.augment(str(fields[col])):
+                new = dict(fields) if isinstance(fields, dict) else list(fields)
                 new[col] = variant
                 yield new
 
@@ -287,6 +303,63 @@ def training_rows(spec: TaskSpec, data_dir: Path) -> tuple[list[str] | None, lis
     return header, [r for r in rows if len(r) >= spec.min_columns]
 
 
+def custom_training_rows(train_file: Path, text_column: str | None, text_pair_column: str | None
+                         ) -> tuple[list[str], list[dict], list[str]]:
+    """(columns, rows as dicts, text columns to augment) of your own training file (csv, tsv, json lines)."""
+    columns, rows = read_table(train_file)
+    text, pair, _ = resolve_columns(train_file, columns, text_column, text_pair_column, None, need_label=False)
+    return columns, [row for _, row in rows], [text] + ([pair] if pair else [])
+
+
+def custom_row_writer(train_file: Path, output: Path, columns: list[str]) -> Callable[[Iterator[dict]], int]:
+    """A function writing dict rows atomically to `output` in the training file's format (csv quoted as the
+    csv module writes it, tsv TAB-joined with tabs/newlines in the text turned to spaces, json lines)."""
+    fmt = data_format(train_file)
+
+    def write(rows: Iterator[dict]) -> int:
+        def lines() -> Iterator[str]:
+            if fmt == "json":
+                for row in rows:
+                    yield json.dumps(row, ensure_ascii=False) + "\n"
+                return
+            if fmt == "tsv":
+                yield "\t".join(columns) + "\n"
+                for row in rows:
+                    yield "\t".join(" ".join(str(row[c]).split()) if "\t" in str(row[c]) or "\n" in str(row[c])
+                                    else str(row[c]) for c in columns) + "\n"
+                return
+            buf = io.StringIO()
+            writer = csv.writer(buf, lineterminator="\n")
+            writer.writerow(columns)
+            yield buf.getvalue()
+            for row in rows:
+                buf.seek(0)
+                buf.truncate()
+                writer.writerow([row[c] for c in columns])
+                yield buf.getvalue()
+
+        return write_lines_atomic(output, lines(), header=fmt != "json")
+
+    return write
+
+
+def write_lines_atomic(path: Path, records: Iterator[str], header: bool) -> int:
+    """Stream records (one row's text each, the first the header when `header`) to a temporary file next to
+    `path`, then rename; returns the number of example rows written."""
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    count = 0
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            for record in records:
+                f.write(record)
+                count += 1
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return count - int(header)
+
+
 def write_rows_atomic(path: Path, header: list[str] | None, rows: Iterator[list[str]]) -> int:
     """Stream rows to a temporary file next to `path`, then rename: never a partial output file."""
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
@@ -309,8 +382,19 @@ def build_parser() -> argparse.ArgumentParser:
     parser = ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
-    parser.add_argument("--task_name", required=True, help="GLUE task (any case): " + ", ".join(DEFAULT_N))
-    parser.add_argument("--data_dir", required=True, help="task folder holding train.tsv; train_aug.tsv goes here")
+    parser.add_argument("--task_name", default=None,
+                        help="GLUE task (any case): " + ", ".join(DEFAULT_N) + " (required without --train_file)")
+    parser.add_argument("--data_dir", default=None,
+                        help="task folder holding train.tsv; train_aug.tsv goes here (required without --train_file)")
+    parser.add_argument("--train_file", default=None,
+                        help="your own training file (.csv, .tsv, .json/.jsonl with a header / keys) instead of a GLUE "
+                             "folder: its text columns are augmented, every other column copied; written in the same "
+                             "format to <stem>_aug<suffix> beside it, where run_glue.py --train_file ... --data_aug "
+                             "reads it")
+    parser.add_argument("--text_column", default=None,
+                        help="with --train_file: the text column (default: sentence1, else sentence or text)")
+    parser.add_argument("--text_pair_column", default=None,
+                        help="with --train_file: the second text column (default: sentence2 if the file has it)")
     parser.add_argument("--model_dir", required=True,
                         help="BERT model folder (config.json, weights, vocab.txt); its masked-LM head gives "
                              "candidates, a model without one falls back to embedding neighbours for all words")
@@ -339,20 +423,37 @@ def main(argv: list[str] | None = None) -> int:
         parser.error("--p must be between 0 and 1")
     if args.M < 1 or (args.N is not None and args.N < 0) or (args.max_examples is not None and args.max_examples < 1):
         parser.error("--M and --max_examples must be >= 1, --N >= 0")
+    if args.train_file is None and (args.task_name is None or args.data_dir is None):
+        parser.error("give --task_name and --data_dir (a GLUE folder), or --train_file (your own data)")
+    if args.train_file is None and (args.text_column or args.text_pair_column):
+        parser.error("--text_column / --text_pair_column apply to --train_file only")
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     try:
-        spec = get_task(args.task_name)
-        data_dir = Path(args.data_dir)
-        output = Path(args.output) if args.output else data_dir / "train_aug.tsv"
-        header, rows = training_rows(spec, data_dir)
+        if args.train_file is not None:
+            train_file = Path(args.train_file)
+            output = Path(args.output) if args.output else custom_augmented_file(train_file)
+            header, rows, columns = custom_training_rows(train_file, args.text_column, args.text_pair_column)
+            write_rows = custom_row_writer(train_file, output, header)
+            name, n_default = train_file.stem, 20
+        else:
+            spec = get_task(args.task_name)
+            data_dir = Path(args.data_dir)
+            train_file = data_dir / "train.tsv"
+            output = Path(args.output) if args.output else data_dir / "train_aug.tsv"
+            header, rows = training_rows(spec, data_dir)
+            columns = [spec.text_a] + ([spec.text_b] if spec.text_b is not None else [])
+            name, n_default = spec.name, DEFAULT_N[spec.name]
+
+            def write_rows(rows):
+                return write_rows_atomic(output, header, rows)
         if not output.parent.is_dir():
             raise DataError(f"output folder {output.parent} does not exist")
-        if output.resolve() == (data_dir / "train.tsv").resolve():
+        if output.resolve() == train_file.resolve():
             raise DataError("--output must not overwrite the training file")
         if args.glove_embs is not None and not Path(args.glove_embs).is_file():
             raise DataError(f"--glove_embs: {args.glove_embs}: file not found")
         rows = rows[: args.max_examples]
-        n = args.N if args.N is not None else DEFAULT_N[spec.name]
+        n = args.N if args.N is not None else n_default
 
         tokenizer, model, has_mlm = load_model(args.model_dir)
         if not has_mlm:
@@ -366,13 +467,13 @@ def main(argv: list[str] | None = None) -> int:
         from tqdm import tqdm
 
         start = time.time()
-        progress = tqdm(rows, desc=f"augment {spec.name}", unit="ex", file=sys.stderr)
-        count = write_rows_atomic(output, header, augment_rows(spec, progress, augmenter))
+        progress = tqdm(rows, desc=f"augment {name}", unit="ex", file=sys.stderr)
+        count = write_rows(augment_rows(columns, progress, augmenter))
         secs = time.time() - start
         log.info("wrote %d rows for %d examples to %s in %.1fs (%.1f examples/s)",
                  count, len(rows), output, secs, len(rows) / max(secs, 1e-9))
-        other = output.parent / f"train_{spec.name}_aug_with_logits.tsv"
-        if other.is_file():
+        other = output.parent / f"train_{name}_aug_with_logits.tsv"
+        if args.train_file is None and other.is_file():
             log.info("note: %s exists and is read by --data_aug instead of %s", other, output.name)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)

@@ -90,8 +90,8 @@ def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> 
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = num_layers
     folder.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():
-        if item.name != "config.json" and item.is_file():
+    for item in source.iterdir():  # folders too: 1_Pooling/ tells the pipeline the model's pooling
+        if item.name != "config.json":
             target = folder / item.name
             if not target.exists():
                 target.symlink_to(item.resolve())

@@ -17,20 +17,24 @@ from __future__ import annotations
 
 import argparse
 import copy
+import json
 import logging
 import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from tensorboardX import SummaryWriter
 
 import utils_glue
-from transformers_ext import compute_importance, graft, rewire
+from transformers_ext import compute_importance, dynamic_forward, graft, rewire
 from transformers_ext.checkpoint_io import (
+    check_writable,
     clean_up_on_failure,
     load_model_and_tokenizer,
+    model_card,
     prepare_output_dir,
     resume_checkpoint,
     save_checkpoint,
@@ -40,6 +44,7 @@ from transformers_ext.checkpoint_io import (
 )
 from transformers_ext.cli import (
     COUNT,
+    MULTIPLIER,
     NON_NEGATIVE,
     STEPS,
     ArgumentParser,
@@ -61,11 +66,14 @@ from transformers_ext.trainer import (
     check_finite,
     evaluate_subnets,
     fit,
+    flat_eval_results,
     format_subnet_table,
     set_seed,
     setup_device,
     setup_logging,
     subnet_key,
+    train_metrics,
+    trainer_state,
 )
 
 logger = logging.getLogger("flexbert")
@@ -144,7 +152,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--pooling", choices=["cls", "mean"], default=None,
       help="What the head, off-ramps and gates read: the [CLS] vector (BERT's pooler) or the mean over tokens "
            "(for models pre-trained with mean pooling, such as the embedded MiniLM). Saved in config.json, so "
-           "later stages inherit it (default: the model's own setting, else cls).")
+           "later stages inherit it (default: the model's config.pooling, else the pooling of a "
+           "sentence-transformers folder's 1_Pooling/config.json, which is mean for the embedded MiniLM, else cls).")
     a("--separate_subnet_passes", action="store_true",
       help="One forward and backward per (width, depth) subnet, as the reference, instead of one per width "
            "shared by all depths (same gradient up to float rounding without dropout; about 2x slower).")
@@ -158,7 +167,50 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--group_by_length", action="store_true",
       help="Shuffle, then sort each run of 50 batches by length so batches hold similar lengths; with "
            "--trim_padding this skips most padding (1.5-1.9x fewer tokens on MRPC/RTE at length 128).")
-    return finish_training_args(parser.parse_args(argv))
+    a("--do_predict", action="store_true",
+      help="Predict the test split (test.tsv; MNLI test_matched/test_mismatched.tsv; or --test_file) with the "
+           "static subnet --width_mult x --depth_mult: predict_results_<task>.txt (index<TAB>prediction, label "
+           "names; regression: 3 decimals) in --output_dir, as Hugging Face run_glue. After --do_train it uses "
+           "the best model saved; without it, the trained model in --model_dir.")
+    a("--width_mult", type=MULTIPLIER, default=1.0, help="--do_predict: the subnet's width multiplier.")
+    a("--depth_mult", type=MULTIPLIER, default=1.0, help="--do_predict: the subnet's depth multiplier.")
+    a("--save_predictions", action="store_true",
+      help="--do_predict: also predictions_test.jsonl, one JSON object per example (index, prediction, label if "
+           "known, width per layer, layers executed, MACs and FLOPs).")
+    return utils_glue.setup_custom_task(finish_training_args(parser.parse_args(argv)))
+
+
+def predict(args: argparse.Namespace, model_dir: str) -> None:
+    """--do_predict: the static subnet (--width_mult, --depth_mult) of the model in `model_dir` on the task's
+    test split(s); the files are written atomically into --output_dir."""
+    spec = utils_glue.get_task(args.task_name)
+    device, _, _ = setup_device(args.cpu, args.num_threads)
+    model, tokenizer = load_model_and_tokenizer(model_dir, spec, args)
+    validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
+    model.to(device).eval()
+    out_dir = Path(args.output_dir)
+    load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
+    for split in utils_glue.split_names(args.task_name, "test"):
+        dataset = utils_glue.load_dataset(args.task_name, args.data_dir, split, **load)
+        indices = [e.index for e in utils_glue.get_examples(args.task_name, args.data_dir, split)]
+        logits, rows = [], []
+        for b, batch in enumerate(utils_glue.epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, False)):
+            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, fixed_width=args.width_mult,
+                                  depth_mult=args.depth_mult)
+            logits.append(out.logits.float().cpu())
+            if args.save_predictions:
+                start = b * args.per_gpu_eval_batch_size
+                rows += utils_glue.prediction_records(spec, split, indices[start : start + len(labels)], logits[-1],
+                                                      labels.cpu(), out, None, args.width_mult)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        path = out_dir / utils_glue.predictions_file_name(args.task_name, split)
+        write_text(path, utils_glue.predictions_text(spec, indices, utils_glue.prediction_values(
+            spec, torch.cat(logits))))
+        logger.info("test predictions of subnet w%g d%g (%s, %d examples): %s", args.width_mult, args.depth_mult,
+                    split, len(indices), path)
+        if args.save_predictions:
+            write_text(out_dir / f"predictions_{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
 
 
 def phase_subnets(args: argparse.Namespace) -> tuple[list[float], list[float]]:
@@ -278,7 +330,9 @@ def train(args: argparse.Namespace) -> dict:
         set_seed(args.seed)  # again before the loop (SPEC §4.1)
 
     output_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
+    # one run folder per phase (and run): final fine-tuning in place does not overlay the depth phase's curves
+    writer = SummaryWriter(str(output_dir / "runs" / f"{phase_name}_{time.strftime('%Y%m%d-%H%M%S')}")) \
+        if is_main else None
     logger.info("***** %s on %s: %d examples, %d epochs, %d updates, subnets depth %s x width %s *****",
                 phase_name, spec.name, len(train_set), schedule.epochs, schedule.total_updates, depths, widths)
     grafting = phase.rewire and args.graft_during_training
@@ -302,7 +356,10 @@ def train(args: argparse.Namespace) -> dict:
         return score, {"step": state.global_step, "score_sum": score, "results": results}
 
     def on_best(state, record: dict) -> None:
-        save_model(model, tokenizer, output_dir)
+        card = model_card(task=spec.name, phase=phase_name, base_model=args.model_dir, config=model.config,
+                          results=record["results"], metric=metric,
+                          notes=[f"best evaluation: step {state.global_step} of {schedule.total_updates}"])
+        save_model(model, tokenizer, output_dir, {"README.md": card})
         write_json(output_dir / "training_args.json", vars(args))
         txt = output_dir / "eval_results.txt"  # appended by rewriting it atomically: never a torn file
         lines = [f"{key} {k} = {v}\n" for key, metrics in record["results"].items() for k, v in metrics.items()]
@@ -318,6 +375,15 @@ def train(args: argparse.Namespace) -> dict:
         # eval_results.json is the latest phase's; the per-phase copy survives in-place final fine-tuning.
         write_json(output_dir / RESULTS_FILE, summary)
         write_json(output_dir / f"eval_results_{phase_name}.json", summary)
+        # Hugging Face's result files beside ours: flat all_results.json (the best evaluation; train_* once
+        # training ended) and trainer_state.json with the per-logging-step training loss
+        train = None if extra is None or "train_seconds" not in extra else train_metrics(
+            state, schedule, len(train_set), extra["train_seconds"])
+        write_json(output_dir / "all_results.json", {**({"epoch": train["epoch"]} if train else {}),
+                                                    **flat_eval_results(best["results"]), **(train or {})})
+        write_json(output_dir / "trainer_state.json", trainer_state(
+            state, schedule, lambda r: {**flat_eval_results(r["results"]), "eval_score_sum": r["score_sum"]},
+            args.logging_steps, best["step"], train))
 
     def after_update(state) -> None:
         if grafting and should_graft(state.global_step, graft_step, graft_stop):
@@ -360,7 +426,8 @@ def train(args: argparse.Namespace) -> dict:
                 losses=batch_losses, hooks=hooks, resume=resume, world=world, is_main=is_main,
                 eval_every=args.logging_steps if args.evaluate_during_training and args.logging_steps > 0 else 0,
                 precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", device_type=device.type,
-                writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True))
+                writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True),
+                log_every=args.logging_steps)
     elapsed = time.time() - train_start
     if is_main:
         write_summary(state, extra={"train_seconds": elapsed})
@@ -379,13 +446,21 @@ def main(argv: list[str] | None = None) -> None:
     created unless a checkpoint there can be resumed."""
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
-    validate_task_args(args)
+    spec = validate_task_args(args)
+    if spec.is_custom:
+        logger.info(utils_glue.describe_task(spec))
     if args.graft_during_training and not PHASES[args.training_phase].rewire:
         logger.warning("--graft_during_training only applies to --training_phase dynabertw; ignored")
-    if not args.do_train:
-        raise CLIError("nothing to do: pass --do_train (evaluation of subnets runs during and after training)")
-    with clean_up_on_failure(args.output_dir):
-        train(args)
+    if not (args.do_train or args.do_predict):
+        raise CLIError("nothing to do: pass --do_train (evaluation of subnets runs during and after training) "
+                       "or --do_predict (test predictions of a trained model)")
+    if args.do_train:
+        with clean_up_on_failure(args.output_dir):
+            train(args)
+    if args.do_predict and int(os.environ.get("RANK", "0")) == 0:
+        if not args.do_train:  # predictions are written at the end: an unusable folder is reported now
+            check_writable(args.output_dir)
+        predict(args, args.output_dir if args.do_train else args.model_dir)
 
 
 if __name__ == "__main__":

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import os
 import time
 from collections import Counter
@@ -31,11 +32,13 @@ from transformers_ext.checkpoint_io import (
     check_writable,
     clean_up_on_failure,
     load_model_and_tokenizer,
+    model_card,
     prepare_output_dir,
     resume_checkpoint,
     save_checkpoint,
     save_model,
     write_json,
+    write_text,
 )
 from transformers_ext.cli import (
     COUNT,
@@ -50,6 +53,7 @@ from transformers_ext.cli import (
     finish_training_args,
     layer_list,
     multiplier_list,
+    progress,
     run_cli,
     validate_subnets,
     validate_task_args,
@@ -67,7 +71,17 @@ from transformers_ext.gates import (
     layers_per_gate,
     temperature_at,
 )
-from transformers_ext.trainer import Hooks, Schedule, build_optimizer, fit, set_seed, setup_device, setup_logging
+from transformers_ext.trainer import (
+    Hooks,
+    Schedule,
+    build_optimizer,
+    fit,
+    set_seed,
+    setup_device,
+    setup_logging,
+    train_metrics,
+    trainer_state,
+)
 from utils_glue import epoch_batches, num_batches, trim_padding
 
 logger = logging.getLogger("flexbert")
@@ -83,6 +97,14 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     add_training_args(parser, learning_rate=2e-4, epochs=10.0, logging_steps=100, seed=200)
     a = parser.add_argument
     a("--do_eval", action="store_true", help="Run inference on the dev set (ignored with --do_train).")
+    a("--do_predict", action="store_true",
+      help="Inference on the test split too (test.tsv; MNLI test_matched.tsv and test_mismatched.tsv; or "
+           "--test_file), in any mode: writes predict_results_<task>.txt (index<TAB>prediction, label names; "
+           "regression: 3 decimals) into --output_dir, as Hugging Face run_glue does. Ignored with --do_train.")
+    a("--save_predictions", action="store_true",
+      help="Write predictions_<split>.jsonl for dev and (with --do_predict) test: per example its index, "
+           "prediction, label (null if unknown), the width each layer ran at, heads per layer, layers executed, "
+           "whether it exited early, and its MACs and FLOPs.")
     a("--width_mult_list", type=multiplier_list, default=None,
       help="Training: the gate classes' widths (= --gate_setting). Inference: class -> width map "
            "(C entries; untrained widths such as 0.55 allowed); default: the map the gates were trained with "
@@ -114,7 +136,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
-           "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57).")
+           "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57). The "
+           "entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for 10): a threshold at or "
+           "above ln C exits every example at the first off-ramp.")
     a("--off_ramps", type=layer_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
@@ -126,7 +150,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
            "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
            "width list, threshold, or --early_exit where the file says false) is refused; equal values are fine.")
-    return finish_training_args(parser.parse_args(argv))
+    return utils_glue.setup_custom_task(finish_training_args(parser.parse_args(argv)))
 
 
 DEFAULT_EXIT_THRESHOLD = 0.57
@@ -229,7 +253,7 @@ class GateInputs:
         size = len(args.gate_setting) * model.config.num_gates * len(dataset) * model.config.hidden_size * 4
         keep = size <= GATE_CACHE_BYTES and not backbone_dropout
         states, correct = [], []
-        for batch in tqdm(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
+        for batch in progress(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
                           desc="gate inputs and targets", leave=False):
             s, c = self._compute(batch, dropout=False)
             correct.append(c.cpu())
@@ -347,7 +371,9 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
         ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
         logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
     output_dir.mkdir(parents=True, exist_ok=True)
-    writer = SummaryWriter(str(output_dir / "runs")) if is_main else None
+    # one run folder per phase (and run), as run_glue.py: runs of different phases never overlay
+    writer = SummaryWriter(str(output_dir / "runs" / f"traingate_{time.strftime('%Y%m%d-%H%M%S')}")) \
+        if is_main else None
     temperature = 1.0
     # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
     index_set = torch.utils.data.TensorDataset(torch.arange(n_train))
@@ -395,6 +421,12 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
             "gate_loss": args.gate_loss, "train_target_histogram": hist, "best_dev_loss": -state.best_score,
             "history": state.history, **(extra or {}),
         })
+        # Hugging Face's result files beside ours (train_* once training ended), as run_glue.py writes them
+        best = max(state.history, key=lambda r: -r["loss"])
+        train = None if record is not None else train_metrics(state, schedule, n_train, time.time() - train_start)
+        write_json(output_dir / "all_results.json", {**gate_eval_results(best), **(train or {})})
+        write_json(output_dir / "trainer_state.json", trainer_state(state, schedule, gate_eval_results,
+                                                                    args.logging_steps, best["step"], train))
 
     def before_batch(state) -> None:
         nonlocal temperature
@@ -417,12 +449,13 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
         extra_state=lambda: {"temperature": temperature}, load_extra_state=load_extra_state,
     )
     model.gates.train()
+    train_start = time.time()
     state = fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
         batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
                                                    start_batch=start),
         losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
         is_main=is_main, precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
-        device_type=device.type, writer=writer, desc=f"traingate {spec.name}")
+        device_type=device.type, writer=writer, desc=f"traingate {spec.name}", log_every=args.logging_steps)
     if writer is not None:
         writer.close()
     if is_main and best_gates:  # how the best gates route dev examples at inference (states of chosen widths)
@@ -463,7 +496,17 @@ def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
     if args.exit_threshold is not None:
         config.exit_threshold = args.exit_threshold
     config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
-    save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str)})
+    card = model_card(task=utils_glue.get_task(args.task_name).name, phase="traingate", base_model=args.model_dir,
+                      config=config, notes=["gated inference: train_gate.py --do_eval --model_dir FOLDER "
+                                            "--w_dynamic or --wd_dynamic --early_exit; a static setting: "
+                                            "export_subnet.py"])
+    save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str),
+                                              "README.md": card})
+
+
+def gate_eval_results(record: dict) -> dict:
+    """One gate evaluation as flat eval_* values (HF's all_results.json / log_history)."""
+    return {"eval_loss": record["loss"], **{f"eval_gate_acc_{g}": a for g, a in enumerate(record["gate_acc"])}}
 
 
 # ---- inference ---------------------------------------------------------------------------------------------
@@ -497,6 +540,12 @@ def select_mode(args: argparse.Namespace, model) -> str:
 
 def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> dict:
     mode = select_mode(args, model)
+    num_labels = model.config.num_labels
+    if args.early_exit and num_labels > 1 and args.exit_threshold >= math.log(num_labels):
+        # the entropy of C classes never exceeds ln C: such a threshold is "always exit", likely a unit mix-up
+        logger.warning("--exit_threshold %g >= ln %d = %.3f, the largest entropy of %d classes: every example "
+                       "exits at the first off-ramp", args.exit_threshold, num_labels, math.log(num_labels),
+                       num_labels)
     out_dir = Path(args.output_dir)
     config = model.config
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
@@ -514,17 +563,27 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
-    splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
+    # The report (metrics, FLOPs, histograms, latency) is dev's; --do_predict adds the test splits, whose
+    # predictions are written but not reported (a task of your own without --validation_file: reported on test).
+    has_dev = args.do_eval or not (spec.is_custom and spec.files.validation is None)
+    dev_splits = utils_glue.split_names(args.task_name, "dev") if has_dev else []
+    test_splits = utils_glue.split_names(args.task_name, "test") if args.do_predict else []
+    report_splits = dev_splits or test_splits
     datasets = {s: utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples,
-                                           **load) for s in splits}
+                                           **load) for s in dev_splits}
+    datasets.update({s: utils_glue.load_dataset(args.task_name, args.data_dir, s, **load) for s in test_splits})
     model.to(device).eval()
     use_cuda_events = args.record_gpu_time and device.type == "cuda"
 
     results, record = {}, {"heads": [], "exit": [], "classes": []}
     macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
     batch_times, n_examples_timed, n_total = [], 0, 0
+    test_logits, example_records = {}, {}
     for split, dataset in datasets.items():
         logits_all, labels_all = [], []
+        reported = split in report_splits
+        indices = example_indices(args, split, len(dataset)) if (args.save_predictions or split in test_splits) \
+            else None
         batches = list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False))
         for b, batch in enumerate(tqdm(batches, desc=f"{mode} {spec.name} {split}", leave=False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
@@ -547,11 +606,18 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
                 if device.type == "cuda":
                     torch.cuda.synchronize()
                 elapsed = time.perf_counter() - t0
+            logits_all.append(out.logits.float().cpu())
+            labels_all.append(labels.cpu())
+            if args.save_predictions:
+                start_index = b * args.per_gpu_eval_batch_size
+                example_records.setdefault(split, []).extend(utils_glue.prediction_records(
+                    spec, split, indices[start_index : start_index + len(labels)], logits_all[-1], labels_all[-1],
+                    out, args.width_mult_list if fixed is None else None, fixed))
+            if not reported:
+                continue
             if b >= args.timing_warmup or len(batches) <= args.timing_warmup:
                 batch_times.append(elapsed)
                 n_examples_timed += len(labels)
-            logits_all.append(out.logits.float().cpu())
-            labels_all.append(labels.cpu())
             for key in ("linear", "attention"):
                 macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
             macs_sum["total"] = macs_sum["linear"] + macs_sum["attention"]
@@ -560,6 +626,9 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             record["classes"].append(out.width_class.cpu())
             n_total += len(labels)
         logits, labels = torch.cat(logits_all), torch.cat(labels_all)
+        if split in test_splits:
+            test_logits[split] = (indices, logits)
+            continue
         metrics = utils_glue.compute_metrics(args.task_name, logits.numpy(), labels.numpy())
         loss = model.compute_loss(logits, labels).item()
         if split == "dev":
@@ -603,7 +672,33 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
     print_report(report)
     out_dir.mkdir(parents=True, exist_ok=True)
     write_json(out_dir / "inference_results.json", report)
+    write_predictions(args, spec, out_dir, test_logits, example_records)
     return report
+
+
+def example_indices(args: argparse.Namespace, split: str, n: int) -> list[str]:
+    """The keys of a split's examples in prediction files: a test file's index column (GLUE's `index`, QQP's
+    `id`; for your own file index/idx/id, else the row number), a dev example's position from 0."""
+    if split.startswith("test"):
+        examples = utils_glue.get_examples(args.task_name, args.data_dir, split)
+        if len(examples) != n:  # the features are built from the same examples: a mismatch is a bug
+            raise RuntimeError(f"{split}: {len(examples)} examples but {n} features")
+        return [e.index for e in examples]
+    return [str(i) for i in range(n)]
+
+
+def write_predictions(args: argparse.Namespace, spec, out_dir: Path, test_logits: dict, example_records: dict
+                      ) -> None:
+    """predict_results_<task>.txt per test split (Hugging Face run_glue's format) and, with
+    --save_predictions, predictions_<split>.jsonl (one JSON object per example), each written atomically."""
+    for split, (indices, logits) in test_logits.items():
+        path = out_dir / utils_glue.predictions_file_name(args.task_name, split)
+        write_text(path, utils_glue.predictions_text(spec, indices, utils_glue.prediction_values(spec, logits)))
+        print(f" test predictions ({split}, {len(indices)} examples): {path}")
+    for split, rows in example_records.items():
+        path = out_dir / f"predictions_{split}.jsonl"
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        print(f" per-example predictions ({split}): {path}")
 
 
 def print_report(report: dict) -> None:
@@ -636,13 +731,18 @@ def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
     setup_logging(int(os.environ.get("RANK", "0")))
     spec = validate_task_args(args)
+    if spec.is_custom:
+        logger.info(utils_glue.describe_task(spec))
     if args.config:
         apply_config_file(args, spec)
     if args.do_train and args.training_phase != "traingate":
         raise CLIError(f"--do_train in train_gate.py trains gates: pass --training_phase traingate "
                        f"(got '{args.training_phase}'; use run_glue.py for the backbone phases)")
-    if not (args.do_train or args.do_eval):
-        raise CLIError("nothing to do: pass --do_train (train gates) or --do_eval (inference)")
+    if not (args.do_train or args.do_eval or args.do_predict):
+        raise CLIError("nothing to do: pass --do_train (train gates), --do_eval (inference on dev) or "
+                       "--do_predict (predictions on test)")
+    if args.do_train and (args.do_predict or args.save_predictions):
+        logger.warning("--do_predict / --save_predictions apply to inference; ignored with --do_train")
     if not args.do_train:  # inference writes its results at the end: an unusable folder is reported now
         check_writable(args.output_dir)
     device, rank, world = setup_device(args.cpu, args.num_threads)

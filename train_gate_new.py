@@ -231,6 +231,9 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
     args = parse_args(rest)
     setup_logging(0)
     spec = validate_task_args(args)
+    if spec.is_custom:  # the splits below are written as GLUE dev files
+        raise CLIError("--calibrate reads a GLUE data folder; with --train_file/--validation_file/--test_file "
+                       "choose the setting with train_gate.py --do_eval runs (or --exit_threshold) instead")
     conflicts = [f"--{m}" for m in MODES if getattr(args, m)]
     conflicts += [flag for flag, given in (("--do_train", args.do_train), ("--config", args.config),
                                            ("--early_exit", args.early_exit),

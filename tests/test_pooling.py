@@ -91,3 +91,35 @@ def test_run_glue_pooling_flag(pooling):
 
     args = run_glue.parse_args(["--training_phase", "finetuning"] + (["--pooling", pooling] if pooling else []))
     assert args.pooling == pooling
+
+
+@pytest.mark.parametrize("modes, expected", [
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": False}, "mean"),
+    ({"pooling_mode_mean_tokens": False, "pooling_mode_cls_token": True}, "cls"),
+    ({"pooling_mode_mean_tokens": True, "pooling_mode_cls_token": True}, None),
+    (None, None),
+])
+def test_default_pooling_follows_a_sentence_transformers_pooling_config(tmp_path, modes, expected):
+    import json
+    from types import SimpleNamespace
+
+    from transformers import BertTokenizer
+
+    from transformers_ext.checkpoint_io import load_model_and_tokenizer, pretrained_pooling
+    from utils_glue import get_task
+
+    model = make_model(make_config(**SHAPES["small"]), seed=0)
+    model.save_pretrained(tmp_path)
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(model.config.vocab_size - 5)]
+    (tmp_path / "vocab.txt").write_text("\n".join(vocab) + "\n")
+    BertTokenizer(str(tmp_path / "vocab.txt")).save_pretrained(tmp_path)
+    if modes is not None:
+        (tmp_path / "1_Pooling").mkdir()
+        (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(modes))
+    assert pretrained_pooling(tmp_path) == expected
+    args = SimpleNamespace(pooling=None, max_seq_length=16)
+    loaded, _ = load_model_and_tokenizer(str(tmp_path), get_task("SST-2"), args)
+    assert getattr(loaded.config, "pooling", None) == expected
+    args.pooling = "cls"  # the flag wins
+    loaded, _ = load_model_and_tokenizer(str(tmp_path), get_task("SST-2"), args)
+    assert loaded.config.pooling == "cls"

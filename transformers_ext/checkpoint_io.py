@@ -31,6 +31,23 @@ def _summary(err: BaseException, limit: int = 300) -> str:
     return text if len(text) <= limit else text[: limit - 3] + "..."
 
 
+def _detail(err: BaseException) -> str:
+    """What went wrong, on one line: an OSError's strerror and file, else its message; a bare or generic
+    wrapper (HF's offline OSError around the hub's LocalEntryNotFoundError, ...) adds its causes' messages,
+    so that the cause is never hidden behind `(OSError)`."""
+    if isinstance(err, OSError) and err.strerror:
+        text = err.strerror + (f": {err.filename}" if err.filename else "")
+    else:
+        text = _summary(err)
+    cause, seen = err.__cause__ or err.__context__, 0
+    while cause is not None and seen < 3:  # a cycle-safe walk down the first few causes
+        more = _summary(cause)
+        if more and more != type(cause).__name__ and more not in text:
+            text = more if text == type(err).__name__ else f"{text}: {more}"
+        cause, seen = cause.__cause__ or cause.__context__, seen + 1
+    return _summary(Exception(text))
+
+
 @contextlib.contextmanager
 def reading(what: str | Path) -> Iterator[None]:
     """Any library error inside (safetensors, tokenizers, torch.load, json, ...) becomes one CLIError naming
@@ -40,8 +57,7 @@ def reading(what: str | Path) -> Iterator[None]:
     except (CLIError, PermissionError):  # no permission: an environment fault (exit 1), reported by run_cli
         raise
     except Exception as err:
-        detail = err.strerror if isinstance(err, OSError) and err.strerror else _summary(err)
-        raise CLIError(f"{what}: cannot read it ({type(err).__name__}: {detail})") from None
+        raise CLIError(f"{what}: cannot read it ({type(err).__name__}: {_detail(err)})") from None
 
 
 @contextlib.contextmanager
@@ -77,15 +93,21 @@ def atomic_write(path: str | Path, write: Callable[[Path], None], tmp_name: str 
                 tmp.touch()
             write(tmp)
             if tmp.is_file():
-                umask = os.umask(0)
-                os.umask(umask)
-                os.chmod(tmp, 0o666 & ~umask)
+                honour_umask(tmp)
             os.replace(tmp, path)
     finally:
         if tmp is not None and tmp.is_dir():
             shutil.rmtree(tmp, ignore_errors=True)
         elif tmp is not None and tmp.exists():
             tmp.unlink()
+
+
+def honour_umask(path: Path) -> None:
+    """Give a file the permissions a plain open() would (0666 minus the umask): mkstemp, and the libraries
+    that write through it (safetensors via save_pretrained), leave 0600, unreadable to the group."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
 
 
 def write_text(path: str | Path, text: str) -> None:
@@ -274,7 +296,7 @@ def validate_model_dir(model_dir: str, spec, args: argparse.Namespace | None = N
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as err:  # hub id unreachable offline, a config transformers refuses, ...
         raise CLIError(f"--model_dir {model_dir}: cannot read the model config ({type(err).__name__}: "
-                       f"{_summary(err)})") from None
+                       f"{_detail(err)})") from None
     if config.model_type != "bert":
         raise CLIError(f"--model_dir {model_dir} holds a '{config.model_type}' model, not a BERT")
     validate_config(config, where)
@@ -287,6 +309,7 @@ def validate_model_dir(model_dir: str, spec, args: argparse.Namespace | None = N
             f"labels, not {spec.name}"
         )
     config.num_labels = spec.num_labels
+    set_task_labels(config, spec)
     config.finetuning_task = spec.name.lower()
     if args is not None and args.max_seq_length > config.max_position_embeddings:
         raise CLIError(f"--max_seq_length {args.max_seq_length} exceeds the model's {config.max_position_embeddings} "
@@ -297,6 +320,41 @@ def validate_model_dir(model_dir: str, spec, args: argparse.Namespace | None = N
             expected = _expected_shapes(FlexBertForSequenceClassification(config))
         check_weights(file, found, expected, where, optional=("classifier.", "bert.pooler."), task=spec.name)
     return config
+
+
+def pretrained_pooling(model_dir: str | Path) -> str | None:
+    """The pooling a sentence-transformers folder was trained with (its `1_Pooling/config.json`): "mean" or
+    "cls", else None. A model is fine-tuned best with the summary it was pre-trained to produce: the embedded
+    MiniLM's intermediate [CLS] vectors barely depend on the input, its token means do."""
+    file = Path(model_dir) / "1_Pooling" / "config.json"
+    try:
+        modes = json.loads(file.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+    if not isinstance(modes, dict):
+        return None
+    if modes.get("pooling_mode_mean_tokens") and not modes.get("pooling_mode_cls_token"):
+        return "mean"
+    if modes.get("pooling_mode_cls_token") and not modes.get("pooling_mode_mean_tokens"):
+        return "cls"
+    return None
+
+
+def set_task_labels(config, spec) -> None:
+    """The task's label names in config.id2label / label2id (what pipelines and the hub widget show instead
+    of LABEL_0...); a regression task (no labels) keeps transformers' default."""
+    if spec.labels:
+        config.id2label = dict(enumerate(spec.labels))
+        config.label2id = {label: i for i, label in enumerate(spec.labels)}
+
+
+def stock_loadable(config) -> bool:
+    """Whether stock `BertForSequenceClassification` computes this model: the [CLS] pooling of BERT and every
+    head of the original size (an exported narrower subnet records `attention_head_size`, which stock code
+    does not read)."""
+    heads_ok = getattr(config, "attention_head_size", None) in (None, config.hidden_size // config.num_attention_heads)
+    divisible = config.hidden_size % config.num_attention_heads == 0
+    return getattr(config, "pooling", None) in (None, "cls") and heads_ok and divisible
 
 
 def load_model_and_tokenizer(
@@ -310,11 +368,15 @@ def load_model_and_tokenizer(
     config = validate_model_dir(model_dir, spec, args)
     if getattr(args, "pooling", None):
         config.pooling = args.pooling
+    elif getattr(config, "pooling", None) is None and pretrained_pooling(model_dir):
+        config.pooling = pretrained_pooling(model_dir)
     if args is not None and hasattr(args, "hidden_dropout_prob"):
         config.hidden_dropout_prob = args.hidden_dropout_prob
         config.attention_probs_dropout_prob = args.attention_probs_dropout_prob
     with reading(f"--model_dir {model_dir} (tokenizer)"):
-        tokenizer = AutoTokenizer.from_pretrained(model_dir, do_lower_case=getattr(args, "do_lower_case", True))
+        # None (the default): the tokenizer's own setting, so a cased model is not silently lower-cased
+        lower = getattr(args, "do_lower_case", None)
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, **({} if lower is None else {"do_lower_case": lower}))
     _check_tokenizer(tokenizer, config, model_dir)
     with reading(f"--model_dir {model_dir} (weights)"):
         model = FlexBertForSequenceClassification.from_pretrained(
@@ -332,6 +394,9 @@ def _write_model_folder(model, tokenizer, folder: Path, extra_files: dict[str, s
     with writing(named / "model.safetensors"):
         folder.mkdir(parents=True, exist_ok=True)
         model_to_save.save_pretrained(folder)
+    if stock_loadable(model_to_save.config):  # save_pretrained names our class, which stock code cannot build
+        set_config_keys(folder / "config.json", {"architectures": ["BertForSequenceClassification"]},
+                        named / "config.json")
     with writing(named / "tokenizer.json"):
         tokenizer.save_pretrained(folder)
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
@@ -340,6 +405,17 @@ def _write_model_folder(model, tokenizer, folder: Path, extra_files: dict[str, s
     for name, text in (extra_files or {}).items():
         with writing(named / name):
             (folder / name).write_text(text)
+    for file in folder.iterdir():
+        if file.is_file():
+            honour_umask(file)
+
+
+def set_config_keys(file: Path, keys: dict, named: Path | None = None) -> None:
+    """Set `keys` in a config.json written by save_pretrained (same layout: sorted keys, indent 2)."""
+    with writing(named or file):
+        config = json.loads(file.read_text(encoding="utf-8"))
+        config.update(keys)
+        file.write_text(json.dumps(config, indent=2, sort_keys=True) + "\n", encoding="utf-8")
 
 
 def save_model(model: FlexBertForSequenceClassification, tokenizer, output_dir: str | Path,
@@ -360,11 +436,81 @@ def save_model(model: FlexBertForSequenceClassification, tokenizer, output_dir: 
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+# ---- model cards ------------------------------------------------------------------------------------------
+def command_line(argv: list[str] | None = None) -> str:
+    """The command that is running, quoted for a shell (the script as it was called, then its arguments)."""
+    import shlex
+    import sys
+
+    argv = list(sys.argv if argv is None else argv)
+    return shlex.join(["python", *argv]) if argv and argv[0].endswith(".py") else shlex.join(argv)
+
+
+def _hub_id(name: str | None) -> bool:
+    # base_model in a card's metadata must be a hub id; a local folder is only named in the text
+    return bool(name) and not Path(name).exists() and name.count("/") == 1 and not name.startswith((".", "/", "~"))
+
+
+def model_card(*, task: str, phase: str, base_model: str | None, config, results: dict | None = None,
+               metric: str | None = None, command: str | None = None, notes: list[str] | None = None) -> str:
+    """README.md for a saved model folder: Hugging Face metadata, what it is (base model, task, phase,
+    labels, size), how it was made (the command line), how to load it and its dev results per subnet
+    (`results`: {"d{depth}_w{width}": {metric: value}}, as `trainer.evaluate_subnets`)."""
+    loadable = stock_loadable(config)
+    meta = ["---", "library_name: transformers", "pipeline_tag: text-classification",
+            "tags:", "- flexbert", "- dynabert", "- text-classification"]
+    if _hub_id(base_model):
+        meta.append(f"base_model: {base_model}")
+    meta.append("---")
+    labels = getattr(config, "id2label", None) or {}
+    label_text = ", ".join(str(labels[k]) for k in sorted(labels)) if getattr(config, "num_labels", 1) > 1 else \
+        "regression (one score)"
+    lines = [*meta, "", f"# Flexible BERT: {task}, {phase}", "",
+             "A width- and depth-dynamic BERT (DynaBERT-style) trained with this repository's scripts.", "",
+             f"- base model: `{base_model}`" if base_model else "- base model: (not recorded)",
+             f"- task: {task}; labels: {label_text}",
+             f"- phase: {phase}",
+             f"- size: {config.num_hidden_layers} layers, {config.num_attention_heads} heads, hidden "
+             f"{config.hidden_size}, FFN {config.intermediate_size}"
+             + (f", pooling {config.pooling}" if getattr(config, "pooling", None) else "")]
+    if getattr(config, "gate_setting", None):
+        lines.append(f"- width gates: {getattr(config, 'num_gates', '?')} gates choosing among widths "
+                     f"{list(config.gate_setting)}; off-ramps after layers {getattr(config, 'off_ramps', None)}")
+    lines += [f"- {note}" for note in notes or []]
+    lines += ["", "## Command line", "", "```bash", command or command_line(), "```", "", "## Loading", ""]
+    if loadable:
+        lines += ["Stock transformers loads the full model (width 1, depth 1):", "", "```python",
+                  "from transformers import AutoModelForSequenceClassification, AutoTokenizer",
+                  "model = AutoModelForSequenceClassification.from_pretrained(FOLDER)",
+                  "tokenizer = AutoTokenizer.from_pretrained(FOLDER)", "```", ""]
+    elif getattr(config, "auto_map", None):
+        lines += ["```python", "from transformers import AutoModelForSequenceClassification",
+                  "model = AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)",
+                  "```", ""]
+    lines += ["Any subnet with this repository's class: `FlexBertForSequenceClassification.from_pretrained(FOLDER)`, "
+              "then `model(..., subnet=model.subnet(width, depth))`; `export_subnet.py` writes one subnet as a "
+              "smaller folder that stock transformers (or `trust_remote_code=True`) loads.", ""]
+    if results:
+        names = list(next(iter(results.values())))
+        if metric in names:
+            names.remove(metric)
+            names.insert(0, metric)
+        lines += ["## Dev results per subnet", "", "| depth | width | " + " | ".join(names) + " |",
+                  "|---|---|" + "---|" * len(names)]
+        for key, metrics in results.items():
+            depth, width = key[1:].split("_w")
+            cells = [f"{metrics[n]:.4f}" if isinstance(metrics.get(n), float) else str(metrics.get(n, ""))
+                     for n in names]
+            lines.append(f"| {depth} | {width} | " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines) + "\n"
+
+
 # ---- the output folder -------------------------------------------------------------------------------------
 # What the training scripts write into their output folder: a folder holding only these (and runs/, which
 # is created first) is a run of ours killed before it wrote its results, and may be rerun.
 _RUN_FILES = {"config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt",
-              "special_tokens_map.json", "training_args.json", "runs"}
+              "special_tokens_map.json", "training_args.json", "runs", "README.md"}
 _RUN_PREFIXES = ("checkpoint-", ".tmp-checkpoint-", ".old-", ".saving-", ".done-")
 
 

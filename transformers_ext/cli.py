@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 import math
+import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -64,6 +65,39 @@ class ArgumentParser(argparse.ArgumentParser):
 
     def error(self, message: str):
         self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+    def parse_known_args(self, args=None, namespace=None):
+        namespace, extras = super().parse_known_args(args, namespace)
+        apply_output_args(namespace)
+        return namespace, extras
+
+
+# What --log_level / --disable_tqdm of the last parsed command line asked for: read by `trainer.setup_logging`
+# and `progress`, so that every script honours them without threading them through every call.
+_OUTPUT: dict[str, object] = {"log_level": "info", "disable_tqdm": False}
+
+
+def apply_output_args(args: argparse.Namespace) -> None:
+    _OUTPUT["log_level"] = getattr(args, "log_level", None) or "info"
+    _OUTPUT["disable_tqdm"] = bool(getattr(args, "disable_tqdm", False))
+
+
+def log_level() -> str:
+    return str(_OUTPUT["log_level"])
+
+
+def progress_disabled() -> bool:
+    """--disable_tqdm, or TQDM_DISABLE set to a true value in the environment. (tqdm reads TQDM_* only when
+    it is imported and an explicit `disable=` overrides it, so every bar of ours asks here.)"""
+    env = os.environ.get("TQDM_DISABLE", "").strip().lower()
+    return bool(_OUTPUT["disable_tqdm"]) or env in ("1", "true", "yes", "on")
+
+
+def progress(iterable=None, **kwargs) -> tqdm:
+    """A tqdm bar that honours --disable_tqdm and TQDM_DISABLE (on top of the caller's own `disable`)."""
+    if progress_disabled():
+        kwargs["disable"] = True
+    return tqdm(iterable, **kwargs)
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -185,8 +219,9 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     a("--model_dir", default="model/QNLI/bert/", help="Input model folder (HF format, with vocab.txt) or hub id.")
     a("--output_dir", default="dyna_bert/QNLI/", help="Where checkpoints, results and logs are written.")
     a("--max_seq_length", type=bounded(int, 3), default=128, help="Tokens per example after truncation/padding.")
-    a("--do_lower_case", type=str2bool, nargs="?", const=True, default=True,
-      help="Lower-case input (true/false); overrides the tokenizer's own setting, so keep true for uncased models.")
+    a("--do_lower_case", type=str2bool, nargs="?", const=True, default=None,
+      help="Lower-case input (true/false). Default: the tokenizer's own setting (tokenizer_config.json; a "
+           "cased model stays cased); the flag forces it either way.")
     a("--per_gpu_eval_batch_size", type=COUNT, default=32, help="Evaluation batch size per device.")
     a("--max_eval_samples", type=COUNT, default=None, help="Use only the first N dev examples.")
     a("--overwrite_output_dir", action="store_true",
@@ -197,6 +232,40 @@ def add_task_args(parser: argparse.ArgumentParser) -> None:
     a("--cache_dir", default=None, help="Feature cache folder (default $FLEXBERT_CACHE or ~/.cache/flexbert).")
     a("--attn_implementation", choices=["sdpa", "eager"], default="sdpa",
       help="Attention kernel: sdpa (fast) or eager (explicit matmuls; what FlopCounterMode checks).")
+    add_data_file_args(parser)
+
+
+def add_data_file_args(parser: argparse.ArgumentParser) -> None:
+    """Your own data instead of a GLUE folder (Hugging Face run_glue's names): utils_glue.setup_custom_task
+    turns them into the run's task after parsing."""
+    a = parser.add_argument
+    a("--train_file", default=None,
+      help="Training data: .csv, .tsv or .json/.jsonl (json lines), with a header naming the columns. With any "
+           "of these three files the task is defined by them (--task_name only names the run; a GLUE name "
+           "becomes 'custom') and --data_dir is not read.")
+    a("--validation_file", default=None, help="Dev data (same format and columns; labels needed).")
+    a("--test_file", default=None, help="Test data for --do_predict (labels optional; an index/idx/id column "
+                                         "keys the predictions, else the row number from 0).")
+    a("--text_column", default=None, help="Column of the (first) text (default: sentence1, else sentence or text).")
+    a("--text_pair_column", default=None,
+      help="Column of the second text (default: sentence2 when the file has it; otherwise a single-text task).")
+    a("--label_column", default=None, help="Column of the label (default: label).")
+    a("--is_regression", action="store_true",
+      help="The label is a number to predict (default: inferred; regression when every label is a number and "
+           f"there are more than {utils_glue.MAX_NUMERIC_CLASSES} distinct values).")
+    add_output_args(parser)
+
+
+LOG_LEVELS = ("debug", "info", "warning", "error", "critical")
+
+
+def add_output_args(parser: argparse.ArgumentParser) -> None:
+    """How much a script prints: the log level and the progress bars (every script)."""
+    a = parser.add_argument
+    a("--log_level", choices=LOG_LEVELS, default="info",
+      help="Level of the flexbert log messages (other processes of torchrun log warnings and above).")
+    a("--disable_tqdm", action="store_true",
+      help="No progress bars (also when the environment sets TQDM_DISABLE=1).")
 
 
 def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, epochs: float, logging_steps: int,
@@ -205,7 +274,9 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, epo
     a = parser.add_argument
     a("--do_train", action="store_true", help="Train.")
     a("--learning_rate", type=POSITIVE, default=learning_rate, help="Peak AdamW learning rate.")
-    a("--num_train_epochs", type=bounded(float, 1), default=epochs, help="Training epochs (int() of it are run).")
+    a("--num_train_epochs", type=bounded(float, 0, low_open=True), default=epochs,
+      help="Training epochs; a fraction runs that share of the last epoch's updates, as Hugging Face's Trainer "
+           "(0.5: half an epoch).")
     a("--per_gpu_train_batch_size", type=COUNT, default=32, help="Training batch size per device/process.")
     a("--gradient_accumulation_steps", type=COUNT, default=1,
       help="Batches accumulated per optimizer update (at most the batches of one epoch; checked on the data).")

@@ -7,6 +7,7 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
+from .cli import progress
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size
 
 
@@ -31,6 +32,7 @@ def compute_importance(
     neuron_importance = torch.zeros(num_layers, config.intermediate_size, device=device)
     layers = model.bert.encoder.layer
     seen = 0
+    bar = progress(total=max_examples, desc="importance", unit="ex", leave=False)
     with torch.enable_grad():
         for batch in batches:
             if max_examples is not None and seen >= max_examples:
@@ -47,6 +49,8 @@ def compute_importance(
                 taylor_out = (w2.weight * w2.weight.grad).sum(dim=0)
                 neuron_importance[i] += (taylor_in.abs() + taylor_out.abs()).detach()
             seen += input_ids.shape[0]
+            bar.update(input_ids.shape[0])
+    bar.close()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return head_importance, neuron_importance

@@ -21,13 +21,12 @@ import numpy as np
 import torch
 import torch.distributed as dist
 from torch.utils.data import TensorDataset
-from tqdm.auto import tqdm
 from transformers import get_linear_schedule_with_warmup
 
 import utils_glue
 
 from .checkpoint_io import rng_state, set_rng_state
-from .cli import CLIError
+from .cli import CLIError, log_level, progress
 from .modeling_flexbert import FlexBertForSequenceClassification
 
 logger = logging.getLogger("flexbert")
@@ -58,9 +57,11 @@ def setup_device(cpu: bool = False, num_threads: int | None = None) -> tuple[tor
 
 
 def setup_logging(rank: int = 0) -> None:
+    """The log format, at --log_level (of the command line last parsed) on rank 0, warnings elsewhere."""
+    level = getattr(logging, log_level().upper())
     logging.basicConfig(
         format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-        level=logging.INFO if rank == 0 else logging.WARNING, force=True,
+        level=level if rank == 0 else max(level, logging.WARNING), force=True,
     )
     import transformers
 
@@ -105,7 +106,8 @@ def check_finite(loss: torch.Tensor, step: int, subnet: str) -> None:
 @dataclass
 class Schedule:
     """How long `fit` runs: `epochs` epochs of `updates_per_epoch` updates (each `accumulation` batches),
-    stopping after `total_updates`."""
+    stopping after `total_updates`. Fractional epochs as Hugging Face's Trainer: total updates =
+    ceil(epochs x updates per epoch), the last epoch run partly (integer epochs: exactly epochs x updates)."""
 
     epochs: int
     updates_per_epoch: int
@@ -120,7 +122,8 @@ class Schedule:
                            f"({num_batches}): no update would run")
         if max_steps > 0:
             return cls(-(-max_steps // updates_per_epoch), updates_per_epoch, max_steps, accumulation)
-        return cls(int(epochs), updates_per_epoch, updates_per_epoch * int(epochs), accumulation)
+        total = math.ceil(round(epochs * updates_per_epoch, 6))  # 0.1 x 30 is 3.0000000000000004, not 4 updates
+        return cls(math.ceil(total / updates_per_epoch), updates_per_epoch, total, accumulation)
 
 
 @dataclass
@@ -130,6 +133,11 @@ class LoopState:
     batch_in_epoch: int = 0  # batches of `epoch` already consumed
     best_score: float = -math.inf
     history: list[dict] = field(default_factory=list)
+    # trainer_state.json-style entries: {"loss", "learning_rate", "epoch", "step"} every `log_every` updates
+    log_history: list[dict] = field(default_factory=list)
+    loss_sum: float = 0.0  # summed per-update training loss of all updates so far (train_loss = loss_sum / steps)
+    window_loss: float = 0.0  # ... and of the updates since the last log_history entry
+    window_steps: int = 0
 
 
 @dataclass
@@ -173,18 +181,24 @@ def fit(
     writer=None,
     desc: str = "train",
     zero_grad: Callable[[], None] | None = None,
+    log_every: int = 0,
 ) -> LoopState:
     """Train. `batches(epoch, start_batch)` yields the epoch's batches from `start_batch` on; `losses(batch,
     state)` yields (name, loss) pairs, each backpropagated (scaled by 1/accumulation) as soon as it is
     yielded, so that one subnet's graph is freed before the next is built. `resume` is a checkpoint's state
-    (optimizer, scheduler, RNG, counters, best score, history and the hooks' extra state)."""
+    (optimizer, scheduler, RNG, counters, best score, history and the hooks' extra state).
+
+    Every `log_every` updates (and at the end) the mean training loss since the previous entry, the learning
+    rate and the (fractional) epoch are appended to `state.log_history`, as Hugging Face's trainer_state.json;
+    the loss of one update is the sum over the yielded losses, averaged over its accumulated batches."""
     trainable = [p for _, p in params]
     state = LoopState()
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
         scheduler.load_state_dict(resume["scheduler"])
         state = LoopState(resume["global_step"], resume["epoch"], resume["batch_in_epoch"], resume["best_score"],
-                          resume["history"])
+                          resume["history"], resume.get("log_history", []), resume.get("loss_sum", 0.0),
+                          resume.get("window_loss", 0.0), resume.get("window_steps", 0))
         set_rng_state(resume["rng"])
         if hooks.load_extra_state is not None:
             hooks.load_extra_state(resume)
@@ -213,12 +227,23 @@ def fit(
                 "global_step": state.global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
                 "best_score": state.best_score, "history": state.history, "rng": rng_state(),
+                "log_history": state.log_history, "loss_sum": state.loss_sum, "window_loss": state.window_loss,
+                "window_steps": state.window_steps,
                 **(hooks.extra_state() if hooks.extra_state is not None else {}),
             })
 
     total, accumulation = schedule.total_updates, schedule.accumulation
-    progress = tqdm(total=total, initial=state.global_step, desc=desc, disable=not is_main)
+    bar = progress(total=total, initial=state.global_step, desc=desc, disable=not is_main)
+
+    def log_entry() -> None:
+        if state.window_steps == 0:
+            return
+        state.log_history.append({
+            "loss": state.window_loss / state.window_steps, "learning_rate": scheduler.get_last_lr()[0],
+            "epoch": round(state.global_step / schedule.updates_per_epoch, 4), "step": state.global_step})
+        state.window_loss, state.window_steps = 0.0, 0
     start_epoch, start_batch = state.epoch, state.batch_in_epoch
+    update_loss = 0.0
     for epoch in range(start_epoch, schedule.epochs):
         first = start_batch if epoch == start_epoch else 0
         for batch_idx, batch in enumerate(batches(epoch, first), start=first):
@@ -226,6 +251,8 @@ def fit(
                 break  # micro-batches after the epoch's last full update would only leak into the next epoch
             if hooks.before_batch is not None:
                 hooks.before_batch(state)
+            if batch_idx % accumulation == 0:
+                update_loss = 0.0
             logged = {}
             with autocast:
                 for name, loss in losses(batch, state):
@@ -233,6 +260,7 @@ def fit(
                     loss = loss / accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
                     logged[name] = loss.item()
+            update_loss += sum(logged.values())  # each already divided by `accumulation`: the mean over batches
             if (batch_idx + 1) % accumulation:
                 continue
             all_reduce_gradients(trainable, world)
@@ -247,8 +275,13 @@ def fit(
             scheduler.step()
             zero_grad()
             state.global_step += 1
-            progress.update(1)
-            progress.set_postfix(loss=f"{sum(logged.values()):.4f}")
+            state.loss_sum += update_loss
+            state.window_loss += update_loss
+            state.window_steps += 1
+            if log_every > 0 and state.global_step % log_every == 0:
+                log_entry()
+            bar.update(1)
+            bar.set_postfix(loss=f"{sum(logged.values()):.4f}")
             if writer is not None:
                 writer.add_scalar("train/lr", scheduler.get_last_lr()[0], state.global_step)
                 for key, value in logged.items():
@@ -261,7 +294,8 @@ def fit(
                 break
         if state.global_step >= total:
             break
-    progress.close()
+    bar.close()
+    log_entry()
     if not state.history or state.history[-1]["step"] != state.global_step:
         evaluate(schedule.epochs, 0)
     return state
@@ -320,7 +354,7 @@ def evaluate_subnets(
     width and batch. Keys are `d{depth}_w{width}`; MNLI's mismatched accuracy is added as `acc_mm`."""
     depths = sorted(depth_mult_list, reverse=True)
     per_width = {}
-    for w in tqdm(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
+    for w in progress(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
                   disable=len(width_mult_list) * len(depths) < 3):
         logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths)
         mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths)
@@ -348,3 +382,34 @@ def format_subnet_table(results: dict[str, dict[str, float]], metric: str) -> st
         lines.append(f"{'d=' + format(d, 'g'):>10} | " + " ".join(
             f"{cells[(d, w)]:<8.4f}" if (d, w) in cells else " " * 8 for w in widths))
     return "\n".join(lines)
+
+
+# ---- Hugging Face-style result files -----------------------------------------------------------------------
+def flat_eval_results(results: dict[str, dict[str, float]]) -> dict[str, float]:
+    """`{"eval_d1_w0.5_acc": ...}` from per-subnet metrics (`evaluate_subnets`), as HF's all_results.json."""
+    return {f"eval_{key}_{name}": value for key, metrics in results.items() for name, value in metrics.items()}
+
+
+def train_metrics(state: LoopState, schedule: Schedule, num_examples: int, runtime: float) -> dict[str, float]:
+    """train_loss (mean per-update loss of the whole run), train_runtime (seconds of this process),
+    train_samples_per_second (examples of the epochs run / runtime) and the epoch reached, as HF's Trainer."""
+    epochs = state.global_step / schedule.updates_per_epoch
+    return {"epoch": round(epochs, 4), "train_loss": state.loss_sum / max(state.global_step, 1),
+            "train_runtime": round(runtime, 4),
+            "train_samples_per_second": round(num_examples * epochs / runtime, 3) if runtime > 0 else 0.0}
+
+
+def trainer_state(state: LoopState, schedule: Schedule, eval_entry: Callable[[dict], dict], log_every: int = 0,
+                  best_step: int | None = None, summary: dict | None = None) -> dict:
+    """trainer_state.json as HF's Trainer writes it: counters, the best evaluation and `log_history`, the
+    training-loss entries and each evaluation (`eval_entry(record)`: its flat eval_* values) in step order,
+    then `summary` (the train_* metrics) once training ended."""
+    per_epoch = schedule.updates_per_epoch
+    evals = [{**eval_entry(r), "epoch": round(r["step"] / per_epoch, 4), "step": r["step"]} for r in state.history]
+    log = sorted(state.log_history + evals, key=lambda e: (e["step"], "loss" not in e))
+    if summary is not None:
+        log.append({**summary, "step": state.global_step})
+    return {"global_step": state.global_step, "max_steps": schedule.total_updates, "num_train_epochs": schedule.epochs,
+            "epoch": round(state.global_step / per_epoch, 4), "logging_steps": log_every,
+            "best_metric": state.best_score if math.isfinite(state.best_score) else None,
+            "best_global_step": best_step, "log_history": log}
