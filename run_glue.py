@@ -414,7 +414,8 @@ def train(args: argparse.Namespace) -> dict:
                     yield subnet_key(w, d), subnet_loss(args, model, batch, teacher_out, w, d)
         else:
             for w in widths:
-                yield "+".join(subnet_key(w, d) for d in depths), prefix_shared_loss(
+                # "d1-0.75-0.5_w0.5": one name TensorBoard accepts for the depths sharing this forward
+                yield f"d{'-'.join(f'{d:g}' for d in depths)}_w{w:g}", prefix_shared_loss(
                     args, model, batch, teacher_out, w, depths)
 
     hooks = Hooks(after_update=after_update, evaluate=evaluate, on_best=on_best, after_evaluate=write_summary,

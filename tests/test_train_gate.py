@@ -270,6 +270,21 @@ def test_histogram_class_weights_formula():
     assert histogram_class_weights(torch.tensor([1, 1]), 2) == pytest.approx([1.0, 0.5])
 
 
+def test_max_class_weight_clips_every_rule():
+    from types import SimpleNamespace
+
+    from train_gate import class_weights
+    from utils_glue import get_task
+
+    targets = torch.tensor([0] * 97 + [1, 2, 3])  # histogram: [100/388, 25, 25, 25]
+    args = SimpleNamespace(gate_class_weights="histogram", max_class_weight=5.0)
+    assert class_weights(args, get_task("RTE"), targets, 4) == pytest.approx([100 / 388, 5.0, 5.0, 5.0])
+    args.gate_class_weights = "reference"
+    assert class_weights(args, get_task("RTE"), None, 4) == pytest.approx([0.3, 5.0, 5.0, 5.0])
+    args.gate_class_weights, args.max_class_weight = "1,2,30,4", None
+    assert class_weights(args, get_task("RTE"), None, 4) == [1.0, 2.0, 30.0, 4.0]
+
+
 def test_reference_class_weights(env, capsys):
     assert REFERENCE_CLASS_WEIGHTS["RTE"] == [0.3, 28.3, 155.6, 12.2]
     results = _train(env, env["bert"], env["root"] / "ref_weights", gate_class_weights="reference")
