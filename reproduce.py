@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import statistics
 import subprocess
 import sys
@@ -81,8 +82,12 @@ def base_env(args: argparse.Namespace, out_dir: Path) -> dict[str, str]:
 
 
 def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> Path:
-    """The pretrained model's first `num_layers` layers as a model folder (config edited, weights linked)."""
-    if (folder / "config.json").is_file():
+    """The pretrained model's first `num_layers` layers as a model folder: config edited, the weights of the
+    later layers dropped (a folder whose weights hold more layers than its config is refused on loading), the
+    other files (tokenizer, 1_Pooling/ with the model's pooling) linked."""
+    from safetensors.torch import load_file, save_file
+
+    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
         return folder
     source = Path(args.model_dir or subprocess.run(
         ["bash", "-c", "source pipeline_env.sh && echo $BERT_DIR"], cwd=ROOT, capture_output=True, text=True,
@@ -90,12 +95,15 @@ def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> 
     config = json.loads((source / "config.json").read_text())
     config["num_hidden_layers"] = num_layers
     folder.mkdir(parents=True, exist_ok=True)
-    for item in source.iterdir():  # folders too: 1_Pooling/ tells the pipeline the model's pooling
-        if item.name != "config.json":
-            target = folder / item.name
-            if not target.exists():
-                target.symlink_to(item.resolve())
-    write_json(folder / "config.json", config)
+    for item in source.iterdir():
+        target = folder / item.name
+        if item.name not in ("config.json", "model.safetensors") and not target.exists():
+            target.symlink_to(item.resolve())
+    weights = {k: v for k, v in load_file(str(source / "model.safetensors")).items()
+               if (layer := re.search(r"(?:^|\.)encoder\.layer\.(\d+)\.", k)) is None or int(layer[1]) < num_layers}
+    save_file(weights, str(folder / "model.safetensors.tmp"), metadata={"format": "pt"})
+    os.replace(folder / "model.safetensors.tmp", folder / "model.safetensors")
+    write_json(folder / "config.json", config)  # last: its presence marks a finished folder
     return folder
 
 

@@ -55,3 +55,29 @@ def test_summary_over_seeds(tmp_path, monkeypatch):
     assert set(summary["modes"]["static_w1.0_d1.0_b32"]) == {"score", "rel_flops", "ms_per_example"}
     text = reproduce.markdown(summary)
     assert "| final | 0.5 | - | - | 0.610 ± 0.014 | - |" in text
+
+
+def test_truncated_model_is_the_first_layers_and_loads(tmp_path):
+    """The plain first-layers baseline's model: a folder holding exactly the first n layers' weights (a folder
+    with more layers in its weights than in its config is refused on loading), its pooling config linked."""
+    from types import SimpleNamespace
+
+    import torch
+    from conftest import SHAPES, make_config, save_model_folder
+    from safetensors.torch import load_file
+
+    from transformers_ext.checkpoint_io import load_model_and_tokenizer
+    from utils_glue import get_task
+
+    vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
+    source = save_model_folder(tmp_path / "bert", vocab, make_config(**SHAPES["small"]))
+    (source / "1_Pooling").mkdir()
+    (source / "1_Pooling" / "config.json").write_text(json.dumps({"pooling_mode_mean_tokens": True}))
+    args = SimpleNamespace(model_dir=str(source))
+    folder = reproduce.truncated_model(args, 1, tmp_path / "first_1")
+    full, cut = load_file(str(source / "model.safetensors")), load_file(str(folder / "model.safetensors"))
+    assert not any(".layer.1." in k for k in cut) and any(".layer.1." in k for k in full)
+    assert all(torch.equal(cut[k], full[k]) for k in cut) and len(cut) < len(full)
+    model, _ = load_model_and_tokenizer(str(folder), get_task("SST-2"), SimpleNamespace(pooling=None,
+                                                                                       max_seq_length=16))
+    assert model.config.num_hidden_layers == 1 and model.config.pooling == "mean"
