@@ -50,6 +50,7 @@ from transformers_ext.calibration import (
 )
 from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json, write_text
 from transformers_ext.cli import (
+    NON_NEGATIVE,
     ArgumentParser,
     CLIError,
     multiplier_list,
@@ -92,6 +93,10 @@ def calibration_parser() -> ArgumentParser:
     a("--max_drop", type=_number_list, default=None,
       help="Objective: the fewest FLOPs at a score >= the full model's score on the calibration split - D "
            "(in metric units: 0.01 = one point); a comma list gives one setting each.")
+    a("--within_se", type=NON_NEGATIVE, default=0.0,
+      help="FLOPs budgets: of the settings within the budget whose calibration score is at most this many "
+           "standard errors below the best, take the one with the most FLOPs (0: the best score, ties to fewer "
+           "FLOPs). On a few hundred calibration examples, differences below one standard error are noise.")
     a("--calibration_file", default=None,
       help="Labelled TSV in the task's dev format to calibrate on; the report then uses all of dev "
            "(default: a seeded half of dev calibrates, the other half reports).")
@@ -110,7 +115,7 @@ def calibration_parser() -> ArgumentParser:
     return parser
 
 
-CALIBRATION_FLAGS = ("--flops_budget", "--max_drop", "--calibration_file", "--calibration_seed",
+CALIBRATION_FLAGS = ("--flops_budget", "--max_drop", "--within_se", "--calibration_file", "--calibration_seed",
                      "--calibration_grid", "--calibration_max_exhaustive", "--calibration_batch_size",
                      "--calibration_config", "--no_static_baselines")
 
@@ -319,7 +324,8 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
                             own.calibration_batch_size, device, progress=lambda *_: bar.update(1))
     began = time.perf_counter()
     reference = calibrator.full_model_score()
-    search = calibrator.search(grid, len(trained), objectives, start, reference, own.calibration_max_exhaustive)
+    search = calibrator.search(grid, len(trained), objectives, start, reference, own.calibration_max_exhaustive,
+                               own.within_se)
     bar.close()
     front = calibrator.pareto()
     _write_pareto(out / PARETO_FILE, front, metric)

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import csv
 import json
+import math
 import random
 import sys
 from pathlib import Path
@@ -220,6 +221,25 @@ def test_search_returns_the_brute_force_optimum(brute_force, objective):
         assert chosen["relative_flops"] <= objective.value
     # the full model's score (the max_drop reference) is the static full model's, no gate run
     assert reference == brute_force["full"]["score"]  # = the gated model at width 1 everywhere
+
+
+@pytest.mark.parametrize("budget", [0.45, 0.7])
+def test_within_se_takes_the_most_flops_within_k_standard_errors_of_the_best(brute_force, budget):
+    """--within_se k: brute force over every (map, threshold) run for real: the floor is the best score within
+    the budget - k * sqrt(s (1 - s) / n); the chosen setting has the most FLOPs among those reaching it."""
+    calibrator, reference = brute_force["calibrator"], brute_force["reference"]
+    objective = Objective("flops_budget", budget)
+    result = calibrator.search(BRUTE_GRID, len(WIDTHS), [objective], WIDTHS, reference, max_exhaustive=100,
+                               within_se=1.0)
+    chosen = result["chosen"][objective]
+    runs = [r for r in brute_force["runs"] if r[3] <= budget]
+    best_score = max(score for _, _, score, _ in runs)
+    floor = best_score - math.sqrt(best_score * (1 - best_score) / len(calibrator.labels))
+    assert chosen["score_floor"] == pytest.approx(floor, abs=1e-12)
+    most = max(flops for _, _, score, flops in runs if score >= floor)
+    assert chosen["relative_flops"] == most <= budget and chosen["score"] >= floor and chosen["feasible"]
+    plain = calibrator.search(BRUTE_GRID, len(WIDTHS), [objective], WIDTHS, reference, max_exhaustive=100)
+    assert plain["chosen"][objective]["relative_flops"] <= most  # never cheaper than the plain argmax
 
 
 def test_reusing_rows_of_agreeing_maps_changes_nothing(env):

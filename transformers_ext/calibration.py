@@ -262,6 +262,9 @@ class Objective:
 
     kind: str  # "flops_budget" | "max_drop"
     value: float
+    # flops_budget, second pass of `Calibrator.search(within_se=k)`: the score every candidate must reach (the
+    # best score within the budget - k standard errors); among those the one with the most FLOPs wins
+    floor: float | None = None
 
     @property
     def name(self) -> str:
@@ -269,6 +272,11 @@ class Objective:
 
     def choose(self, s: Sweep, reference_score: float) -> tuple[tuple, int]:
         """(key, candidate index) of the best candidate of one map's sweep."""
+        if self.kind == "flops_budget" and self.floor is not None:
+            feasible = (s.relative_flops <= self.value) & (s.score >= self.floor)
+            if feasible.any():
+                k = _first_best(feasible, s.relative_flops, s.score)
+                return (2, float(s.relative_flops[k]), float(s.score[k])), k
         if self.kind == "flops_budget":
             feasible = s.relative_flops <= self.value
             if feasible.any():
@@ -397,35 +405,58 @@ class Calibrator:
         return float(score_from_stats(self.metric, stats[None], self.labels, self.num_labels)[0])
 
     def search(self, grid: Sequence[float], num_classes: int, objectives: Sequence[Objective],
-               start: Sequence[float], reference_score: float, max_exhaustive: int = 256) -> dict:
+               start: Sequence[float], reference_score: float, max_exhaustive: int = 256,
+               within_se: float = 0.0) -> dict:
         """The best (map, threshold) per objective over the monotone maps on `grid`: all of them when there
-        are at most `max_exhaustive`, else coordinate ascent from `start` (projected onto the grid)."""
+        are at most `max_exhaustive`, else coordinate ascent from `start` (projected onto the grid).
+
+        `within_se` = k > 0 (FLOPs budgets only): of the settings within the budget whose calibration score is
+        at most k standard errors below the best one's, the one with the most FLOPs. On a few hundred examples
+        score differences below one standard error are noise; the plain argmax then often lands on a much
+        cheaper setting that loses on new data, and leaves the budget unused."""
         began, forward_before, forwarded_before = time.perf_counter(), self.forward_seconds, self.examples_forwarded
         maps = monotone_maps(grid, num_classes)
         exhaustive = len(maps) <= max_exhaustive
-        chosen = {}
         if exhaustive:
             for m in maps:
                 self.evaluate(m)
-            for objective in objectives:
-                best = None
-                for m in maps:  # lexicographic order; the first of equal keys wins
-                    key, k = objective.choose(self.sweeps[m], reference_score)
-                    if best is None or key > best[0]:
-                        best = (key, m, k)
-                chosen[objective] = best
-        else:
-            for objective in objectives:
-                chosen[objective] = self._coordinate_ascent(sorted(set(grid)), project_map(start, grid), objective,
-                                                            reference_score)
+
+        def best_of(objective: Objective, begin: tuple[float, ...]) -> tuple[tuple, tuple[float, ...], int]:
+            if not exhaustive:
+                return self._coordinate_ascent(sorted(set(grid)), begin, objective, reference_score)
+            best = None
+            for m in maps:  # lexicographic order; the first of equal keys wins
+                key, k = objective.choose(self.sweeps[m], reference_score)
+                if best is None or key > best[0]:
+                    best = (key, m, k)
+            return best
+
+        chosen, floors = {}, {}
+        for objective in objectives:
+            chosen[objective] = best_of(objective, project_map(start, grid))
+            key, m, k = chosen[objective]
+            if within_se > 0 and objective.kind == "flops_budget" and key[0] == 1:
+                best_score = float(self.sweeps[m].score[k])
+                floors[objective] = best_score - within_se * self.standard_error(best_score)
+                chosen[objective] = best_of(replace(objective, floor=floors[objective]), m)
         results = {}
         for objective, (key, m, k) in chosen.items():
-            results[objective] = {"feasible": key[0] == 1, "candidate": k, **self.sweeps[m].setting(k)}
+            results[objective] = {"feasible": key[0] >= 1, "candidate": k, **self.sweeps[m].setting(k)}
+            if objective in floors:
+                results[objective]["score_floor"] = floors[objective]
         return {"search": "exhaustive" if exhaustive else "coordinate_ascent", "maps_in_grid": len(maps),
                 "maps_evaluated": len(self.sweeps), "candidates_evaluated": sum(len(s) for s in self.sweeps.values()),
                 "examples_forwarded": self.examples_forwarded - forwarded_before, "examples": len(self.labels),
                 "seconds": time.perf_counter() - began, "forward_seconds": self.forward_seconds - forward_before,
                 "chosen": results}
+
+    def standard_error(self, score: float) -> float:
+        """The standard error of a calibration score on this split: binomial for accuracy, (1 - r^2)/sqrt(n - 1)
+        for a correlation (Pearson, MCC)."""
+        n = len(self.labels)
+        if self.metric == "acc":
+            return math.sqrt(max(score * (1 - score), 0.0) / n)
+        return (1 - score ** 2) / math.sqrt(max(n - 1, 1))
 
     def _coordinate_ascent(self, grid: list[float], start: tuple[float, ...], objective: Objective,
                            reference_score: float) -> tuple[tuple, tuple[float, ...], int]:
