@@ -191,10 +191,14 @@ def summarize(args: argparse.Namespace) -> dict:
     stages["teacher"] = collect([stage_scores(root / f"seed{s}" / "teacher", "finetuning", metric) for s in seeds])
 
     modes, gaps = {}, {}
-    runs = sorted({p.parent.name for s in seeds
-                   for p in (root / f"seed{s}" / "inference").glob("*/inference_results.json")})
-    for run in runs:
-        reports = [root / f"seed{s}" / "inference" / run / "inference_results.json" for s in seeds]
+    # inference/ is the pipeline's; inference_<variant>/ (e.g. gates trained another way on the same backbone)
+    # are listed as "<variant>:<run>"
+    folders = sorted({p.name for s in seeds for p in (root / f"seed{s}").glob("inference*") if p.is_dir()})
+    runs = sorted({(f, p.parent.name) for s in seeds for f in folders
+                   for p in (root / f"seed{s}" / f).glob("*/inference_results.json")})
+    for folder, name in runs:
+        run = name if folder == "inference" else f"{folder.removeprefix('inference_')}:{name}"
+        reports = [root / f"seed{s}" / folder / name / "inference_results.json" for s in seeds]
         reports = [json.loads(r.read_text())["results"] for r in reports if r.is_file()]
         if len(reports) == len(seeds):
             modes[run] = {"score": spread([r[metric] for r in reports]),
@@ -203,7 +207,7 @@ def summarize(args: argparse.Namespace) -> dict:
                 modes[run]["ms_per_example"] = spread([r["latency_ms_per_example"] for r in reports])
     for batch in sorted({r.rsplit("_b", 1)[1] for r in modes}):
         static = [r for r in modes if r.startswith("static_") and r.endswith(f"_b{batch}")]
-        for run in (r for r in modes if not r.startswith("static_") and r.endswith(f"_b{batch}")):
+        for run in (r for r in modes if not r.split(":")[-1].startswith("static_") and r.endswith(f"_b{batch}")):
             per_seed = []
             for i in range(len(seeds)):
                 points = [(modes[r]["rel_flops"]["values"][i], modes[r]["score"]["values"][i]) for r in static]
@@ -222,10 +226,52 @@ def summarize(args: argparse.Namespace) -> dict:
     ablations = {"no_graft": {p: collect([stage_scores(root / f"seed{s}_no_graft" / stage_dirs[p], p, metric)
                                           for s in seeds if (root / f"seed{s}_no_graft").is_dir()])
                               for p in PHASES}}
+    graft_effect = {}  # paired per seed: with grafting - without, for every subnet of every stage
+    no_graft = [s for s in seeds if (root / f"seed{s}_no_graft").is_dir()]
+    for phase in PHASES:
+        pairs = [(stage_scores(root / f"seed{s}" / stage_dirs[phase], phase, metric),
+                  stage_scores(root / f"seed{s}_no_graft" / stage_dirs[phase], phase, metric)) for s in no_graft]
+        keys = [k for k in (pairs[0][0] if pairs else {}) if all(k in a and k in b for a, b in pairs)]
+        graft_effect[phase] = {k: spread([a[k] - b[k] for a, b in pairs]) for k in keys}
     return {"task": args.task_name, "profile": args.profile, "seeds": seeds, "metric": metric, "note": args.note,
             "shared_teacher": False, "run_glue_args": args.run_glue_args, "gate_args": args.gate_args,
             "stages": stages, "modes": modes, "dynamic_gap_over_static_frontier": gaps,
-            "baselines": baselines, "ablations": ablations}
+            "baselines": baselines, "ablations": ablations, "graft_effect": graft_effect,
+            "calibration": calibration_summary(root, seeds), "gate_routing": routing_summary(root, seeds)}
+
+
+def calibration_summary(root: Path, seeds: list[int]) -> dict:
+    """Per calibration run (a `calibrated*` folder under seed<S>/inference or seed<S>) and objective: on the
+    reporting half, the chosen setting's score and FLOPs, and its score minus the best static subnet's at equal
+    or higher FLOPs (issue 20's criterion: >= -0.005)."""
+    out = {}
+    for name in sorted({p.parent.name for s in seeds for p in (root / f"seed{s}").glob("**/calibrated*/"
+                                                                                        "calibration_results.json")}):
+        files = [next((root / f"seed{s}").glob(f"**/{name}/calibration_results.json"), None) for s in seeds]
+        if any(f is None for f in files):
+            continue
+        per_seed = [json.loads(f.read_text())["objectives"] for f in files]
+        out[name] = {objective: {
+            "reporting_score": spread([r[objective]["reporting"]["score"] for r in per_seed]),
+            "reporting_rel_flops": spread([r[objective]["reporting"]["relative_flops"] for r in per_seed]),
+            "minus_best_static_at_or_above": spread([
+                r[objective]["reporting"]["score"] - r[objective]["best_static_at_or_above_reporting_flops"]["score"]
+                for r in per_seed if r[objective].get("best_static_at_or_above_reporting_flops")]),
+        } for objective in per_seed[0]}
+    return out
+
+
+def routing_summary(root: Path, seeds: list[int]) -> dict:
+    """Routing entropy (nats) per gate of each gate folder (`wd_bert_gates*`), from gate_results.json."""
+    out = {}
+    for name in sorted({p.parent.name for s in seeds for p in (root / f"seed{s}").glob("wd_bert_gates*/"
+                                                                                        "gate_results.json")}):
+        reports = [json.loads((root / f"seed{s}" / name / "gate_results.json").read_text()).get("routed_dev", {})
+                   for s in seeds if (root / f"seed{s}" / name / "gate_results.json").is_file()]
+        entropies = [r["routing_entropy"] for r in reports if "routing_entropy" in r]
+        if len(entropies) == len(seeds):
+            out[name] = [spread([e[g] for e in entropies]) for g in range(len(entropies[0]))]
+    return out
 
 
 def fmt(s: dict | None, digits: int = 3) -> str:
@@ -249,6 +295,15 @@ def markdown(summary: dict) -> str:
             cells = [fmt(table.get(f"w{w}_d{d}")) for w in widths]
             if any(c != "-" for c in cells):
                 lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
+    effect = summary.get("graft_effect", {})
+    if any(effect.values()):
+        lines += ["", "| grafting - no grafting (paired per seed) | depth | " + " | ".join(f"w={w}" for w in widths)
+                  + " |", "|---|---|" + "---|" * len(widths)]
+        for name, phase in named[:3]:
+            for d in depths:
+                cells = [fmt(effect.get(phase, {}).get(f"w{w}_d{d}")) for w in widths]
+                if any(c != "-" for c in cells):
+                    lines.append(f"| {name} | {d} | " + " | ".join(cells) + " |")
     lines += ["", "| baseline | score |", "|---|---|"]
     lines += [f"| {k} | {fmt(v)} |" for k, v in summary["baselines"].items()]
     lines += ["", "| inference run | score | relative FLOPs | ms/example | gap over static frontier |",
@@ -257,6 +312,15 @@ def markdown(summary: dict) -> str:
         gap = summary["dynamic_gap_over_static_frontier"].get(run)
         lines.append(f"| {run} | {fmt(m['score'])} | {fmt(m['rel_flops'])} | {fmt(m.get('ms_per_example'), 2)} | "
                      f"{fmt(gap) if gap else ''} |")
+    for name, objectives in summary.get("calibration", {}).items():
+        lines += ["", f"| calibration `{name}`, reporting half | score | relative FLOPs | minus best static at >= "
+                  "FLOPs |", "|---|---|---|---|"]
+        lines += [f"| {o} | {fmt(v['reporting_score'])} | {fmt(v['reporting_rel_flops'])} | "
+                  f"{fmt(v['minus_best_static_at_or_above'])} |" for o, v in objectives.items()]
+    if summary.get("gate_routing"):
+        lines += ["", "| gates | routing entropy per gate on dev (nats) |", "|---|---|"]
+        lines += [f"| {name} | {' / '.join(fmt(e, 2) for e in per_gate)} |"
+                  for name, per_gate in summary["gate_routing"].items()]
     return "\n".join(lines) + "\n"
 
 
@@ -266,11 +330,11 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch = min(r.rsplit("_b", 1)[1] for r in summary["modes"])
+    batch = min(r.rsplit("_b", 1)[1] for r in summary["modes"] if ":" not in r)
     fig, ax = plt.subplots(figsize=(6.8, 4.8))
     for kind, marker in (("static", "o"), ("dynamic", "s")):
-        runs = [r for r in summary["modes"]
-                if r.endswith(f"_b{batch}") and r.startswith("static_") == (kind == "static")]
+        runs = [r for r in summary["modes"] if ":" not in r  # the pipeline's own runs, not the variants
+                and r.endswith(f"_b{batch}") and r.startswith("static_") == (kind == "static")]
         xs = [summary["modes"][r]["rel_flops"]["mean"] for r in runs]
         ys = [summary["modes"][r]["score"]["mean"] for r in runs]
         ax.errorbar(xs, ys, xerr=[summary["modes"][r]["rel_flops"]["std"] for r in runs],
