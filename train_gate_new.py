@@ -93,7 +93,7 @@ def calibration_parser() -> ArgumentParser:
     a("--max_drop", type=_number_list, default=None,
       help="Objective: the fewest FLOPs at a score >= the full model's score on the calibration split - D "
            "(in metric units: 0.01 = one point); a comma list gives one setting each.")
-    a("--within_se", type=NON_NEGATIVE, default=0.0,
+    a("--within_se", type=NON_NEGATIVE, default=1.0,
       help="FLOPs budgets: of the settings within the budget whose calibration score is at most this many "
            "standard errors below the best, take the one with the most FLOPs (0: the best score, ties to fewer "
            "FLOPs). On a few hundred calibration examples, differences below one standard error are noise.")

@@ -53,7 +53,7 @@ PARITY_FLAGS: dict[str, list[str]] = {
     # the reference's one-pass-per-subnet training, which --separate_subnet_passes keeps
     "dynabert": ["--separate_subnet_passes"],
     "final_finetuning": ["--separate_subnet_passes"],
-    "traingate": [],
+    "traingate": ["--gate_loss", "reference"],  # the goldens' rule; every_width is the default since issue 17
 }
 
 

@@ -232,10 +232,13 @@ def test_gate_training_targets_from_per_width_predictions(env, gated):
 
 
 def test_gate_training_lowers_the_loss(gated):
-    """dev.tsv = train.tsv, so the dev gate loss is the training objective: it must drop over 5 epochs."""
+    """dev.tsv = train.tsv, so the dev gate loss is the training objective: it must drop over 5 epochs. Under
+    the default every_width rule no width-recognising shortcut exists, so it drops less than the reference
+    rule's did (measured: -12 % against -20 %+)."""
+    assert gated[1]["gate_loss"] == "every_width"  # the default
     history = gated[1]["history"]
     first, last = history[0]["loss"], sum(h["loss"] for h in history[-4:]) / 4  # Gumbel noise: average the end
-    assert math.isfinite(first) and last < 0.8 * first
+    assert math.isfinite(first) and last < 0.95 * first
 
 
 def test_regression_gate_targets_use_the_threshold(env):
