@@ -87,8 +87,11 @@ def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> 
     other files (tokenizer, 1_Pooling/ with the model's pooling) linked."""
     from safetensors.torch import load_file, save_file
 
-    if (folder / "config.json").is_file() and (folder / "model.safetensors").is_file():
-        return folder
+    weights_file = folder / "model.safetensors"
+    if (folder / "config.json").is_file() and weights_file.is_file() and not weights_file.is_symlink():
+        return folder  # (an older version linked the full model's weights: rebuilt)
+    if weights_file.is_symlink():
+        weights_file.unlink()
     source = Path(args.model_dir or subprocess.run(
         ["bash", "-c", "source pipeline_env.sh && echo $BERT_DIR"], cwd=ROOT, capture_output=True, text=True,
         env={**os.environ, "PYTHON": sys.executable}).stdout.strip())
@@ -254,9 +257,10 @@ def calibration_summary(root: Path, seeds: list[int]) -> dict:
         out[name] = {objective: {
             "reporting_score": spread([r[objective]["reporting"]["score"] for r in per_seed]),
             "reporting_rel_flops": spread([r[objective]["reporting"]["relative_flops"] for r in per_seed]),
-            "minus_best_static_at_or_above": spread([
+            "minus_best_static_at_or_above": spread(gaps) if len(gaps := [
                 r[objective]["reporting"]["score"] - r[objective]["best_static_at_or_above_reporting_flops"]["score"]
-                for r in per_seed if r[objective].get("best_static_at_or_above_reporting_flops")]),
+                for r in per_seed if r[objective].get("best_static_at_or_above_reporting_flops")]) == len(per_seed)
+            else None,  # no static subnet costs as much (or --no_static_baselines)
         } for objective in per_seed[0]}
     return out
 

@@ -24,7 +24,6 @@ from pathlib import Path
 
 import torch
 from tensorboardX import SummaryWriter
-from tqdm.auto import tqdm
 
 import utils_glue
 from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
@@ -597,7 +596,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         indices = example_indices(args, split, len(dataset)) if (args.save_predictions or split in test_splits) \
             else None
         batches = list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False))
-        for b, batch in enumerate(tqdm(batches, desc=f"{mode} {spec.name} {split}", leave=False)):
+        for b, batch in enumerate(progress(batches, desc=f"{mode} {spec.name} {split}", leave=False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
             if use_cuda_events:
                 start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)

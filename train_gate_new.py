@@ -27,8 +27,6 @@ import sys
 import time
 from pathlib import Path
 
-from tqdm.auto import tqdm
-
 import utils_glue
 from train_gate import (
     DEFAULT_EXIT_THRESHOLD,
@@ -54,6 +52,7 @@ from transformers_ext.cli import (
     ArgumentParser,
     CLIError,
     multiplier_list,
+    progress,
     run_cli,
     validate_subnets,
     validate_task_args,
@@ -318,7 +317,7 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
 
     model.to(device).eval()
     maps_in_grid = len(monotone_maps(grid, len(trained)))
-    bar = tqdm(total=maps_in_grid if maps_in_grid <= own.calibration_max_exhaustive else None,
+    bar = progress(total=maps_in_grid if maps_in_grid <= own.calibration_max_exhaustive else None,
                desc=f"calibration maps ({len(cal_set)} examples)", leave=False)
     calibrator = Calibrator(model, cal_set.tensors, metric, off_ramps, args.max_seq_length,
                             own.calibration_batch_size, device, progress=lambda *_: bar.update(1))

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import csv
 import hashlib
+import io
 import json
 import math
 import os
+import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -213,7 +215,7 @@ class DataFiles:
 
 DATA_FORMATS = {".csv": "csv", ".tsv": "tsv", ".json": "json", ".jsonl": "json"}
 INDEX_COLUMNS = ("index", "idx", "id")  # a test file's column that keys the predictions (else the row number)
-MAX_NUMERIC_CLASSES = 10  # a numeric label column with more distinct values is a regression target
+INTEGER_LITERAL = re.compile(r"[+-]?\d+")  # class ids (HF run_glue: an integer label column is classification)
 
 
 def data_format(path: str | Path) -> str:
@@ -264,7 +266,7 @@ def read_table(path: str | Path) -> tuple[list[str], list[tuple[int, dict]]]:
         records = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), start=1)]
         records = [(n, fields) for n, fields in records if fields != [""]]
     else:
-        reader = csv.reader(text.splitlines(keepends=True))
+        reader = csv.reader(io.StringIO(text, newline=""))  # str.splitlines would also split at U+2028 etc.
         records, start = [], 1
         try:
             for fields in reader:
@@ -339,8 +341,8 @@ def resolve_columns(path: str | Path, columns: list[str], text_column: str | Non
 def infer_labels(path: str | Path, rows: list[tuple[int, dict]], column: str, is_regression: bool = False
                  ) -> tuple[str, ...] | None:
     """The label list of a training file: None (regression) with `is_regression` or when every label is a
-    number and there are more than MAX_NUMERIC_CLASSES distinct values; else the distinct labels sorted
-    (numerically when all are numbers: 2 before 10)."""
+    number and some are written as floats (2.5, 3.0; as HF run_glue, whose float label column is a regression
+    target); else the distinct labels sorted (numerically when all are integers: 2 before 10)."""
     values = []
     for line_no, row in rows:
         value = _cell(Path(path), line_no, row, column, "label")
@@ -356,7 +358,9 @@ def infer_labels(path: str | Path, rows: list[tuple[int, dict]], column: str, is
         return None
     names = sorted({_label_text(v) for _, v in values})
     if all(x is not None for x in numbers):
-        if len(names) > MAX_NUMERIC_CLASSES:
+        integers = all(isinstance(v, int) or (isinstance(v, str) and INTEGER_LITERAL.fullmatch(v.strip()))
+                       for _, v in values)
+        if not integers:
             return None
         names.sort(key=float)
     if len(names) < 2:
@@ -568,7 +572,7 @@ def load_dataset(
         examples = examples[:max_examples]
     key = hashlib.sha1(
         repr((spec.name, split, max_seq_length, _tokenizer_fingerprint(tokenizer),
-              [(e.text_a, e.text_b, e.label) for e in examples])).encode()
+              spec.labels, [(e.text_a, e.text_b, e.label) for e in examples])).encode()
     ).hexdigest()[:20]
     cache = Path(cache_dir) if cache_dir else default_cache_dir()
     path = cache / f"{spec.name}_{split}_{max_seq_length}_{key}.pt"

@@ -67,8 +67,11 @@ def test_labels_inferred_sorted_numeric_and_regression(tmp_path):
 
     assert labels(["b", "c", "a", "b"]).labels == ("a", "b", "c")
     assert labels(["10", "2", "1", "2"]).labels == ("1", "2", "10")  # numerically, not "1" < "10" < "2"
-    spec = labels([f"{0.1 * i:.1f}" for i in range(12)])  # numeric, 12 distinct values: regression
+    spec = labels([f"{0.1 * i:.1f}" for i in range(12)])  # numbers written as floats: regression
     assert spec.is_regression and spec.num_labels == 1
+    assert labels(["3.0", "4.0"]).is_regression  # a float column, as HF run_glue
+    spec = labels([str(i) for i in range(20)])  # 20 integer class ids (banking77-style): classification
+    assert not spec.is_regression and spec.labels == tuple(str(i) for i in range(20))
     assert labels(["1", "2", "1"], is_regression=True).is_regression
     single = labels(["x", "y"])
     assert single.text_b is None and single.files.text_column == "text"  # no sentence2: single-text task

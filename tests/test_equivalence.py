@@ -21,8 +21,8 @@ BLAS blocking) changes the last bits of the first forward and training amplifies
 EPYC machine: finetuning weights within 1.3e-6, later steps up to 2.2e-3 of a tensor's norm, losses within
 1e-5 relative, every accuracy, head count, width class, exit layer and MAC count identical). So the comparison
 is exact when the finetuning step reproduces its golden bit for bit (`numerics` fixture), and otherwise
-numerical: discrete values exact, floats within the NUMERIC_* tolerances, which are 5-10x the worst seen and
-far below what a change of loss, schedule or routing produces.
+numerical: discrete values exact, floats within the NUMERIC_* tolerances (4-100x the worst difference seen,
+far below what a change of loss, schedule or routing produces).
 
 Regenerate the goldens (only from code known to be right): .venv/bin/python tests/golden/make_golden.py
 """
@@ -120,12 +120,13 @@ def exact(pipeline) -> bool:
 NUMERIC_WEIGHT_REL = 1e-2  # |a - e| / |e| per weight tensor (Frobenius norms)
 NUMERIC_INERT_ABS = 2e-3  # attention key biases: no effect on any output (softmax is shift-invariant), so their
 #                           gradient is rounding noise that Adam scales up to lr-sized steps; max |a - e|
-NUMERIC_FLOAT_REL = 1e-3  # JSON floats (losses, scores) and floating tensors (logits): relative ...
-NUMERIC_FLOAT_ABS = 5e-3  # ... or absolute
+NUMERIC_FLOAT_REL = 1e-3  # JSON floats (losses, scores: 1e-5 seen) and floating tensors: relative ...
+NUMERIC_JSON_ABS = 1e-6  # ... or, for JSON values near 0, absolute
+NUMERIC_FLOAT_ABS = 2e-3  # logits: absolute (4.6e-4 seen, after the depth stage's amplification)
 
 
 def _float_close(a: float, e: float) -> bool:
-    return math.isclose(a, e, rel_tol=NUMERIC_FLOAT_REL, abs_tol=NUMERIC_FLOAT_ABS)
+    return math.isclose(a, e, rel_tol=NUMERIC_FLOAT_REL, abs_tol=NUMERIC_JSON_ABS)
 
 
 def _tensor_mismatches(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor], exact: bool = True,

@@ -252,7 +252,7 @@ def add_data_file_args(parser: argparse.ArgumentParser) -> None:
     a("--label_column", default=None, help="Column of the label (default: label).")
     a("--is_regression", action="store_true",
       help="The label is a number to predict (default: inferred; regression when every label is a number and "
-           f"there are more than {utils_glue.MAX_NUMERIC_CLASSES} distinct values).")
+           "some are written as floats, e.g. 2.5 or 3.0; integer labels are class ids).")
     add_output_args(parser)
 
 
