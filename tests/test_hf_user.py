@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 from conftest import SMALL, TINY_VOCAB, cli_argv, make_config, make_inputs, make_model
-from test_run_glue import VOCAB, _argv, _run, _write_model, _write_rte
+from test_run_glue import VOCAB, _argv, _one_thread, _run, make_env  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
 import export_subnet
@@ -29,20 +29,9 @@ from utils_glue import get_task
 RTE_LABELS = {"0": "entailment", "1": "not_entailment"}
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def env(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("hf_user")
-    _write_rte(root / "RTE")
-    _write_model(root / "bert")
-    return {"root": root, "data": root / "RTE", "bert": root / "bert", "cache": root / "cache"}
+    return make_env(tmp_path_factory.mktemp("hf_user"))
 
 
 @pytest.fixture(scope="module")

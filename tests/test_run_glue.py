@@ -77,12 +77,16 @@ def _one_thread():
     torch.set_num_threads(threads)
 
 
-@pytest.fixture(scope="module")
-def env(tmp_path_factory) -> dict[str, Path]:
-    root = tmp_path_factory.mktemp("run_glue")
+def make_env(root: Path) -> dict[str, Path]:
+    """A tiny RTE folder and BERT under `root` (also test_hf_user.py's)."""
     _write_rte(root / "RTE")
     _write_model(root / "bert")
     return {"root": root, "data": root / "RTE", "bert": root / "bert", "cache": root / "cache"}
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory) -> dict[str, Path]:
+    return make_env(tmp_path_factory.mktemp("run_glue"))
 
 
 def _argv(env: dict[str, Path], model_dir: Path, output_dir: Path, phase: str, *extra: str, **flags) -> list[str]:
