@@ -455,6 +455,9 @@ def main(argv: list[str] | None = None) -> None:
     if not (args.do_train or args.do_predict):
         raise CLIError("nothing to do: pass --do_train (evaluation of subnets runs during and after training) "
                        "or --do_predict (test predictions of a trained model)")
+    if args.do_train and args.do_predict:  # a missing or malformed test file fails now, not after training
+        for split in utils_glue.split_names(args.task_name, "test"):
+            utils_glue.get_examples(args.task_name, args.data_dir, split)
     if args.do_train:
         with clean_up_on_failure(args.output_dir):
             train(args)

@@ -196,8 +196,11 @@ def test_predict_needs_the_test_file(env, tmp_path, capsys):
     for name in ("train.tsv", "dev.tsv"):
         (data / name).write_text((env["data"]["SST-2"] / name).read_text())
     flags = {**_flags(env, "SST-2", env["models"]["SST-2"], tmp_path / "out"), "data_dir": data}
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(lambda: run_glue.main(cli_argv(flags, switches=("--cpu", "--do_predict"))))
-    assert info.value.code == 2
-    assert capsys.readouterr().err.splitlines()[-1] == f"error: {data / 'test.tsv'}: file not found"
+    for switches in (("--cpu", "--do_predict"), ("--cpu", "--do_train", "--do_predict")):
+        capsys.readouterr()
+        with mock.patch.object(run_glue, "train", side_effect=AssertionError("trained before checking test.tsv")), \
+                pytest.raises(SystemExit) as info:
+            run_cli(lambda s=switches: run_glue.main(cli_argv(flags, switches=s)))
+        assert info.value.code == 2
+        assert capsys.readouterr().err.splitlines()[-1] == f"error: {data / 'test.tsv'}: file not found"
+        assert not (tmp_path / "out").exists()
