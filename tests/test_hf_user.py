@@ -244,6 +244,9 @@ def test_schedule_fractional_epochs():
     assert Schedule.make(10, 1, 2.5) == Schedule(3, 10, 25, 1)
     assert Schedule.make(30, 1, 0.1).total_updates == 3  # not 4 (0.1 * 30 = 3.0000000000000004)
     assert Schedule.make(7, 2, 3.0) == Schedule(3, 3, 9, 2)  # integer epochs as before
+    assert Schedule.make(10, 1, 0.01).total_updates == 1  # a tenth of an update still runs one
+    with pytest.raises(CLIError, match="is 0 updates"):  # rounds to 0: would save the untrained model
+        Schedule.make(10, 1, 1e-8)
 
 
 def test_half_epoch_runs_half_the_updates(env):

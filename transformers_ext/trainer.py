@@ -123,6 +123,9 @@ class Schedule:
         if max_steps > 0:
             return cls(-(-max_steps // updates_per_epoch), updates_per_epoch, max_steps, accumulation)
         total = math.ceil(round(epochs * updates_per_epoch, 6))  # 0.1 x 30 is 3.0000000000000004, not 4 updates
+        if total == 0:
+            raise CLIError(f"--num_train_epochs {epochs:g} of {updates_per_epoch} updates per epoch is 0 updates: "
+                           "nothing would be trained")
         return cls(math.ceil(total / updates_per_epoch), updates_per_epoch, total, accumulation)
 
 
