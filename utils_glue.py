@@ -372,7 +372,8 @@ def infer_labels(path: str | Path, rows: list[tuple[int, dict]], column: str, is
 def read_custom_examples(spec: TaskSpec, path: str | Path, labelled: bool = True, augmented: bool = False
                          ) -> list[InputExample]:
     """The examples of one of the task's files; `labelled=False` (the test file) reads labels when the column
-    is there and leaves them None otherwise."""
+    is there and leaves them None otherwise (and for a classification label of -1, Hugging Face's mark of an
+    unlabelled test example)."""
     files = spec.files
     path = Path(path)
     columns, rows = read_table(path)
@@ -399,6 +400,8 @@ def read_custom_examples(spec: TaskSpec, path: str | Path, labelled: bool = True
                 if label is None:
                     raise DataError(f"{where}: column '{label_col}' (label): '{value}' is not a number "
                                     "(the task is a regression)")
+            elif not labelled and _label_text(value) == "-1" and "-1" not in spec.labels:
+                label = None  # Hugging Face datasets mark unlabelled test examples with -1
             else:
                 name = _label_text(value)
                 label = name if name in spec.labels else None

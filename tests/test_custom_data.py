@@ -96,6 +96,21 @@ def test_labels_follow_the_model_config(tmp_path):
         utils_glue.setup_custom_task(_args(test_file=test, model_dir=model))
 
 
+def test_hf_unlabelled_test_examples(tmp_path):
+    """A test split exported from Hugging Face datasets marks missing labels with -1: read as no label; in a
+    training or dev file -1 stays an unknown label (one clear error)."""
+    train = _write(tmp_path / "train.jsonl", "".join(json.dumps({"sentence": w, "label": y}) + "\n"
+                                                    for w, y in (("a", 0), ("b", 1), ("c", 0))))
+    test = _write(tmp_path / "test.jsonl", "".join(json.dumps({"idx": i, "sentence": w, "label": y}) + "\n"
+                                                  for i, (w, y) in enumerate((("a", -1), ("b", 1)))))
+    utils_glue.setup_custom_task(_args(train_file=train, test_file=test))
+    assert [(e.index, e.label) for e in utils_glue.get_examples("custom", "x", "test")] == [("0", None), ("1", "1")]
+    dev = _write(tmp_path / "dev.jsonl", json.dumps({"sentence": "a", "label": -1}) + "\n")
+    utils_glue.setup_custom_task(_args(train_file=train, validation_file=dev))
+    with pytest.raises(DataError, match="unknown label '-1'"):
+        utils_glue.get_examples("custom", "x", "dev")
+
+
 def test_macro_f1_and_accuracy(tmp_path):
     path = _write(tmp_path / "t.csv", "sentence1,label\na,x\nb,y\nc,z\n")
     utils_glue.setup_custom_task(_args(train_file=path))
