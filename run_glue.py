@@ -131,6 +131,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a = parser.add_argument
     a("--evaluate_during_training", type=str2bool, nargs="?", const=True, default=True,
       help="Evaluate every --logging_steps updates (true/false); the end of training is always evaluated.")
+    a("--eval_on_start", action="store_true",
+      help="Also evaluate every subnet before the first update (as Hugging Face's flag); that evaluation competes "
+           "for the best model, so final_finetuning in place keeps its input model unless training beats it.")
     a("--max_steps", type=STEPS, default=0,
       help="If > 0: stop after this many updates, overriding --num_train_epochs (the learning rate decays to 0 "
            "over them; grafting keeps SPEC's per-epoch schedule), e.g. to compare runs at equal cost.")
@@ -426,6 +429,7 @@ def train(args: argparse.Namespace) -> dict:
     state = fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule, batches=batches,
                 losses=batch_losses, hooks=hooks, resume=resume, world=world, is_main=is_main,
                 eval_every=args.logging_steps if args.evaluate_during_training and args.logging_steps > 0 else 0,
+                eval_on_start=args.eval_on_start,
                 precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", device_type=device.type,
                 writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True),
                 log_every=args.logging_steps)

@@ -523,6 +523,39 @@ def test_best_checkpoint_is_the_highest_summed_score(env, finetuned, tmp_path, m
     assert state["best_score"] == pytest.approx(sum(scripted[best_step - 1]))
 
 
+def test_eval_on_start_keeps_the_input_model_unless_training_beats_it(env, finetuned, tmp_path, monkeypatch):
+    """--eval_on_start: a step-0 evaluation joins the history and competes for the best model (no checkpoint
+    at step 0); here it is the best, so final fine-tuning saves its input model unchanged."""
+    recorder = _StepRecorder(monkeypatch)
+
+    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device):
+        acc = 0.9 if recorder.step == 0 else 0.5
+        return {subnet_key(w, 1.0): {"acc": acc, "eval_loss": 0.0} for w in widths}
+
+    monkeypatch.setattr(run_glue, "evaluate_subnets", fake_evaluate)
+    out = tmp_path / "start"
+    results = _run(env, finetuned, out, "final_finetuning", "--eval_on_start", logging_steps=1,
+                   width_mult_list="0.5,1.0")
+    assert [h["step"] for h in results["history"]] == [0, 1, 2, 3, 4]
+    assert results["best_step"] == 0 and results["best_score_sum"] == pytest.approx(1.8)
+    assert not (out / "checkpoint-0").exists() and (out / "checkpoint-4").is_dir()
+    saved, before = _weights(out), _weights(finetuned)
+    assert saved.keys() == before.keys()
+    _assert_same_weights(saved, before, atol=0)
+    assert any(not torch.equal(v, before[n]) for n, v in _weights(out / "checkpoint-4").items())  # it did train
+
+
+def test_eval_on_start_changes_no_training(env, finetuned, tmp_path):
+    """The step-0 evaluation draws no random numbers: the trained weights are bit-identical without it."""
+    runs = {}
+    for name, extra in (("plain", ()), ("start", ("--eval_on_start",))):
+        results = _run(env, finetuned, tmp_path / name, "final_finetuning", *extra, width_mult_list="0.5,1.0")
+        runs[name] = (results, _weights(tmp_path / name / "checkpoint-4"))
+    assert [h["step"] for h in runs["start"][0]["history"]] == [0, 2, 4]
+    assert runs["start"][0]["history"][1:] == runs["plain"][0]["history"]
+    _assert_same_weights(runs["start"][1], runs["plain"][1], atol=0)
+
+
 # ---- resume ------------------------------------------------------------------------------------------------------
 class _Interrupted(Exception):
     pass

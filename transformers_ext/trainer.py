@@ -176,6 +176,7 @@ def fit(
     losses: Callable[[object, LoopState], Iterator[tuple[str, torch.Tensor]]],
     hooks: Hooks,
     eval_every: int = 0,
+    eval_on_start: bool = False,
     resume: dict | None = None,
     world: int = 1,
     is_main: bool = True,
@@ -190,6 +191,8 @@ def fit(
     state)` yields (name, loss) pairs, each backpropagated (scaled by 1/accumulation) as soon as it is
     yielded, so that one subnet's graph is freed before the next is built. `resume` is a checkpoint's state
     (optimizer, scheduler, RNG, counters, best score, history and the hooks' extra state).
+    `eval_on_start`: evaluate before the first update as well (not on resume); that record competes for the
+    best model like any other.
 
     Every `log_every` updates (and at the end) the mean training loss since the previous entry, the learning
     rate and the (fractional) epoch are appended to `state.log_history`, as Hugging Face's trainer_state.json;
@@ -210,7 +213,7 @@ def fit(
                 if precision != "fp32" else nullcontext())
     zero_grad = zero_grad or (lambda: optimizer.zero_grad(set_to_none=True))
 
-    def evaluate(epoch: int, batch_in_epoch: int) -> None:
+    def evaluate(epoch: int, batch_in_epoch: int, checkpoint: bool = True) -> None:
         if hooks.evaluate is None:
             return
         state.epoch, state.batch_in_epoch = epoch, batch_in_epoch
@@ -225,7 +228,7 @@ def fit(
                 hooks.on_best(state, record)
         if hooks.after_evaluate is not None:
             hooks.after_evaluate(state, record, improved)
-        if hooks.save_checkpoint is not None:
+        if checkpoint and hooks.save_checkpoint is not None:
             hooks.save_checkpoint({
                 "global_step": state.global_step, "epoch": epoch, "batch_in_epoch": batch_in_epoch,
                 "optimizer": optimizer.state_dict(), "scheduler": scheduler.state_dict(),
@@ -246,6 +249,8 @@ def fit(
             "epoch": round(state.global_step / schedule.updates_per_epoch, 4), "step": state.global_step})
         state.window_loss, state.window_steps = 0.0, 0
     start_epoch, start_batch = state.epoch, state.batch_in_epoch
+    if eval_on_start and resume is None:
+        evaluate(0, 0, checkpoint=False)  # nothing to resume at step 0
     update_loss = 0.0
     for epoch in range(start_epoch, schedule.epochs):
         first = start_batch if epoch == start_epoch else 0
