@@ -27,6 +27,7 @@ from pathlib import Path
 
 import torch
 from tensorboardX import SummaryWriter
+from torch.utils.data import TensorDataset
 
 import utils_glue
 from transformers_ext import compute_importance, dynamic_forward, graft, rewire
@@ -169,7 +170,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
            "the reference averages over padding too). Evaluation always trims: its results are unchanged.")
     a("--group_by_length", action="store_true",
       help="Shuffle, then sort each run of 50 batches by length so batches hold similar lengths; with "
-           "--trim_padding this skips most padding (1.5-1.9x fewer tokens on MRPC/RTE at length 128).")
+           "--trim_padding this skips most padding (1.5-1.9x fewer tokens on MRPC/RTE at length 128). "
+           "Also batches the head/neuron importance examples by length (the same examples; importance sums "
+           "|gradient| per batch, so its values change).")
     a("--do_predict", action="store_true",
       help="Predict the test split (test.tsv; MNLI test_matched/test_mismatched.tsv; or --test_file) with the "
            "static subnet --width_mult x --depth_mult: predict_results_<task>.txt (index<TAB>prediction, label "
@@ -306,8 +309,12 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     def importance() -> tuple[torch.Tensor, torch.Tensor]:
-        batches = (utils_glue.trim_padding(b)
-                   for b in utils_glue.epoch_batches(importance_set, args.per_gpu_eval_batch_size, 0, 0, False))
+        if args.group_by_length:  # the same examples (the first --importance_max_examples), batched by length
+            kept = TensorDataset(*(t[: args.importance_max_examples] for t in importance_set.tensors))
+            batches = (b for _, b in utils_glue.length_sorted_batches(kept, args.per_gpu_eval_batch_size))
+        else:
+            batches = (utils_glue.trim_padding(b)
+                       for b in utils_glue.epoch_batches(importance_set, args.per_gpu_eval_batch_size, 0, 0, False))
         return compute_importance(model, batches, device, args.importance_max_examples)
 
     try:

@@ -81,7 +81,7 @@ from transformers_ext.trainer import (
     train_metrics,
     trainer_state,
 )
-from utils_glue import epoch_batches, num_batches, trim_padding
+from utils_glue import epoch_batches, in_dataset_order, length_sorted_batches, num_batches, trim_padding
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
@@ -256,16 +256,17 @@ class GateInputs:
         self.backbone_dropout = backbone_dropout
         size = len(args.gate_setting) * model.config.num_gates * len(dataset) * model.config.hidden_size * 4
         keep = size <= GATE_CACHE_BYTES and not backbone_dropout
-        states, correct = [], []
-        for batch in progress(list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False)),
-                          desc="gate inputs and targets", leave=False):
+        states, correct, indices = [], [], []
+        for idx, batch in progress(list(length_sorted_batches(dataset, args.per_gpu_eval_batch_size)),
+                                   desc="gate inputs and targets", leave=False):
             s, c = self._compute(batch, dropout=False)
             correct.append(c.cpu())
+            indices.append(idx)
             if keep:
                 states.append(s.cpu())
-        self.correct = torch.cat(correct, dim=1)
+        self.correct = in_dataset_order(correct, indices, dim=1)
         self.targets = gate_targets(self.correct[:-1])
-        self.states = torch.cat(states, dim=2) if keep else None
+        self.states = in_dataset_order(states, indices, dim=2) if keep else None
 
     def _compute(self, batch, dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train(dropout)
@@ -484,12 +485,13 @@ def routed_gate_report(model, dataset, targets: torch.Tensor, args, device) -> d
     """Dev examples routed by the gates as at inference (each gate reads the state its predecessors' choices
     produced): per gate, the accuracy of the chosen class against the target, the histogram of chosen
     classes and its entropy."""
-    chosen = []
-    for batch in epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False):
-        ids, mask, types = (t.to(device) for t in trim_padding(batch)[:3])
+    chosen, indices = [], []
+    for idx, batch in length_sorted_batches(dataset, args.per_gpu_eval_batch_size):
+        ids, mask, types = (t.to(device) for t in batch[:3])
         out = dynamic_forward(model, ids, mask, types, class_to_width=args.gate_setting)
         chosen.append(out.width_class[:, :: layers_per_gate(model)].cpu())
-    chosen = torch.cat(chosen)  # [N, G]
+        indices.append(idx)
+    chosen = in_dataset_order(chosen, indices)  # [N, G]
     num_classes = len(args.gate_setting)
     counts = torch.stack([torch.bincount(chosen[:, g], minlength=num_classes) for g in range(chosen.shape[1])])
     probs = counts.float() / counts.sum(1, keepdim=True)

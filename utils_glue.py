@@ -16,8 +16,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from scipy.stats import pearsonr, spearmanr
-from sklearn.metrics import f1_score, matthews_corrcoef
 from torch.utils.data import TensorDataset
 
 
@@ -606,6 +604,23 @@ def trim_padding(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
     return [t[:, :length] if t.dim() == 2 else t for t in batch]
 
 
+def length_sorted_batches(dataset: TensorDataset, batch_size: int
+                          ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """(example indices, padding-trimmed batch) over all of `dataset`, longest examples first, for passes whose
+    per-example results do not depend on the batch (evaluation, gate inputs): similar lengths share a batch,
+    so about half the padded tokens of file order go (GLUE pairs at length 128). Callers put the results
+    back in dataset order with the indices."""
+    order = dataset.tensors[1].sum(1).argsort(descending=True, stable=True)
+    for idx in order.split(batch_size):
+        yield idx, trim_padding([t[idx] for t in dataset.tensors])
+
+
+def in_dataset_order(chunks: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
+    """Concatenate per-batch results of length_sorted_batches along `dim` and undo its order."""
+    order = torch.cat(list(indices))
+    return torch.cat(list(chunks), dim).index_select(dim, order.argsort())
+
+
 def epoch_batches(
     dataset: TensorDataset,
     batch_size: int,
@@ -651,7 +666,10 @@ def compute_metrics(task_name: str, preds: np.ndarray, labels: np.ndarray) -> di
     spec = get_task(task_name)
     preds = np.asarray(preds)
     labels = np.asarray(labels)
+    # scipy and sklearn load on first use: they cost ~0.6 s per process, and the accuracy-only tasks need neither
     if spec.is_regression:
+        from scipy.stats import pearsonr, spearmanr
+
         preds = preds.reshape(-1)
         pearson = float(pearsonr(preds, labels)[0]) if np.std(preds) > 0 and np.std(labels) > 0 else 0.0
         spearman = float(spearmanr(preds, labels)[0]) if np.std(preds) > 0 and np.std(labels) > 0 else 0.0
@@ -659,17 +677,19 @@ def compute_metrics(task_name: str, preds: np.ndarray, labels: np.ndarray) -> di
     if preds.ndim == 2:
         preds = preds.argmax(-1)
     acc = float((preds == labels).mean())
+    key = task_name.lower()
+    if not spec.is_custom and key not in ("cola", "mrpc", "qqp"):
+        return {"acc": acc}
+    from sklearn.metrics import f1_score, matthews_corrcoef
+
     if spec.is_custom:  # every class counts alike in macro-F1, however rare (a class never seen scores 0)
         macro = float(f1_score(labels, preds, labels=list(range(spec.num_labels)), average="macro",
                                zero_division=0))
         return {"acc": acc, "macro_f1": macro}
-    key = task_name.lower()
     if key == "cola":
         return {"mcc": float(matthews_corrcoef(labels, preds))}
-    if key in ("mrpc", "qqp"):
-        f1 = float(f1_score(labels, preds, pos_label=1, zero_division=0))
-        return {"acc": acc, "f1": f1, "acc_and_f1": (acc + f1) / 2}
-    return {"acc": acc}
+    f1 = float(f1_score(labels, preds, pos_label=1, zero_division=0))  # MRPC, QQP
+    return {"acc": acc, "f1": f1, "acc_and_f1": (acc + f1) / 2}
 
 
 def primary_metric(task_name: str) -> str:

@@ -24,7 +24,7 @@ import run_glue
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.trainer import subnet_key
-from utils_glue import LENGTH_GROUP, epoch_batches
+from utils_glue import LENGTH_GROUP, epoch_batches, in_dataset_order, length_sorted_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -483,6 +483,25 @@ def test_group_by_length_shards_each_global_batch_across_processes():
     ranks = [list(epoch_batches(dataset, 4, seed=3, epoch=0, rank=r, world=2, lengths=lengths)) for r in (0, 1)]
     for whole, part0, part1 in zip(single, *ranks, strict=True):
         assert sorted(whole[3].tolist()) == sorted(part0[3].tolist() + part1[3].tolist())
+
+
+def test_length_sorted_batches_cover_every_example_once_longest_first_and_trimmed():
+    dataset = _length_dataset(n=103)
+    lengths = dataset.tensors[1].sum(1)
+    batches = list(length_sorted_batches(dataset, 8))
+    assert [len(idx) for idx, _ in batches] == [8] * 12 + [7]
+    order = torch.cat([idx for idx, _ in batches])
+    assert sorted(order.tolist()) == list(range(103))
+    assert (lengths[order].diff() <= 0).all()
+    for idx, batch in batches:
+        assert torch.equal(batch[3], idx)  # the batch holds exactly the indexed examples
+        assert batch[1].shape[1] == int(lengths[idx].max())  # padding trimmed to the batch's longest
+    padded = sum(b[1].numel() for _, b in batches)
+    assert padded < 0.7 * sum(min(8, 103 - s) * int(lengths[s:s + 8].max()) for s in range(0, 103, 8))
+    # in_dataset_order undoes the order, along any dimension
+    assert torch.equal(in_dataset_order([b[3] for _, b in batches], [i for i, _ in batches]), torch.arange(103))
+    rows = in_dataset_order([b[3][None, :].repeat(2, 1) for _, b in batches], [i for i, _ in batches], dim=1)
+    assert torch.equal(rows, torch.arange(103).repeat(2, 1))
 
 
 # ---- best-checkpoint selection -------------------------------------------------------------------------------

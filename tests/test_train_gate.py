@@ -653,3 +653,25 @@ def test_gate_training_resumes_bit_identically(env, tmp_path, monkeypatch):
     ref_w, res_w = (load_file(str(p / "model.safetensors")) for p in (tmp_path / "reference", out))
     gate_keys = [k for k in ref_w if k.startswith("gates.")]
     assert gate_keys and all(torch.equal(ref_w[k], res_w[k]) for k in gate_keys)
+
+
+def test_gate_inputs_are_computed_in_length_order_and_returned_in_dataset_order(env):
+    """GateInputs batches the examples longest first (less padding); states, correctness and targets must
+    still be each example's own, in dataset order: compared with one example at a time, untrimmed."""
+    from transformers_ext.gates import gate_inputs_and_correctness
+
+    model, dataset = _dev_set(env, env["bert"])
+    args = SimpleNamespace(gate_setting=[1.0, 0.75, 0.5, 0.25], per_gpu_eval_batch_size=5, regression_threshold=0.5)
+    model.add_gates(args.gate_setting, model.config.num_hidden_layers)
+    model.eval()
+    lengths = dataset.tensors[1].sum(1)
+    assert len(set(lengths.tolist())) > 3  # the order really changes
+    inputs = train_gate.GateInputs(model, dataset, args, torch.device("cpu"))
+    with torch.no_grad():
+        single = [gate_inputs_and_correctness(model, [t[i:i + 1] for t in dataset.tensors], args.gate_setting, 0.5)
+                  for i in range(len(dataset))]
+    torch.testing.assert_close(inputs.states, torch.cat([s for s, _ in single], dim=2), rtol=0, atol=1e-5)
+    assert torch.equal(inputs.correct, torch.cat([c for _, c in single], dim=1))
+    assert torch.equal(inputs.targets, gate_targets(inputs.correct[:-1]))
+    states, targets = inputs.batch(torch.tensor([3, 0]))
+    torch.testing.assert_close(states, torch.cat([single[3][0], single[0][0]], dim=2), rtol=0, atol=1e-5)

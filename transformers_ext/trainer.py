@@ -327,18 +327,19 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
     deepest = max(subnets.values(), key=lambda s: s.num_layers)
     logits = {d: [] for d in depth_mults}
     loss_sum = dict.fromkeys(depth_mults, 0.0)
-    labels = []
-    for batch in utils_glue.epoch_batches(dataset, batch_size, 0, 0, shuffle=False):
-        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in utils_glue.trim_padding(batch))
+    labels, indices = [], []
+    for idx, batch in utils_glue.length_sorted_batches(dataset, batch_size):
+        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in batch)
         out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
         for d, subnet in subnets.items():
             depth_logits = model.classify(out.hidden_states[subnet.num_layers], attention_mask)
             loss_sum[d] += model.compute_loss(depth_logits, label).item() * len(label)
             logits[d].append(depth_logits.float().cpu())
         labels.append(label.cpu())
+        indices.append(idx)
     model.train(was_training)
-    return ({d: torch.cat(v).numpy() for d, v in logits.items()}, torch.cat(labels).numpy(),
-            {d: v / len(dataset) for d, v in loss_sum.items()})
+    return ({d: utils_glue.in_dataset_order(v, indices).numpy() for d, v in logits.items()},
+            utils_glue.in_dataset_order(labels, indices).numpy(), {d: v / len(dataset) for d, v in loss_sum.items()})
 
 
 def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
