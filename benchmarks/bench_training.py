@@ -8,7 +8,10 @@ Prefix sharing: one whole update (teacher, forwards, backwards, AdamW step) of `
 `final_finetuning` at batch 32, seq 128, with one forward per width for all depths (the default) against one
 forward per subnet (--separate_subnet_passes), interleaved rounds; target shared >= 1.8x faster (the FLOPs
 ratio is 2.17 for depths 1/0.75/0.5), with the time split into teacher / student forwards / backward /
-optimizer."""
+optimizer.
+
+Evaluation and gate inputs/targets: full-width forwards over RTE dev in length order against file order
+(padding trimmed per batch either way); target >= 1.3x."""
 
 from __future__ import annotations
 
@@ -36,7 +39,7 @@ from common import (
 from torch.utils.data import TensorDataset
 
 import run_glue
-from utils_glue import epoch_batches, trim_padding
+from utils_glue import epoch_batches, length_sorted_batches, trim_padding
 
 TARGET = 1.1
 TIMING_BATCH = 8
@@ -133,6 +136,31 @@ def group_by_length_epoch(ctx: Context, rounds: int) -> Result:
                        median_ratio(times["shuffled"], times["grouped"]), GROUPED_TARGET, detail=detail))
 
 
+SORTED_EVAL_TARGET = 1.3  # evaluation / gate-input passes in length order over file order, RTE dev
+
+
+def forward_on(model, batches: list[list[torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for batch in batches:
+            model(*batch[:3])
+
+
+def length_sorted_evaluation(ctx: Context, rounds: int) -> Result:
+    """Full-width forwards over RTE dev in batches of 32, padding trimmed per batch either way: file order (as
+    evaluation ran before) against length_sorted_batches (evaluation, gate inputs and targets now)."""
+    dev = TensorDataset(*ctx.features("dev"))
+    orders = {"file": [trim_padding(b) for b in epoch_batches(dev, EPOCH_BATCH, 0, 0, shuffle=False)],
+              "sorted": [b for _, b in length_sorted_batches(dev, EPOCH_BATCH)]}
+    tokens = {name: sum(b[1].numel() for b in batches) for name, batches in orders.items()}
+    model = ctx.model("sdpa").eval()
+    times = interleaved({name: partial(forward_on, model, batches) for name, batches in orders.items()}, rounds)
+    detail = (f"padded tokens {tokens['file']:,} -> {tokens['sorted']:,} ({tokens['file'] / tokens['sorted']:.2f}x); "
+              f"{len(dev)} examples, {rounds} rounds; file {median(times['file']):.2f} s, "
+              f"sorted {median(times['sorted']):.2f} s")
+    return emit(Result(f"evaluation in length order, speed-up over file order (RTE dev, batch {EPOCH_BATCH})",
+                       median_ratio(times["file"], times["sorted"]), SORTED_EVAL_TARGET, detail=detail))
+
+
 SHARED_TARGET = 1.8
 SHARED_BATCH = 32
 
@@ -217,6 +245,7 @@ def run(ctx: Context) -> list[Result]:
         results.append(emit(Result(f"training {phase} step / sum of parts (batch {TIMING_BATCH})", ratio, TARGET,
                                    higher_is_better=False, detail=detail)))
     results.append(group_by_length_epoch(ctx, ctx.rounds(3, 1)))
+    results.append(length_sorted_evaluation(ctx, ctx.rounds(3, 2)))
     for phase in ("dynabert", "final_finetuning"):
         results += prefix_sharing(ctx, phase, ctx.rounds(3, 2))
     cmd = [sys.executable, __file__, "--rss_child", "--threads", str(ctx.args.threads), "--data_dir",
