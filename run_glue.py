@@ -167,7 +167,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--sequential_sampler", action="store_true", help="Unshuffled training order (the reference's sampler).")
     a("--trim_padding", action="store_true",
       help="Train on batches trimmed to their longest example (faster; changes the hidden-state MSE, which "
-           "the reference averages over padding too). Evaluation always trims: its results are unchanged.")
+           "the reference averages over padding too). Evaluation always trims, in length order: its results "
+           "are unchanged.")
     a("--group_by_length", action="store_true",
       help="Shuffle, then sort each run of 50 batches by length so batches hold similar lengths; with "
            "--trim_padding this skips most padding (1.5-1.9x fewer tokens on MRPC/RTE at length 128). "
