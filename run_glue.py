@@ -27,7 +27,6 @@ from pathlib import Path
 
 import torch
 from tensorboardX import SummaryWriter
-from torch.utils.data import TensorDataset
 
 import utils_glue
 from transformers_ext import compute_importance, dynamic_forward, graft, rewire
@@ -310,12 +309,8 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     def importance() -> tuple[torch.Tensor, torch.Tensor]:
-        if args.group_by_length:  # the same examples (the first --importance_max_examples), batched by length
-            kept = TensorDataset(*(t[: args.importance_max_examples] for t in importance_set.tensors))
-            batches = (b for _, b in utils_glue.length_sorted_batches(kept, args.per_gpu_eval_batch_size))
-        else:
-            batches = (utils_glue.trim_padding(b)
-                       for b in utils_glue.epoch_batches(importance_set, args.per_gpu_eval_batch_size, 0, 0, False))
+        batches = utils_glue.importance_batches(importance_set, args.per_gpu_eval_batch_size,
+                                                args.importance_max_examples, args.group_by_length)
         return compute_importance(model, batches, device, args.importance_max_examples)
 
     try:

@@ -615,10 +615,27 @@ def length_sorted_batches(dataset: TensorDataset, batch_size: int
         yield idx, trim_padding([t[idx] for t in dataset.tensors])
 
 
+def importance_batches(dataset: TensorDataset, batch_size: int, max_examples: int | None, by_length: bool
+                       ) -> Iterator[list[torch.Tensor]]:
+    """Padding-trimmed batches for head/neuron importance: whole batches in file order until `max_examples`
+    are covered (so that count rounded up to a multiple of `batch_size`); `by_length`: the same examples,
+    batched by length (importance sums |gradient| per batch, so its values change, not its examples)."""
+    limit = None if max_examples is None else -(-max_examples // batch_size) * batch_size
+    kept = TensorDataset(*(t[:limit] for t in dataset.tensors))
+    if by_length:
+        return (batch for _, batch in length_sorted_batches(kept, batch_size))
+    return (trim_padding(batch) for batch in epoch_batches(kept, batch_size, 0, 0, False))
+
+
 def in_dataset_order(chunks: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """Concatenate per-batch results of length_sorted_batches along `dim` and undo its order."""
-    order = torch.cat(list(indices))
-    return torch.cat(list(chunks), dim).index_select(dim, order.argsort())
+    """Concatenate per-batch results of length_sorted_batches along `dim` and undo its order (each chunk is
+    copied straight to its rows: no concatenated intermediate, which for gate inputs is gigabytes)."""
+    shape = list(chunks[0].shape)
+    shape[dim] = sum(len(idx) for idx in indices)
+    out = chunks[0].new_empty(shape)
+    for chunk, idx in zip(chunks, indices, strict=True):
+        out.index_copy_(dim, idx.to(out.device), chunk)
+    return out
 
 
 def epoch_batches(

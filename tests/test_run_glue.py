@@ -24,7 +24,7 @@ import run_glue
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.trainer import subnet_key
-from utils_glue import LENGTH_GROUP, epoch_batches, in_dataset_order, length_sorted_batches
+from utils_glue import LENGTH_GROUP, epoch_batches, importance_batches, in_dataset_order, length_sorted_batches
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = [
@@ -502,6 +502,18 @@ def test_length_sorted_batches_cover_every_example_once_longest_first_and_trimme
     assert torch.equal(in_dataset_order([b[3] for _, b in batches], [i for i, _ in batches]), torch.arange(103))
     rows = in_dataset_order([b[3][None, :].repeat(2, 1) for _, b in batches], [i for i, _ in batches], dim=1)
     assert torch.equal(rows, torch.arange(103).repeat(2, 1))
+
+
+@pytest.mark.parametrize("max_examples, used", [(40, 64), (64, 64), (None, 103), (500, 103)])
+def test_importance_uses_the_same_examples_in_file_order_and_by_length(max_examples, used):
+    dataset = _length_dataset(n=103)
+    file_order = list(importance_batches(dataset, 32, max_examples, by_length=False))
+    by_length = list(importance_batches(dataset, 32, max_examples, by_length=True))
+    # whole batches until max_examples are covered, in file order; the same examples grouped by length
+    assert torch.cat([b[3] for b in file_order]).tolist() == list(range(used))
+    assert sorted(torch.cat([b[3] for b in by_length]).tolist()) == list(range(used))
+    lengths = dataset.tensors[1].sum(1)
+    assert all(b[1].shape[1] == int(lengths[b[3]].max()) for b in file_order + by_length)  # trimmed
 
 
 # ---- best-checkpoint selection -------------------------------------------------------------------------------
