@@ -86,7 +86,8 @@ def gold_loss(args, model, logits, hidden_states, labels, teacher_out, depth) ->
 
 
 def width_distil_loss(args, model, logits, hidden_states, labels, teacher_out, depth) -> torch.Tensor:
-    """dynabertw with --data_aug: logit KD + hidden-state MSE layer by layer; gold labels without a teacher."""
+    """dynabertw with --data_aug or --width_distil always: logit KD + hidden-state MSE layer by layer; else
+    gold labels (no teacher)."""
     if teacher_out is None:
         return gold_loss(args, model, logits, hidden_states, labels, teacher_out, depth)
     layer_map = list(range(len(hidden_states)))
@@ -109,7 +110,7 @@ def depth_distil_loss(args, model, logits, hidden_states, labels, teacher_out, d
 @dataclass(frozen=True)
 class Phase:
     loss: Callable  # (args, model, logits, hidden_states, labels, teacher_out, depth) -> loss of one subnet
-    teacher: str  # "never", "with_aug" (only when training on augmented data) or "always"
+    teacher: str  # "never", "with_aug" (with --data_aug, or --width_distil always) or "always"
     train_widths: bool  # train --width_mult_list (else full width only)
     train_depths: bool  # train --depth_mult_list (else full depth only)
     rewire: bool  # rewire by importance before training; the only phase that may graft
@@ -147,9 +148,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="dynabert's hidden-state MSE: layer_map (SPEC: every kept state j against teacher layer floor(j/d); "
            "shallow depths pull the shared prefix layers toward different teacher layers), last (only the last "
            "kept state, against the teacher's last) or none (logit KD only).")
+    a("--width_distil", choices=["with_aug", "always"], default="with_aug",
+      help="dynabertw: distil every width from the teacher (the input model, full width) only with --data_aug "
+           "(with_aug, the reference; gold labels otherwise) or also on the original data (always).")
     a("--width_lambda1", type=NON_NEGATIVE, default=1.0,
-      help="dynabertw with --data_aug: weight of logit distillation.")
-    a("--width_lambda2", type=NON_NEGATIVE, default=0.1, help="dynabertw with --data_aug: weight of hidden-state MSE.")
+      help="dynabertw with distillation (--width_distil): weight of logit distillation.")
+    a("--width_lambda2", type=NON_NEGATIVE, default=0.1,
+      help="dynabertw with distillation (--width_distil): weight of hidden-state MSE.")
     a("--graft_during_training", action="store_true",
       help="dynabertw only: neural grafting about 3 times per epoch, none in the last epoch.")
     a("--pooling", choices=["cls", "mean"], default=None,
@@ -293,7 +298,7 @@ def train(args: argparse.Namespace) -> dict:
                                                      max_examples=args.max_eval_samples, **load)
 
     teacher = None
-    if phase.teacher == "always" or (phase.teacher == "with_aug" and use_aug):
+    if phase.teacher == "always" or (phase.teacher == "with_aug" and (use_aug or args.width_distil == "always")):
         teacher = copy.deepcopy(model).eval()  # un-rewired, full width and depth
         for p in teacher.parameters():
             p.requires_grad_(False)

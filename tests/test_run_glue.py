@@ -416,6 +416,24 @@ def test_same_seed_gives_bit_identical_width_stage(env, finetuned, tmp_path):
 
 
 
+def test_width_distil_always_distils_every_width_from_the_input_model(env, finetuned, tmp_path, monkeypatch):
+    # the reference distils the width stage only on augmented data; --width_distil always also on the original
+    calls = []
+    original = run_glue.logit_kd_loss
+
+    def kd(student_logits, teacher_logits):
+        calls.append(student_logits.shape)
+        return original(student_logits, teacher_logits)
+
+    monkeypatch.setattr(run_glue, "logit_kd_loss", kd)
+    flags = dict(per_gpu_train_batch_size=8, num_train_epochs=1, logging_steps=8, width_mult_list="0.5,1.0")
+    _run(env, finetuned, tmp_path / "gold", "dynabertw", **flags)
+    assert calls == []
+    _run(env, finetuned, tmp_path / "distil", "dynabertw", "--width_distil", "always", **flags)
+    assert len(calls) == 2 * 4  # two widths x 4 updates (32 examples, batch 8)
+    gold, distil = _weights(tmp_path / "gold"), _weights(tmp_path / "distil")
+    assert not all(torch.equal(gold[name], distil[name]) for name in gold)
+
 @pytest.mark.parametrize("max_steps, steps_evaluated", [(3, [2, 3]), (6, [2, 4, 6])])
 def test_max_steps_overrides_epochs(env, finetuned, tmp_path, max_steps, steps_evaluated):
     # 32 examples / batch 8 = 4 updates per epoch; one epoch asked for, so 6 updates need a second epoch
