@@ -415,7 +415,6 @@ def test_same_seed_gives_bit_identical_width_stage(env, finetuned, tmp_path):
     assert not all(torch.equal(a[name], other[name]) for name in a)
 
 
-
 def test_width_distil_always_distils_every_width_from_the_input_model(env, finetuned, tmp_path, monkeypatch):
     # the reference distils the width stage only on augmented data; --width_distil always also on the original
     calls = []
@@ -433,6 +432,7 @@ def test_width_distil_always_distils_every_width_from_the_input_model(env, finet
     assert len(calls) == 2 * 4  # two widths x 4 updates (32 examples, batch 8)
     gold, distil = _weights(tmp_path / "gold"), _weights(tmp_path / "distil")
     assert not all(torch.equal(gold[name], distil[name]) for name in gold)
+
 
 @pytest.mark.parametrize("max_steps, steps_evaluated", [(3, [2, 3]), (6, [2, 4, 6])])
 def test_max_steps_overrides_epochs(env, finetuned, tmp_path, max_steps, steps_evaluated):
