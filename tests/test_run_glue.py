@@ -720,3 +720,42 @@ def test_depth_hidden_kd_variants(rule):
     if rule == "last":
         expected = expected + 0.3 * F.mse_loss(out.hidden_states[-1], teacher_out.hidden_states[-1])
     torch.testing.assert_close(loss, expected)
+
+
+# ---- run_glue.sh's profiles ----------------------------------------------------------------------------------
+def _stage_calls(tmp_path: Path, quick: str) -> dict[str, dict[str, str]]:
+    """run_glue.sh with a stand-in Python that records each run_glue.py call: per training phase, every
+    flag's effective value (argparse keeps the last of repeated flags)."""
+    log = tmp_path / f"calls-{quick}.txt"
+    stub = tmp_path / "python"
+    stub.write_text('#!/usr/bin/env bash\nargs=("$@")\nfor ((i=0; i<${#args[@]}; i++)); do\n'
+                    '  [ "${args[i]}" = --output_dir ] && mkdir -p "${args[i+1]}"\ndone\n'
+                    f'printf "%s\\x1f" "$@" >> {log}\necho >> {log}\n')
+    stub.chmod(0o755)
+    env = {**os.environ, "PYTHON": str(stub), "QUICK": quick, "BERT_DIR": "bert", "DATA_DIR": "data",
+           "OUT_DIR": str(tmp_path / f"out-{quick}")}
+    subprocess.run(["bash", str(ROOT / "run_glue.sh")], env=env, check=True, capture_output=True)
+    calls = {}
+    for line in log.read_text().splitlines():
+        argv = line.split("\x1f")[1:-1]  # drop run_glue.py and the trailing separator
+        flags = {}
+        for i, token in enumerate(argv):
+            if token.startswith("--"):
+                nxt = argv[i + 1] if i + 1 < len(argv) else ""
+                flags[token] = "" if nxt.startswith("--") else nxt
+        calls[flags["--training_phase"]] = flags
+    return calls
+
+
+def test_quick_profile_stage_data_and_epochs(tmp_path):
+    """Each stage's training examples and epochs as README documents them: the width and depth stages see
+    2,048 examples once (the width stage distilled), the final stage 1,024; the full profile uses all data."""
+    quick = _stage_calls(tmp_path, "1")
+    assert list(quick) == ["finetuning", "dynabertw", "dynabert", "final_finetuning"]
+    got = {phase: (flags.get("--max_train_samples"), flags["--num_train_epochs"]) for phase, flags in quick.items()}
+    assert got == {"finetuning": ("2000", "2"), "dynabertw": ("2048", "1"), "dynabert": ("2048", "1"),
+                   "final_finetuning": ("1024", "1")}
+    assert quick["dynabertw"]["--width_distil"] == "always"
+    full = _stage_calls(tmp_path, "0")
+    assert all("--max_train_samples" not in flags for flags in full.values())
+    assert "--width_distil" not in full["dynabertw"]
