@@ -347,7 +347,10 @@ def train(args: argparse.Namespace) -> dict:
     logger.info("***** %s on %s: %d examples, %d epochs, %d updates, subnets depth %s x width %s *****",
                 phase_name, spec.name, len(train_set), schedule.epochs, schedule.total_updates, depths, widths)
     grafting = phase.rewire and args.graft_during_training
-    if grafting:
+    if grafting and graft_stop < graft_step:
+        logger.warning("--graft_during_training: no graft will happen (none in the last epoch, and %d epoch(s) "
+                       "of %d updates leave none before it)", schedule.epochs, schedule.total_updates)
+    elif grafting:
         logger.info("grafting every %d updates until update %d", graft_step, graft_stop)
     metric = utils_glue.primary_metric(args.task_name)
 

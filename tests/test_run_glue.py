@@ -402,6 +402,15 @@ def test_grafting_fires_at_scheduled_steps_in_a_real_run(env, finetuned, tmp_pat
     _check_output_folder(out, _subnets([0.5, 1.0], [1.0]))
 
 
+def test_one_epoch_width_stage_never_grafts_and_says_so(env, finetuned, tmp_path, monkeypatch, capfd):
+    # SPEC: no graft in the last epoch, so a 1-epoch width stage (the quick profile's) grafts zero times
+    calls = _record_grafts(monkeypatch)
+    _run(env, finetuned, tmp_path / "one_epoch", "dynabertw", "--graft_during_training",
+         per_gpu_train_batch_size=4, num_train_epochs=1, logging_steps=8, width_mult_list="0.5,1.0")
+    assert calls == []
+    assert "no graft will happen" in capfd.readouterr().err
+
+
 def test_same_seed_gives_bit_identical_width_stage(env, finetuned, tmp_path):
     # rewiring, grafting, length-grouped shuffling and dropout all draw from seeded state: two runs must agree
     # to the bit, and a different seed must not (else the check could not fail)
