@@ -81,3 +81,16 @@ def test_truncated_model_is_the_first_layers_and_loads(tmp_path):
     model, _ = load_model_and_tokenizer(str(folder), get_task("SST-2"), SimpleNamespace(pooling=None,
                                                                                        max_seq_length=16))
     assert model.config.num_hidden_layers == 1 and model.config.pooling == "mean"
+
+
+@pytest.mark.parametrize("profile", ["quick", "full"])
+def test_no_graft_ablation_only_where_the_width_stage_grafts(tmp_path, monkeypatch, profile):
+    # the quick profile's width stage is 1 epoch, in which grafting never fires: a GRAFT=0 rerun would repeat it
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    calls = []
+    monkeypatch.setattr(reproduce, "shell", lambda script, env, *args: calls.append((script, env.get("GRAFT"))))
+    reproduce.run_all(reproduce.parse_args(["--profile", profile, "--seeds", "1,2", "--no_baselines"]))
+    pipeline = ["run_glue.sh", "train_glue.sh", "gate_inference.sh"]
+    per_seed = pipeline if profile == "quick" else pipeline + ["run_glue.sh"]
+    assert [script for script, _ in calls] == per_seed * 2
+    assert [graft for _, graft in calls].count("0") == (0 if profile == "quick" else 2)
