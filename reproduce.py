@@ -297,7 +297,8 @@ def markdown(summary: dict) -> str:
              f"`{summary['gate_args'] or 'default'}`. Each seed trains its own teacher. {summary.get('note', '')}",
              "",
              "| stage | depth | " + " | ".join(f"w={w}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
-    named = [("width (grafting)", "dynabertw"), ("depth", "dynabert"), ("final", "final_finetuning")]
+    width_stage = "width (grafting)" if summary["profile"] == "full" else "width (1 epoch: no graft fires)"
+    named = [(width_stage, "dynabertw"), ("depth", "dynabert"), ("final", "final_finetuning")]
     named += [(f"no grafting: {n}", p) for n, p in (("width", "dynabertw"), ("depth", "dynabert"),
                                                      ("final", "final_finetuning"))]
     for i, (name, phase) in enumerate(named):
