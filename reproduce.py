@@ -112,12 +112,16 @@ def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> 
     return folder
 
 
+def width_stage_grafts(profile: str) -> bool:
+    """run_glue.sh's quick profile trains the width stage for 1 epoch, and grafting never fires in the last epoch
+    (SPEC): a no-grafting rerun there would repeat the run bit for bit."""
+    return profile != "quick"
+
+
 def run_all(args: argparse.Namespace) -> None:
     root = run_folder(args)
     gate_args = args.gate_args.split()
-    # run_glue.sh's quick profile trains the width stage for 1 epoch, and grafting never fires in the last epoch
-    # (SPEC), so a no-grafting rerun would repeat the run bit for bit
-    ablate = not args.no_ablations and args.profile != "quick"
+    ablate = not args.no_ablations and width_stage_grafts(args.profile)
     if not args.no_ablations and not ablate:
         print("reproduce.py: no no-grafting ablation in the quick profile (its 1-epoch width stage never grafts)")
     for seed in args.seeds:
@@ -297,7 +301,7 @@ def markdown(summary: dict) -> str:
              f"`{summary['gate_args'] or 'default'}`. Each seed trains its own teacher. {summary.get('note', '')}",
              "",
              "| stage | depth | " + " | ".join(f"w={w}" for w in widths) + " |", "|---|---|" + "---|" * len(widths)]
-    width_stage = "width (grafting)" if summary["profile"] == "full" else "width (1 epoch: no graft fires)"
+    width_stage = "width (grafting)" if width_stage_grafts(summary["profile"]) else "width (1 epoch: no graft fires)"
     named = [(width_stage, "dynabertw"), ("depth", "dynabert"), ("final", "final_finetuning")]
     named += [(f"no grafting: {n}", p) for n, p in (("width", "dynabertw"), ("depth", "dynabert"),
                                                      ("final", "final_finetuning"))]
