@@ -758,13 +758,16 @@ def _stage_calls(tmp_path: Path, quick: str) -> dict[str, dict[str, str]]:
 
 def test_quick_profile_stage_data_and_epochs(tmp_path):
     """Each stage's training examples and epochs as README documents them: the width and depth stages see
-    2,048 examples once (the width stage distilled), the final stage 1,024; the full profile uses all data."""
+    2,048 examples once (the width stage distilled, not grafted), the final stage 1,024; the full profile uses
+    all data and grafts."""
     quick = _stage_calls(tmp_path, "1")
     assert list(quick) == ["finetuning", "dynabertw", "dynabert", "final_finetuning"]
     got = {phase: (flags.get("--max_train_samples"), flags["--num_train_epochs"]) for phase, flags in quick.items()}
     assert got == {"finetuning": ("2000", "2"), "dynabertw": ("2048", "1"), "dynabert": ("2048", "1"),
                    "final_finetuning": ("1024", "1")}
     assert quick["dynabertw"]["--width_distil"] == "always"
+    assert "--graft_during_training" not in quick["dynabertw"]  # one epoch: no graft point, so no flag
     full = _stage_calls(tmp_path, "0")
     assert all("--max_train_samples" not in flags for flags in full.values())
     assert "--width_distil" not in full["dynabertw"]
+    assert "--graft_during_training" in full["dynabertw"]
