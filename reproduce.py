@@ -256,15 +256,19 @@ def summarize(args: argparse.Namespace) -> dict:
 
 def calibration_summary(root: Path, seeds: list[int]) -> dict:
     """Per calibration run (a `calibrated*` folder under seed<S>/inference or seed<S>) and objective: on the
-    reporting half, the chosen setting's score and FLOPs, and its score minus the best static subnet's at equal
-    or higher FLOPs (issue 20's criterion: >= -0.005)."""
+    reporting half, the chosen setting's score and FLOPs, its score minus the best static subnet's at equal
+    or higher FLOPs (issue 20's criterion: >= -0.005), and minus the static frontier interpolated at its FLOPs
+    on the same half (issue 17's comparison, with the setting chosen on data the score does not use)."""
     out = {}
     for name in sorted({p.parent.name for s in seeds for p in (root / f"seed{s}").glob("**/calibrated*/"
                                                                                         "calibration_results.json")}):
         files = [next((root / f"seed{s}").glob(f"**/{name}/calibration_results.json"), None) for s in seeds]
         if any(f is None for f in files):
             continue
-        per_seed = [json.loads(f.read_text())["objectives"] for f in files]
+        results = [json.loads(f.read_text()) for f in files]
+        per_seed = [r["objectives"] for r in results]
+        statics = [[(v["relative_flops"], v["score"]) for v in r.get("static_reporting", {}).values()]
+                   for r in results]
         out[name] = {objective: {
             "reporting_score": spread([r[objective]["reporting"]["score"] for r in per_seed]),
             "reporting_rel_flops": spread([r[objective]["reporting"]["relative_flops"] for r in per_seed]),
@@ -272,6 +276,10 @@ def calibration_summary(root: Path, seeds: list[int]) -> dict:
                 r[objective]["reporting"]["score"] - r[objective]["best_static_at_or_above_reporting_flops"]["score"]
                 for r in per_seed if r[objective].get("best_static_at_or_above_reporting_flops")]) == len(per_seed)
             else None,  # no static subnet costs as much (or --no_static_baselines)
+            "gap_over_static_frontier": spread(gaps) if len(gaps := [
+                r[objective]["reporting"]["score"] - edge for r, points in zip(per_seed, statics, strict=True)
+                if (edge := frontier_at(points, r[objective]["reporting"]["relative_flops"])) is not None])
+            == len(per_seed) else None,
         } for objective in per_seed[0]}
     return out
 
@@ -330,9 +338,10 @@ def markdown(summary: dict) -> str:
                      f"{fmt(gap) if gap else ''} |")
     for name, objectives in summary.get("calibration", {}).items():
         lines += ["", f"| calibration `{name}`, reporting half | score | relative FLOPs | minus best static at >= "
-                  "FLOPs |", "|---|---|---|---|"]
+                  "FLOPs | gap over static frontier |", "|---|---|---|---|---|"]
         lines += [f"| {o} | {fmt(v['reporting_score'])} | {fmt(v['reporting_rel_flops'])} | "
-                  f"{fmt(v['minus_best_static_at_or_above'])} |" for o, v in objectives.items()]
+                  f"{fmt(v['minus_best_static_at_or_above'])} | {fmt(v.get('gap_over_static_frontier'))} |"
+                  for o, v in objectives.items()]
     if summary.get("gate_routing"):
         lines += ["", "| gates | routing entropy per gate on dev (nats) |", "|---|---|"]
         lines += [f"| {name} | {' / '.join(fmt(e, 2) for e in per_gate)} |"

@@ -57,6 +57,24 @@ def test_summary_over_seeds(tmp_path, monkeypatch):
     assert "| final | 0.5 | - | - | 0.610 ± 0.014 | - |" in text
 
 
+def test_calibration_summary_against_both_static_comparisons(tmp_path):
+    """Per objective on the reporting half: minus the best static at >= its FLOPs (issue 20) and minus the
+    static frontier interpolated at its FLOPs (issue 17), paired per seed."""
+    for seed, delta in ((1, 0.0), (2, 0.02)):
+        statics = {"static_w0.5_d1.0": {"score": 0.70 + delta, "relative_flops": 0.5},
+                   "static_w1.0_d1.0": {"score": 0.80 + delta, "relative_flops": 1.0}}
+        objective = {"reporting": {"score": 0.75 + delta, "relative_flops": 0.7},
+                     "best_static_at_or_above_reporting_flops": statics["static_w1.0_d1.0"]}
+        folder = tmp_path / f"seed{seed}" / "inference" / "calibrated"
+        folder.mkdir(parents=True)
+        (folder / "calibration_results.json").write_text(json.dumps(
+            {"objectives": {"flops0.7": objective}, "static_reporting": statics}))
+    summary = reproduce.calibration_summary(tmp_path, [1, 2])["calibrated"]["flops0.7"]
+    assert summary["minus_best_static_at_or_above"]["values"] == pytest.approx([-0.05, -0.05])
+    # frontier at 0.7: 0.70 + 0.10 * 0.4 = 0.74 (+ delta), so the setting lies 0.01 above it
+    assert summary["gap_over_static_frontier"]["values"] == pytest.approx([0.01, 0.01])
+
+
 def test_truncated_model_is_the_first_layers_and_loads(tmp_path):
     """The plain first-layers baseline's model: a folder holding exactly the first n layers' weights (a folder
     with more layers in its weights than in its config is refused on loading), its pooling config linked."""
