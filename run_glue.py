@@ -165,6 +165,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--separate_subnet_passes", action="store_true",
       help="One forward and backward per (width, depth) subnet, as the reference, instead of one per width "
            "shared by all depths (same gradient up to float rounding without dropout; about 2x slower).")
+    a("--balance_subnet_gradients", action="store_true",
+      help="Rescale each loss's gradient to unit norm before summing, then the sum to the mean of the norms, so "
+           "that every subnet pulls the shared weights equally hard (an issue-17 candidate; not the reference). "
+           "The unit is one backward: a (width, depth) subnet with --separate_subnet_passes, else one width with "
+           "all its depths.")
     a("--importance_split", choices=["train", "dev"], default="train",
       help="Data for head/neuron importance (rewiring, grafting); 'dev' mimics the reference.")
     a("--importance_max_examples", type=COUNT, default=None, help="Examples used for importance (default all).")
@@ -443,7 +448,7 @@ def train(args: argparse.Namespace) -> dict:
                 eval_on_start=args.eval_on_start,
                 precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", device_type=device.type,
                 writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True),
-                log_every=args.logging_steps)
+                log_every=args.logging_steps, balance_losses=args.balance_subnet_gradients)
     elapsed = time.time() - train_start
     if is_main:
         write_summary(state, extra={"train_seconds": elapsed})

@@ -614,6 +614,21 @@ def test_eval_on_start_changes_no_training(env, finetuned, tmp_path):
     _assert_same_weights(runs["start"][1], runs["plain"][1], atol=0)
 
 
+def test_balance_subnet_gradients_reaches_the_loop_and_changes_training(env, finetuned, tmp_path, monkeypatch):
+    """--balance_subnet_gradients turns on fit's per-loss balancing (one loss per subnet with separate passes)
+    and so trains other weights than the plain sum."""
+    seen = []
+    real_fit = run_glue.fit
+    monkeypatch.setattr(run_glue, "fit", lambda **kw: seen.append(kw["balance_losses"]) or real_fit(**kw))
+    weights = {}
+    for name, extra in (("plain", ()), ("balanced", ("--balance_subnet_gradients",))):
+        _run(env, finetuned, tmp_path / name, "final_finetuning", "--separate_subnet_passes", *extra,
+             width_mult_list="0.25,1.0", depth_mult_list="0.5,1.0")
+        weights[name] = _weights(tmp_path / name / "checkpoint-4")
+    assert seen == [False, True]
+    assert any(not torch.allclose(v, weights["balanced"][n]) for n, v in weights["plain"].items())
+
+
 # ---- resume ------------------------------------------------------------------------------------------------------
 class _Interrupted(Exception):
     pass

@@ -166,6 +166,37 @@ class Hooks:
     load_extra_state: Callable[[dict], None] | None = None
 
 
+class GradientBalancer:
+    """Per-loss gradient normalisation (one of issue 17's candidates against the narrow and shallow subnets'
+    gradients being drowned by the wide ones): `take()` after each loss's backward moves that gradient out of
+    `.grad` as g / |g|; `restore()` puts back sum_i g_i / |g_i| * mean_i |g_i| (the plain sum's scale when the
+    norms are equal). Parameters no loss reached keep `.grad = None` (AdamW then skips them, as unbalanced)."""
+
+    def __init__(self, params: Sequence[torch.nn.Parameter]):
+        self.params = list(params)
+        self.sum: list[torch.Tensor | None] = [None] * len(self.params)
+        self.norms: list[torch.Tensor] = []
+
+    def take(self) -> None:
+        grads = [p.grad for p in self.params]
+        present = [g for g in grads if g is not None]
+        if not present:
+            return
+        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+        self.norms.append(norm)
+        scale = 1.0 / max(float(norm), 1e-12)
+        for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
+            if g is not None:
+                self.sum[i] = g * scale if self.sum[i] is None else self.sum[i].add_(g, alpha=scale)
+                p.grad = None
+
+    def restore(self) -> None:
+        mean_norm = torch.stack(self.norms).mean() if self.norms else None
+        for p, total in zip(self.params, self.sum, strict=True):
+            p.grad = None if total is None else total.mul_(mean_norm)
+        self.sum, self.norms = [None] * len(self.params), []
+
+
 def fit(
     *,
     params: Sequence[tuple[str, torch.nn.Parameter]],
@@ -186,6 +217,7 @@ def fit(
     desc: str = "train",
     zero_grad: Callable[[], None] | None = None,
     log_every: int = 0,
+    balance_losses: bool = False,
 ) -> LoopState:
     """Train. `batches(epoch, start_batch)` yields the epoch's batches from `start_batch` on; `losses(batch,
     state)` yields (name, loss) pairs, each backpropagated (scaled by 1/accumulation) as soon as it is
@@ -196,8 +228,12 @@ def fit(
 
     Every `log_every` updates (and at the end) the mean training loss since the previous entry, the learning
     rate and the (fractional) epoch are appended to `state.log_history`, as Hugging Face's trainer_state.json;
-    the loss of one update is the sum over the yielded losses, averaged over its accumulated batches."""
+    the loss of one update is the sum over the yielded losses, averaged over its accumulated batches.
+
+    `balance_losses`: each yielded loss's gradient is rescaled to unit norm before the sum, and the sum to the
+    mean of those norms (`GradientBalancer`), so that every subnet pulls the shared weights equally hard."""
     trainable = [p for _, p in params]
+    balancer = GradientBalancer(trainable) if balance_losses else None
     state = LoopState()
     if resume is not None:
         optimizer.load_state_dict(resume["optimizer"])
@@ -268,9 +304,13 @@ def fit(
                     loss = loss / accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
                     logged[name] = loss.item()
+                    if balancer is not None:
+                        balancer.take()
             update_loss += sum(logged.values())  # each already divided by `accumulation`: the mean over batches
             if (batch_idx + 1) % accumulation:
                 continue
+            if balancer is not None:
+                balancer.restore()
             all_reduce_gradients(trainable, world)
             if scaler:
                 scaler.unscale_(optimizer)

@@ -1,0 +1,56 @@
+"""The training loop's per-loss gradient balancing (`run_glue.py --balance_subnet_gradients`): each loss's
+gradient is rescaled to unit norm, the sum to the mean of the norms."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from transformers_ext.trainer import GradientBalancer, Hooks, Schedule, fit
+
+
+def _losses(shared: torch.nn.Parameter, own: torch.nn.Parameter):
+    """Two losses: the first reaches both parameters with a large gradient, the second only `shared`."""
+    x, y = torch.tensor([3.0, 4.0]), torch.tensor([0.0, 0.1])
+    yield "wide", 10 * (shared * x).sum() + (own * torch.tensor([12.0, 0.0])).sum()
+    yield "narrow", (shared * y).sum()
+
+
+def _expected(shared_grads: list[torch.Tensor], own_grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    g1 = torch.cat([shared_grads[0], own_grad])  # the first loss's whole gradient
+    n1, n2 = g1.norm(), shared_grads[1].norm()
+    mean = (n1 + n2) / 2
+    return (shared_grads[0] / n1 + shared_grads[1] / n2) * mean, own_grad / n1 * mean
+
+
+def test_balancer_rescales_each_loss_to_unit_norm_then_to_the_mean_norm():
+    shared, own, untouched = (torch.nn.Parameter(torch.zeros(2)) for _ in range(3))
+    balancer = GradientBalancer([shared, own, untouched])
+    for _, loss in _losses(shared, own):
+        loss.backward()
+        balancer.take()
+        assert shared.grad is None  # moved out, so the next loss's gradient is its own
+    balancer.restore()
+    want_shared, want_own = _expected([torch.tensor([30.0, 40.0]), torch.tensor([0.0, 0.1])], torch.tensor([12.0, 0.0]))
+    assert torch.allclose(shared.grad, want_shared) and torch.allclose(own.grad, want_own)
+    assert untouched.grad is None  # no loss reached it: AdamW skips it, as without balancing
+    # unbalanced, the narrow loss's share of the shared gradient would be 0.1 / 50; balanced it is half
+    assert shared.grad[1] / shared.grad.norm() > 0.5
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_fit_applies_the_balanced_gradient(balance):
+    shared, own = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([shared, own], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    fit(params=[("shared", shared), ("own", own)], optimizer=optimizer, scheduler=scheduler,
+        schedule=Schedule(1, 1, 1), batches=lambda epoch, start: [None],
+        losses=lambda batch, state: _losses(shared, own), hooks=Hooks(), balance_losses=balance)
+    grads = [torch.tensor([30.0, 40.0]), torch.tensor([0.0, 0.1])]
+    if balance:
+        want_shared, want_own = _expected(grads, torch.tensor([12.0, 0.0]))
+    else:
+        want_shared, want_own = grads[0] + grads[1], torch.tensor([12.0, 0.0])
+    total = torch.cat([want_shared, want_own]).norm()  # fit clips the update's gradient norm to 1
+    assert torch.allclose(shared.detach(), -1e-3 * want_shared / total, atol=1e-7)
+    assert torch.allclose(own.detach(), -1e-3 * want_own / total, atol=1e-7)
