@@ -182,7 +182,7 @@ class GradientBalancer:
         present = [g for g in grads if g is not None]
         if not present:
             return
-        norm = torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g) for g in present]))
+        norm = torch.nn.utils.get_total_norm(present)  # the norm clip_grad_norm_ measures
         self.norms.append(norm)
         scale = 1.0 / max(float(norm), 1e-12)
         for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
