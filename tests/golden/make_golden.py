@@ -380,7 +380,7 @@ def check_coverage(result: PipelineOutput, graft_calls: list[int] | None) -> Non
 
 
 def main() -> None:
-    from test_equivalence import per_example_outputs  # the adapter, here calling the original API
+    from test_equivalence import PARITY_FLAGS, per_example_outputs  # the flags and adapter the test uses
 
     import run_glue
 
@@ -396,8 +396,7 @@ def main() -> None:
     start = time.perf_counter()
     try:
         with tempfile.TemporaryDirectory(prefix="flexbert-golden-") as tmp:
-            # No PARITY_FLAGS: the goldens are the original code's behaviour with the original flags.
-            result = run_pipeline(Path(tmp), {}, per_example_outputs)
+            result = run_pipeline(Path(tmp), PARITY_FLAGS, per_example_outputs)
     finally:
         if real_graft is not None:
             run_glue.graft = real_graft
