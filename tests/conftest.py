@@ -162,3 +162,19 @@ def cli_argv(options: dict, *extra: str, switches: tuple[str, ...] = ()) -> list
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     return argv + list(extra)
+
+
+# ---- lines for pytest's terminal summary (e.g. the golden comparison's mode: shown also in passing runs) ----
+_SUMMARY_LINES = pytest.StashKey[list[str]]()
+
+
+def add_to_summary(config: pytest.Config, line: str) -> None:
+    """Print `line` in the terminal summary at the end of the run (once, however often it is added)."""
+    lines = config.stash.setdefault(_SUMMARY_LINES, [])
+    if line not in lines:
+        lines.append(line)
+
+
+def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
+    for line in config.stash.get(_SUMMARY_LINES, []):
+        terminalreporter.write_line(line)

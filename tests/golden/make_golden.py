@@ -1,40 +1,56 @@
 """Golden data for tests/test_equivalence.py: the whole pipeline on a tiny deterministic setup, recorded
-from the code in this checkout.
+from the code in this checkout, in two sets:
 
-    .venv/bin/python tests/golden/make_golden.py      # writes tests/golden/*.safetensors and results.json
+  parity    the reference's computation order (one forward and backward per subnet in the depth and final
+            stages, the reference's gate loss, [CLS] pooling, full padding) over every step and mode
+  defaults  what users run: prefix-shared depth and final stages, the every-width gate loss, mean pooling
+            (read from the starting folder's 1_Pooling/config.json, as for the embedded MiniLM), the width
+            stage distilled from the teacher (--width_distil always), padding trimmed and batches grouped by
+            length; short schedules and a few inference runs
 
-This module is also the single definition of the equivalence test's inputs and steps: the test imports
-`build_inputs`, the step lists and `run_pipeline` from here and compares what they produce now with the
-files written here. What is built and run (all on CPU, `--num_threads 1 --seed 1`):
+Regenerate (only from code known to be right; commit the code first, so that the recorded commit is it):
+
+    .venv/bin/python tests/golden/make_golden.py
+
+This module is the single definition of the equivalence test's inputs, steps and flags: the test imports
+`GOLDEN_SETS` and `run_pipeline` from here and compares what they produce now with the files written here.
+What is built and run (all on CPU, `--num_threads 1 --seed 1`):
 
   inputs      a random tiny BERT folder (conftest's SMALL shape: h32, L4, H8, I64, vocab TINY_VOCAB, seed 0)
               and an RTE folder (48 train / 24 dev rows and a 24-row augmented file with logit labels) made
               from TINY_VOCAB words by a seeded `random.Random` (label: 'not' in sentence 2, 10% flipped)
-  training    run_glue.py finetuning -> dynabertw --graft_during_training (6 grafts)
+  parity      run_glue.py finetuning -> dynabertw --graft_during_training (6 grafts)
               -> dynabert (depths 0.5/0.75/1, widths 0.25..1) -> final_finetuning -> train_gate.py traingate;
-              plus a side branch dynabertw --data_aug from the fine-tuned teacher
-  inference   train_gate.py / train_gate_new.py --do_eval in every mode (static at three width/depth
-              pairs, w_dynamic, wd_dynamic --early_exit, d_dynamic --early_exit, --config) at eval batch 1
-              and 32, on the trained gates and on a copy of that folder with N(0, 1) random gate weights
-              ("mixed": its gates route the examples of one batch to different widths)
+              plus a side branch dynabertw --data_aug from the fine-tuned teacher; then train_gate.py /
+              train_gate_new.py --do_eval in every mode (static at three width/depth pairs, w_dynamic,
+              wd_dynamic --early_exit, d_dynamic --early_exit, --config) at eval batch 1 and 32, on the
+              trained gates and on a copy of that folder with N(0, 1) random gate weights ("mixed": its gates
+              route the examples of one batch to different widths)
+  defaults    finetuning -> dynabertw -> dynabert -> final_finetuning -> traingate, then static, w_dynamic
+              and wd_dynamic --early_exit inference
   per example the adapter `per_example_outputs` of tests/test_equivalence.py on the dev set (one batch of 24)
-              for static and dynamic settings of both gated models
+              for static and dynamic settings of the gated models
 
-Recorded: the starting BERT's weights (`initial_model.safetensors`: the test starts from them, so a change
-of the model class's random-init order cannot masquerade as a CLI difference; it is checked separately);
-every tensor of each training step's model.safetensors (`<step>.safetensors`); the eval/gate
-result JSONs and config.json of each training step, and inference_results.json (minus latency keys and
-the model path) plus the printed report of each inference run (`results.json`); the dev features and the
-per-example outputs (`per_example.safetensors`).
+Recorded: the starting BERT's weights (`initial_model.safetensors`, shared by both sets: the test starts
+from them, so a change of the model class's random-init order cannot masquerade as a CLI difference; it is
+checked separately); every tensor of each training step's model.safetensors (`<set>/<step>.safetensors`);
+the eval/gate result JSONs and config.json of each training step, and inference_results.json (minus latency
+keys and the model path) plus the printed report of each inference run (`results.json`, one entry per set);
+the dev features and the per-example outputs (`<set>/per_example.safetensors`). `results.json`'s "_meta"
+records where the goldens come from: the commit (and whether the tree had other changes), the machine
+fingerprint (`machine_fingerprint`: it decides whether the test compares bit for bit), and each step's argv
+and each per-example setting, which the test requires to equal its own.
 """
 
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -50,6 +66,7 @@ for _path in (REPO_ROOT, TESTS_DIR):
         sys.path.insert(0, str(_path))
 
 import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
 from conftest import SMALL, TINY_VOCAB, cli_argv, make_config, save_model_folder  # noqa: E402
 from safetensors.torch import load_file, save_file  # noqa: E402
 
@@ -73,7 +90,7 @@ WORDS = [w for w in TINY_VOCAB[5:] if w.isalpha() and w != "not"]  # the plain w
 
 GOLDEN_RESULTS = GOLDEN_DIR / "results.json"
 GOLDEN_INITIAL = GOLDEN_DIR / "initial_model.safetensors"
-GOLDEN_PER_EXAMPLE = GOLDEN_DIR / "per_example.safetensors"
+META_KEY = "_meta"  # results.json's entry on where the goldens come from (not a golden set)
 PER_EXAMPLE_FIELDS = ("logits", "heads", "width_class", "exit_layer", "linear_macs", "attention_macs")
 # Keys of inference_results.json that depend on the machine or the folder, not on the numerics.
 VOLATILE_REPORT_KEYS = ("model_dir",)
@@ -123,18 +140,28 @@ def write_initial_model(folder: Path) -> Path:
     return save_model_folder(folder, TINY_VOCAB, make_config(**SMALL), seed=MODEL_SEED)
 
 
-def build_inputs(root: Path, initial_weights: dict[str, torch.Tensor] | None = None) -> dict[str, Path]:
+def input_paths(root: Path) -> dict[str, Path]:
+    return {"root": root, "bert": root / "bert", "data": root / TASK, "cache": root / "cache",
+            "config_file": root / "inference_config.json"}
+
+
+def build_inputs(root: Path, initial_weights: dict[str, torch.Tensor] | None = None,
+                 pretrained_pooling: str | None = None) -> dict[str, Path]:
     """The model folder, the task data, a feature cache and an inference --config file under `root`.
 
     With `initial_weights` (the recorded GOLDEN_INITIAL), those replace the freshly initialised weights of
     the model folder: the pipeline then starts from the same BERT even if a refactor changes the order in
-    which the model class draws its random init (which no CLI step depends on)."""
-    root = Path(root)
-    paths = {"root": root, "bert": root / "bert", "data": root / TASK, "cache": root / "cache",
-             "config_file": root / "inference_config.json"}
+    which the model class draws its random init (which no CLI step depends on). `pretrained_pooling`
+    ("mean" / "cls") writes the folder's 1_Pooling/config.json, as a sentence-transformers model has."""
+    paths = input_paths(Path(root))
     write_initial_model(paths["bert"])
     if initial_weights is not None:
         save_file(initial_weights, str(paths["bert"] / "model.safetensors"), metadata={"format": "pt"})
+    if pretrained_pooling is not None:
+        (paths["bert"] / "1_Pooling").mkdir()
+        (paths["bert"] / "1_Pooling" / "config.json").write_text(json.dumps(
+            {"word_embedding_dimension": SMALL["hidden_size"], "pooling_mode_cls_token": pretrained_pooling == "cls",
+             "pooling_mode_mean_tokens": pretrained_pooling == "mean"}) + "\n")
     write_task_data(paths["data"])
     paths["config_file"].write_text(json.dumps(
         {TASK: {"width_mult_list": [0.5, 0.75, 0.75, 1.0], "exit_threshold": EXIT_THRESHOLD["mixed"],
@@ -160,48 +187,78 @@ def make_mixed_gates(src: Path, dst: Path) -> Path:
 # ---- steps -------------------------------------------------------------------------------------------------
 @dataclass(frozen=True)
 class Step:
-    """One CLI run. `model` is "bert" or the name of an earlier step (whose output folder is the input);
-    `parity` names the PARITY_FLAGS entry appended to the argv (training steps only)."""
+    """One CLI run. `model` is "bert" or the name of an earlier step (whose output folder is the input)."""
 
     name: str
     script: str  # run_glue | train_gate | train_gate_new
     model: str
     flags: dict = field(default_factory=dict)
     switches: tuple[str, ...] = ()
-    parity: str | None = None
+
+
+@dataclass(frozen=True)
+class GoldenSet:
+    """One recorded pipeline: its steps (training first) and per-example settings, as keyword arguments of
+    the original `transformers_ext.gates.dynamic_forward` (`per_example_outputs` in the test maps them onto
+    whatever API the checkout has) on one batch of the 24 dev examples (padded to MAX_LEN, as train_gate.py's
+    inference feeds them). `pretrained_pooling`: the starting folder's 1_Pooling/config.json, if any."""
+
+    name: str
+    train_steps: tuple[Step, ...]
+    inference_steps: tuple[Step, ...]
+    per_example_settings: dict[str, tuple[str, dict]]
+    pretrained_pooling: str | None = None
+
+    @property
+    def folder(self) -> Path:
+        return GOLDEN_DIR / self.name
+
+    @property
+    def per_example_file(self) -> Path:
+        return self.folder / "per_example.safetensors"
+
+    @property
+    def train_step_names(self) -> list[str]:
+        return [s.name for s in self.train_steps]
+
+    @property
+    def inference_step_names(self) -> list[str]:
+        return [s.name for s in self.inference_steps]
 
 
 _TRAIN = {"per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "logging_steps": 6}
 _SUBNETS = {"width_mult_list": WIDTHS, "depth_mult_list": DEPTHS}
-TRAIN_STEPS = [
+_GATES = {"training_phase": "traingate", "width_mult_list": WIDTHS, "gate_setting": WIDTHS,
+          "per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "learning_rate": 1e-2}
+
+# The parity set follows the reference's computation order, which bit-identity with the pre-refactor code
+# was proven for: prefix-shared training (the default) sums the depths' gradients in another order, so the
+# depth and final stages run one pass per subnet, and the gates learn with the reference's loss rule.
+PARITY_TRAIN_STEPS = (
     # 48 examples / batch 8 = 6 updates per epoch; every run_glue step evaluates (and checkpoints) every 6
     Step("finetuning", "run_glue", "bert",
-         {**_TRAIN, "training_phase": "finetuning", "learning_rate": 5e-3, "num_train_epochs": 8},
-         parity="finetuning"),
+         {**_TRAIN, "training_phase": "finetuning", "learning_rate": 5e-3, "num_train_epochs": 8}),
     # graft_schedule(48, 8, 3) = (2, 12): grafts after updates 2, 4, ..., 12
     Step("dynabertw", "run_glue", "finetuning",
          {**_TRAIN, "training_phase": "dynabertw", "width_mult_list": WIDTHS, "learning_rate": 3e-3,
-          "num_train_epochs": 3}, ("--graft_during_training",), parity="dynabertw"),
+          "num_train_epochs": 3}, ("--graft_during_training",)),
     # 48 train + 24 augmented rows, distilled from the fine-tuned model (logits + hidden-state MSE)
     Step("dynabertw_aug", "run_glue", "finetuning",
          {**_TRAIN, "training_phase": "dynabertw", "width_mult_list": WIDTHS, "learning_rate": 2e-3,
-          "num_train_epochs": 2}, ("--data_aug",), parity="dynabertw"),
+          "num_train_epochs": 2}, ("--data_aug",)),
     Step("dynabert", "run_glue", "dynabertw",
          {**_TRAIN, **_SUBNETS, "training_phase": "dynabert", "learning_rate": 3e-3, "num_train_epochs": 3},
-         parity="dynabert"),
+         ("--separate_subnet_passes",)),
     Step("final_finetuning", "run_glue", "dynabert",
          {**_TRAIN, **_SUBNETS, "training_phase": "final_finetuning", "learning_rate": 2e-3, "num_train_epochs": 2},
-         parity="final_finetuning"),
+         ("--separate_subnet_passes",)),
     # 6 updates per epoch, 3 epochs, validated every 2 updates
     Step("gates", "train_gate", "final_finetuning",
-         {"training_phase": "traingate", "width_mult_list": WIDTHS, "gate_setting": WIDTHS,
-          "per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "learning_rate": 1e-2,
-          "num_train_epochs": 3, "logging_steps": 2}, parity="traingate"),
-]
-TRAIN_STEP_NAMES = [s.name for s in TRAIN_STEPS]
+         {**_GATES, "num_train_epochs": 3, "logging_steps": 2, "gate_loss": "reference"}),
+)
 
 
-def _inference_steps() -> list[Step]:
+def _parity_inference_steps() -> tuple[Step, ...]:
     """Every run at eval batch 1 and 32 (named `..._b1` / `..._b32`), except the --config run (32)."""
     runs = [(f"static_w{w:g}_d{d:g}", "train_gate", "gates", {"width_mult_list": ",".join([str(w)] * 4),
                                                              "depth_mult_list": d}, ("--static",))
@@ -218,38 +275,97 @@ def _inference_steps() -> list[Step]:
              for bs in (1, 32) for name, script, model, flags, switches in runs]
     steps.append(Step("config_file_mixed_b32", "train_gate", "mixed",
                       {"config": "{config_file}", "per_gpu_eval_batch_size": 32}))
-    return steps
+    return tuple(steps)
 
 
-INFERENCE_STEPS = _inference_steps()
-INFERENCE_STEP_NAMES = [s.name for s in INFERENCE_STEPS]
-
-# Per-example settings, as keyword arguments of the original `transformers_ext.gates.dynamic_forward`
-# (`per_example_outputs` in the test maps them onto whatever API the checkout has), on one batch of the
-# 24 dev examples (padded to MAX_LEN, as train_gate.py's inference feeds them).
-PER_EXAMPLE_SETTINGS: dict[str, tuple[str, dict]] = {
-    "static_w0.5_d0.75": ("gates", {"fixed_width": 0.5, "depth_mult": 0.75}),
-    "static_w1_d1": ("gates", {"fixed_width": 1.0, "depth_mult": 1.0}),
-    "d_dynamic_w0.75": ("gates", {"fixed_width": 0.75, "early_exit": True,
-                                  "exit_threshold": EXIT_THRESHOLD["d_dynamic"], "off_ramps": OFF_RAMPS}),
-}
-for _model in ("gates", "mixed"):
-    PER_EXAMPLE_SETTINGS[f"w_dynamic_{_model}"] = (_model, {"class_to_width": WIDTH_LIST})
-    PER_EXAMPLE_SETTINGS[f"wd_dynamic_{_model}"] = (_model, {
-        "class_to_width": WIDTH_LIST, "early_exit": True, "exit_threshold": EXIT_THRESHOLD[_model],
-        "off_ramps": OFF_RAMPS})
-    PER_EXAMPLE_SETTINGS[f"w_dynamic_{_model}_d0.5"] = (_model, {"class_to_width": WIDTH_LIST, "depth_mult": 0.5})
+def _parity_per_example_settings() -> dict[str, tuple[str, dict]]:
+    settings = {
+        "static_w0.5_d0.75": ("gates", {"fixed_width": 0.5, "depth_mult": 0.75}),
+        "static_w1_d1": ("gates", {"fixed_width": 1.0, "depth_mult": 1.0}),
+        "d_dynamic_w0.75": ("gates", {"fixed_width": 0.75, "early_exit": True,
+                                      "exit_threshold": EXIT_THRESHOLD["d_dynamic"], "off_ramps": OFF_RAMPS}),
+    }
+    for model in ("gates", "mixed"):
+        settings[f"w_dynamic_{model}"] = (model, {"class_to_width": WIDTH_LIST})
+        settings[f"wd_dynamic_{model}"] = (model, {
+            "class_to_width": WIDTH_LIST, "early_exit": True, "exit_threshold": EXIT_THRESHOLD[model],
+            "off_ramps": OFF_RAMPS})
+        settings[f"w_dynamic_{model}_d0.5"] = (model, {"class_to_width": WIDTH_LIST, "depth_mult": 0.5})
+    return settings
 
 
-def step_argv(step: Step, paths: dict[str, Path], folders: dict[str, Path],
-              parity_flags: dict[str, list[str]]) -> list[str]:
+PARITY = GoldenSet("parity", PARITY_TRAIN_STEPS, _parity_inference_steps(), _parity_per_example_settings())
+
+# The defaults set: every flag the CLI defaults to is left out (prefix-shared depth and final stages, the
+# every-width gate loss, pooling from the starting folder's 1_Pooling/config.json, the gates' trained class ->
+# width map at inference); what run_glue.sh's stages add is passed: padding trimmed with batches grouped by
+# length, and the quick profile's width stage distilled from the teacher. Short schedules (evaluated at the
+# end only) keep it cheap: it guards the default paths, the parity set guards the breadth.
+_USER_STAGE = ("--trim_padding", "--group_by_length")
+_SHORT = {"per_gpu_train_batch_size": 8, "per_gpu_eval_batch_size": 16, "logging_steps": 0}
+DEFAULTS_EXIT_THRESHOLD = 0.62  # on the dev set: 4 examples exit after layer 2, 15 after 3, 5 run all 4
+DEFAULTS = GoldenSet(
+    "defaults",
+    train_steps=(
+        Step("finetuning", "run_glue", "bert",
+             {**_SHORT, "training_phase": "finetuning", "learning_rate": 5e-3, "num_train_epochs": 8}, _USER_STAGE),
+        Step("dynabertw", "run_glue", "finetuning",
+             {**_SHORT, "training_phase": "dynabertw", "width_mult_list": WIDTHS, "width_distil": "always",
+              "learning_rate": 1e-3, "num_train_epochs": 2}, _USER_STAGE),
+        Step("dynabert", "run_glue", "dynabertw",
+             {**_SHORT, **_SUBNETS, "training_phase": "dynabert", "learning_rate": 5e-4, "num_train_epochs": 2},
+             _USER_STAGE),
+        Step("final_finetuning", "run_glue", "dynabert",
+             {**_SHORT, **_SUBNETS, "training_phase": "final_finetuning", "learning_rate": 1e-4,
+              "num_train_epochs": 1}, _USER_STAGE),
+        Step("gates", "train_gate", "final_finetuning", {**_GATES, "num_train_epochs": 2, "logging_steps": 6}),
+    ),
+    inference_steps=(
+        Step("static_w0.5_d0.75_b32", "train_gate", "gates",
+             {"width_mult_list": "0.5,0.5,0.5,0.5", "depth_mult_list": 0.75, "per_gpu_eval_batch_size": 32},
+             ("--static",)),
+        Step("w_dynamic_b1", "train_gate_new", "gates", {"per_gpu_eval_batch_size": 1}, ("--w_dynamic",)),
+        Step("wd_dynamic_b32", "train_gate_new", "gates",
+             {"exit_threshold": DEFAULTS_EXIT_THRESHOLD, "per_gpu_eval_batch_size": 32},
+             ("--wd_dynamic", "--early_exit")),
+    ),
+    per_example_settings={
+        "static_w0.5_d0.75": ("gates", {"fixed_width": 0.5, "depth_mult": 0.75}),
+        "wd_dynamic": ("gates", {"class_to_width": WIDTH_LIST, "early_exit": True,
+                                 "exit_threshold": DEFAULTS_EXIT_THRESHOLD, "off_ramps": OFF_RAMPS}),
+    },
+    pretrained_pooling="mean",
+)
+
+GOLDEN_SETS = {s.name: s for s in (PARITY, DEFAULTS)}
+
+
+def _layout(root: Path, golden_set: GoldenSet) -> tuple[dict[str, Path], dict[str, Path]]:
+    """(input paths, model folders by step name) of a pipeline run under `root`."""
+    paths = input_paths(root)
+    folders = {"bert": paths["bert"], "mixed": root / "mixed"}
+    folders.update({s.name: root / "runs" / s.name for s in golden_set.train_steps + golden_set.inference_steps})
+    return paths, folders
+
+
+def step_argv(golden_set: GoldenSet, step: Step, root: Path) -> list[str]:
+    """The argv of one step of a pipeline run under `root` (`Path("{root}")` gives the recorded form)."""
+    paths, folders = _layout(root, golden_set)
     options = {"task_name": TASK, "data_dir": paths["data"], "model_dir": folders[step.model],
                "output_dir": folders[step.name], "cache_dir": paths["cache"], "max_seq_length": MAX_LEN,
                "num_threads": 1, "seed": SEED}
     options.update({k: str(v).format(**paths) for k, v in step.flags.items()})
-    mode = ("--do_train",) if step.name in TRAIN_STEP_NAMES else ("--do_eval",)
-    extra = list(parity_flags.get(step.parity, [])) if step.parity else []
-    return cli_argv(options, *step.switches, *extra, switches=(*mode, "--cpu"))
+    mode = ("--do_train",) if step in golden_set.train_steps else ("--do_eval",)
+    return cli_argv(options, *step.switches, switches=(*mode, "--cpu"))
+
+
+def recorded_steps(golden_set: GoldenSet) -> dict:
+    """What results.json's _meta records of a set's definition: every step's argv (paths under "{root}")
+    and every per-example setting. The test requires the goldens' record to equal the current one."""
+    return {"argv": {s.name: step_argv(golden_set, s, Path("{root}"))
+                     for s in golden_set.train_steps + golden_set.inference_steps},
+            "per_example_settings": {name: [model, setting]
+                                     for name, (model, setting) in golden_set.per_example_settings.items()}}
 
 
 def _script_main(script: str) -> Callable[[list[str]], None]:
@@ -315,28 +431,28 @@ class PipelineOutput:
     seconds: dict[str, float]
 
 
-def run_pipeline(root: Path, parity_flags: dict[str, list[str]], per_example_outputs: Callable,
+def run_pipeline(root: Path, golden_set: GoldenSet, per_example_outputs: Callable,
                  initial_weights: dict[str, torch.Tensor] | None = None) -> PipelineOutput:
-    """Build the inputs under `root` (see build_inputs), run every step in-process, and collect what the
-    goldens record. `per_example_outputs(model, input_ids, attention_mask, token_type_ids, **setting)`
-    returns {field: tensor} for PER_EXAMPLE_FIELDS."""
-    paths = build_inputs(root, initial_weights)
-    folders = {"bert": paths["bert"], "mixed": root / "mixed"}
-    folders.update({s.name: root / "runs" / s.name for s in TRAIN_STEPS + INFERENCE_STEPS})
+    """Build the inputs under `root` (see build_inputs), run every step of `golden_set` in-process, and
+    collect what the goldens record. `per_example_outputs(model, input_ids, attention_mask, token_type_ids,
+    **setting)` returns {field: tensor} for PER_EXAMPLE_FIELDS."""
+    root = Path(root)
+    paths = build_inputs(root, initial_weights, golden_set.pretrained_pooling)
+    folders = _layout(root, golden_set)[1]
     result = PipelineOutput(load_file(str(paths["bert"] / "model.safetensors")), {}, {}, {}, {})
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # also what --num_threads 1 sets process-wide
     try:
-        for step in TRAIN_STEPS + INFERENCE_STEPS:
+        for step in golden_set.train_steps + golden_set.inference_steps:
             if step.model == "mixed" and not folders["mixed"].exists():
                 make_mixed_gates(folders["gates"], folders["mixed"])
             start = time.perf_counter()
             stdout = io.StringIO()
             with contextlib.redirect_stdout(stdout):
-                _script_main(step.script)(step_argv(step, paths, folders, parity_flags))
+                _script_main(step.script)(step_argv(golden_set, step, root))
             result.seconds[step.name] = time.perf_counter() - start
             out = folders[step.name]
-            if step.name in TRAIN_STEP_NAMES:
+            if step in golden_set.train_steps:
                 result.weights[step.name] = load_file(str(out / "model.safetensors"))
                 result.records[step.name] = training_record(step, out)
             else:
@@ -346,8 +462,10 @@ def run_pipeline(root: Path, parity_flags: dict[str, list[str]], per_example_out
         for name, tensor in (("input_ids", input_ids), ("attention_mask", attention_mask),
                              ("token_type_ids", token_type_ids), ("labels", labels)):
             result.per_example[f"inputs/{name}"] = tensor
-        models = {name: load_model(folders[name]) for name in ("gates", "mixed")}
-        for setting_name, (model_name, setting) in PER_EXAMPLE_SETTINGS.items():
+        models = {}
+        for setting_name, (model_name, setting) in golden_set.per_example_settings.items():
+            if model_name not in models:
+                models[model_name] = load_model(folders[model_name])
             with torch.no_grad():
                 out = per_example_outputs(models[model_name], input_ids, attention_mask, token_type_ids, **setting)
             assert set(out) == set(PER_EXAMPLE_FIELDS), f"{setting_name}: adapter returned {sorted(out)}"
@@ -358,32 +476,130 @@ def run_pipeline(root: Path, parity_flags: dict[str, list[str]], per_example_out
     return result
 
 
+# ---- where the goldens come from ---------------------------------------------------------------------------
+def kernel_fingerprint() -> str:
+    """sha256 (first 16 hex digits) of a fixed, seeded, single-thread torch computation over the kernels the
+    pipeline runs: linear forward and backward at its shapes and a larger one, sdpa attention with a padding
+    mask and dropout, layer norm, GELU, tanh, mean pooling, (log-)softmax, cross-entropy, KL and MSE losses,
+    the gradient norm and an AdamW step. It reads nothing of the code under test: a machine (CPU, BLAS
+    blocking, torch build) that reproduces it rounds as the goldens' machine did."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    gen = torch.Generator().manual_seed(0)
+    outputs: list[torch.Tensor] = []
+    try:
+        for m, k, n in ((192, 32, 32), (192, 32, 96), (192, 64, 32), (24, 16, 2), (1, 32, 8), (256, 384, 1536)):
+            x, w, b = (torch.randn(shape, generator=gen).requires_grad_() for shape in ((m, k), (n, k), (n,)))
+            y = F.linear(x, w, b)
+            y.square().sum().backward()
+            outputs += [y, x.grad, w.grad, b.grad]
+        batch, seq, heads, head_size = 8, 24, 8, 4
+        hidden = heads * head_size
+        params = {name: (0.2 * torch.randn(shape, generator=gen)).requires_grad_() for name, shape in (
+            ("qkv", (3 * hidden, hidden)), ("out", (hidden, hidden)), ("up", (2 * hidden, hidden)),
+            ("down", (hidden, 2 * hidden)), ("norm", (hidden,)), ("head", (2, hidden)))}
+        x = torch.randn(batch, seq, hidden, generator=gen)
+        lengths = torch.randint(4, seq + 1, (batch, 1), generator=gen)
+        mask = torch.arange(seq) < lengths  # [B, T] right padding
+        additive = torch.zeros(batch, 1, 1, seq).masked_fill(~mask[:, None, None, :], torch.finfo(x.dtype).min)
+        q, k, v = F.linear(x, params["qkv"]).view(batch, seq, 3, heads, head_size).permute(2, 0, 3, 1, 4)
+        torch.manual_seed(0)  # the dropout masks
+        context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=0.1)
+        h = F.layer_norm(x + F.linear(context.transpose(1, 2).reshape(batch, seq, hidden), params["out"]),
+                         (hidden,), params["norm"])
+        ffn = F.linear(F.gelu(F.linear(h, params["up"])), params["down"])
+        h = F.layer_norm(h + F.dropout(ffn, 0.1), (hidden,), params["norm"])
+        pooled = torch.tanh(h[:, 0]) + (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+        logits = F.linear(pooled, params["head"])
+        labels = torch.randint(0, 2, (batch,), generator=gen)
+        teacher = torch.randn(batch, 2, generator=gen).softmax(-1)
+        loss = (F.cross_entropy(logits, labels) + F.mse_loss(h, x)
+                + F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean"))
+        loss.backward()
+        grads = [p.grad.clone() for p in params.values()]
+        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3, eps=1e-8, weight_decay=0.01)
+        optimizer.step()
+        outputs += [context, h, logits, loss, torch.nn.utils.get_total_norm(grads), *grads, *params.values()]
+    finally:
+        torch.set_num_threads(threads)
+    digest = hashlib.sha256()
+    for tensor in outputs:
+        digest.update(tensor.detach().contiguous().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _cpu_name() -> str:
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or platform.machine()
+
+
+def machine_fingerprint() -> dict[str, str]:
+    """What decides whether this machine reproduces the goldens bit for bit: the kernel fingerprint and the
+    torch / transformers versions (the CPU's name and SIMD level are recorded to explain a difference)."""
+    import transformers
+
+    return {"kernels": kernel_fingerprint(), "torch": torch.__version__, "transformers": transformers.__version__,
+            "cpu": _cpu_name(), "cpu_capability": torch.backends.cpu.get_cpu_capability()}
+
+
+# The keys of machine_fingerprint() that must be equal for a bit-for-bit comparison.
+EXACT_FINGERPRINT_KEYS = ("kernels", "torch", "transformers")
+
+
+def git_state() -> dict:
+    """HEAD's commit and whether the tree differs from it (other than in the golden files being written)."""
+    def git(*args: str) -> str:
+        return subprocess.run(["git", *args], cwd=REPO_ROOT, capture_output=True, text=True, check=True).stdout
+
+    try:
+        changed = git("status", "--porcelain", "--", ".", ":(exclude)tests/golden/*.safetensors",
+                      ":(exclude)tests/golden/results.json")
+        return {"commit": git("rev-parse", "HEAD").strip(), "dirty": bool(changed.strip())}
+    except (OSError, subprocess.CalledProcessError):
+        return {"commit": None, "dirty": None}
+
+
 # ---- writing the goldens -----------------------------------------------------------------------------------
-def check_coverage(result: PipelineOutput, graft_calls: list[int] | None) -> None:
-    """The goldens must exercise what they claim to: grafting fired, some examples exit early at both
-    off-ramps and others run all layers, some layer runs several widths inside one batch, the widths
-    disagree somewhere, and every per-example setting gives its own logits."""
+def check_coverage(golden_set: GoldenSet, result: PipelineOutput, graft_calls: list[int] | None) -> None:
+    """The goldens must exercise what they claim to. Both sets: every per-example setting gives its own
+    logits, and the widths disagree somewhere. Parity: grafting fired, some examples exit early at both
+    off-ramps and others run all layers, and some layer runs several widths inside one batch. Defaults:
+    mean pooling was picked up from 1_Pooling, and the early-exit run exits some examples at each off-ramp
+    and runs others through all layers."""
+    logits = [result.per_example[f"{name}/logits"] for name in golden_set.per_example_settings]
+    assert all(not torch.equal(a, b) for i, a in enumerate(logits) for b in logits[i + 1:]), "equal logits"
+    history = result.records["dynabertw"]["eval_results"]["history"]
+    assert any(len({m["acc"] for m in h["results"].values()}) > 1 for h in history), "widths never disagree"
+    for name in golden_set.inference_step_names:
+        assert f"_b{result.records[name]['report']['batch_size']}" in name, name
+    if golden_set is DEFAULTS:
+        assert result.records["finetuning"]["config"].get("pooling") == "mean", "1_Pooling's mean pooling not used"
+        hist = result.records["wd_dynamic_b32"]["report"]["results"]["exit_layer_histogram"]
+        assert set(hist) == {"2", "3", "4"}, f"wd_dynamic_b32: exit histogram {hist} (tune DEFAULTS_EXIT_THRESHOLD)"
+        return
     if graft_calls is not None:
         assert len(graft_calls) == 6, f"expected 6 grafts in dynabertw, got {len(graft_calls)}"
-    for name in INFERENCE_STEP_NAMES:
-        assert f"_b{result.records[name]['report']['batch_size']}" in name, name
     for name in ("wd_dynamic_gates_b32", "wd_dynamic_mixed_b32", "d_dynamic_w0.75_b32"):
         hist = result.records[name]["report"]["results"]["exit_layer_histogram"]
         assert set(hist) == {"2", "3", "4"}, f"{name}: exit histogram {hist} (tune EXIT_THRESHOLD)"
     for name in ("w_dynamic_mixed", "wd_dynamic_mixed"):
         heads = result.per_example[f"{name}/heads"]
         assert max(len(heads[:, i][heads[:, i] > 0].unique()) for i in range(heads.shape[1])) > 1, name
-    history = result.records["dynabertw"]["eval_results"]["history"]
-    assert any(len({m["acc"] for m in h["results"].values()}) > 1 for h in history), "widths never disagree"
-    logits = [result.per_example[f"{name}/logits"] for name in PER_EXAMPLE_SETTINGS]
-    assert all(not torch.equal(a, b) for i, a in enumerate(logits) for b in logits[i + 1:]), "equal logits"
 
 
 def main() -> None:
-    from test_equivalence import PARITY_FLAGS, per_example_outputs  # the flags and adapter the test uses
+    from test_equivalence import per_example_outputs  # the adapter the test uses
 
     import run_glue
 
+    meta = {**git_state(), "fingerprint": machine_fingerprint()}
     # Count the grafts (run_glue.py's module-level `graft`, where the checkout still has one).
     graft_calls, real_graft = ([], run_glue.graft) if hasattr(run_glue, "graft") else (None, None)
 
@@ -391,29 +607,42 @@ def main() -> None:
         graft_calls.append(1)
         return real_graft(*args, **kwargs)
 
-    if real_graft is not None:
-        run_glue.graft = counting_graft
     start = time.perf_counter()
-    try:
-        with tempfile.TemporaryDirectory(prefix="flexbert-golden-") as tmp:
-            result = run_pipeline(Path(tmp), PARITY_FLAGS, per_example_outputs)
-    finally:
+    results = {}
+    for golden_set in GOLDEN_SETS.values():
         if real_graft is not None:
-            run_glue.graft = real_graft
-    check_coverage(result, graft_calls)
-    for old in GOLDEN_DIR.glob("*.safetensors"):
+            graft_calls.clear()
+            run_glue.graft = counting_graft
+        try:
+            with tempfile.TemporaryDirectory(prefix="flexbert-golden-") as tmp:
+                results[golden_set.name] = run_pipeline(Path(tmp), golden_set, per_example_outputs)
+        finally:
+            if real_graft is not None:
+                run_glue.graft = real_graft
+        check_coverage(golden_set, results[golden_set.name], graft_calls)
+    assert all(torch.equal(r.initial[k], results["parity"].initial[k]) for r in results.values()
+               for k in r.initial), "the golden sets start from different BERTs"
+
+    for old in GOLDEN_DIR.glob("**/*.safetensors"):
         old.unlink()
-    for name, weights in result.weights.items():
-        save_file(weights, str(GOLDEN_DIR / f"{name}.safetensors"))
-    save_file(result.per_example, str(GOLDEN_PER_EXAMPLE))
-    save_file(result.initial, str(GOLDEN_INITIAL))
-    GOLDEN_RESULTS.write_text(json.dumps(result.records, indent=1, sort_keys=True) + "\n")
-    for path in GOLDEN_DIR.glob("*.safetensors"):
+    records = {META_KEY: {**meta, "steps": {name: recorded_steps(s) for name, s in GOLDEN_SETS.items()}}}
+    for name, result in results.items():
+        folder = GOLDEN_SETS[name].folder
+        folder.mkdir(exist_ok=True)
+        for step, weights in result.weights.items():
+            save_file(weights, str(folder / f"{step}.safetensors"))
+        save_file(result.per_example, str(GOLDEN_SETS[name].per_example_file))
+        records[name] = result.records
+    save_file(results["parity"].initial, str(GOLDEN_INITIAL))
+    GOLDEN_RESULTS.write_text(json.dumps(records, indent=1, sort_keys=True) + "\n")
+    for path in GOLDEN_DIR.glob("**/*.safetensors"):
         path.chmod(0o644)
-    size = sum(p.stat().st_size for p in GOLDEN_DIR.iterdir() if p.suffix in (".safetensors", ".json"))
-    print(f"goldens written to {GOLDEN_DIR}: {size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
-    for name, seconds in result.seconds.items():
-        print(f"  {name:28s} {seconds:6.2f} s")
+    size = sum(p.stat().st_size for p in GOLDEN_DIR.glob("**/*") if p.suffix in (".safetensors", ".json"))
+    print(f"goldens written to {GOLDEN_DIR} from commit {meta['commit']}{' (dirty tree)' if meta['dirty'] else ''}"
+          f" on {meta['fingerprint']}: {size / 1e6:.2f} MB, {time.perf_counter() - start:.1f} s")
+    for name, result in results.items():
+        for step, seconds in result.seconds.items():
+            print(f"  {name:9s} {step:28s} {seconds:6.2f} s")
 
 
 if __name__ == "__main__":
