@@ -49,6 +49,7 @@ import hashlib
 import io
 import json
 import random
+import shlex
 import shutil
 import subprocess
 import sys
@@ -360,9 +361,9 @@ def step_argv(golden_set: GoldenSet, step: Step, root: Path) -> list[str]:
 
 
 def recorded_steps(golden_set: GoldenSet) -> dict:
-    """What results.json's _meta records of a set's definition: every step's argv (paths under "{root}")
-    and every per-example setting. The test requires the goldens' record to equal the current one."""
-    return {"argv": {s.name: step_argv(golden_set, s, Path("{root}"))
+    """What results.json's _meta records of a set's definition: every step's command line (paths under
+    "{root}") and every per-example setting. The test requires the goldens' record to equal the current one."""
+    return {"argv": {s.name: shlex.join(step_argv(golden_set, s, Path("{root}")))
                      for s in golden_set.train_steps + golden_set.inference_steps},
             "per_example_settings": {name: [model, setting]
                                      for name, (model, setting) in golden_set.per_example_settings.items()}}
