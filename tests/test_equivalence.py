@@ -12,6 +12,7 @@ checkout (each set once, in a module fixture, in-process, --num_threads 1) and r
 
   test_goldens_record_these_steps  the goldens were made with exactly this module's steps, flags and
                                    per-example settings (results.json's _meta; else regenerate)
+  test_golden_mode             exact only where the recorded machine fingerprint is this machine's
   test_random_init_unchanged   the random starting BERT (informational: the pipeline starts from the
                                recorded one, so the steps do not depend on the model class's init order)
   test_training_weights        every tensor of each training step's model.safetensors
@@ -238,8 +239,8 @@ def test_golden_mode():
     """Exact only on an equal fingerprint; any other machine or library version is named in the reason."""
     here = make_golden.machine_fingerprint()
     assert here == make_golden.machine_fingerprint(), "the kernel fingerprint is not reproducible"
-    assert golden_mode(here, dict(here)) == (True, golden_mode(here, here)[1])
-    assert golden_mode(here, here)[1].startswith("exact")
+    is_exact, why = golden_mode(dict(here), here)
+    assert is_exact and why.startswith("exact"), why
     for key, other in (("kernels", "0123456789abcdef"), ("torch", "9.9.9"), ("transformers", "0.0.1")):
         is_exact, why = golden_mode({**here, key: other, "cpu": "Other CPU"}, here)
         assert not is_exact and why.startswith("tolerant"), why
