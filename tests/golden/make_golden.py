@@ -486,47 +486,53 @@ def kernel_fingerprint() -> str:
     blocking, torch build) that reproduces it rounds as the goldens' machine did."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
-    gen = torch.Generator().manual_seed(0)
-    outputs: list[torch.Tensor] = []
     try:
-        for m, k, n in ((192, 32, 32), (192, 32, 96), (192, 64, 32), (24, 16, 2), (1, 32, 8), (256, 384, 1536)):
-            x, w, b = (torch.randn(shape, generator=gen).requires_grad_() for shape in ((m, k), (n, k), (n,)))
-            y = F.linear(x, w, b)
-            y.square().sum().backward()
-            outputs += [y, x.grad, w.grad, b.grad]
-        batch, seq, heads, head_size = 8, 24, 8, 4
-        hidden = heads * head_size
-        params = {name: (0.2 * torch.randn(shape, generator=gen)).requires_grad_() for name, shape in (
-            ("qkv", (3 * hidden, hidden)), ("out", (hidden, hidden)), ("up", (2 * hidden, hidden)),
-            ("down", (hidden, 2 * hidden)), ("norm", (hidden,)), ("head", (2, hidden)))}
-        x = torch.randn(batch, seq, hidden, generator=gen)
-        lengths = torch.randint(4, seq + 1, (batch, 1), generator=gen)
-        mask = torch.arange(seq) < lengths  # [B, T] right padding
-        additive = torch.zeros(batch, 1, 1, seq).masked_fill(~mask[:, None, None, :], torch.finfo(x.dtype).min)
-        q, k, v = F.linear(x, params["qkv"]).view(batch, seq, 3, heads, head_size).permute(2, 0, 3, 1, 4)
-        torch.manual_seed(0)  # the dropout masks
-        context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=0.1)
-        h = F.layer_norm(x + F.linear(context.transpose(1, 2).reshape(batch, seq, hidden), params["out"]),
-                         (hidden,), params["norm"])
-        ffn = F.linear(F.gelu(F.linear(h, params["up"])), params["down"])
-        h = F.layer_norm(h + F.dropout(ffn, 0.1), (hidden,), params["norm"])
-        pooled = torch.tanh(h[:, 0]) + (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
-        logits = F.linear(pooled, params["head"])
-        labels = torch.randint(0, 2, (batch,), generator=gen)
-        teacher = torch.randn(batch, 2, generator=gen).softmax(-1)
-        loss = (F.cross_entropy(logits, labels) + F.mse_loss(h, x)
-                + F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean"))
-        loss.backward()
-        grads = [p.grad.clone() for p in params.values()]
-        optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3, eps=1e-8, weight_decay=0.01)
-        optimizer.step()
-        outputs += [context, h, logits, loss, torch.nn.utils.get_total_norm(grads), *grads, *params.values()]
+        with torch.random.fork_rng(devices=[]):  # leaves the global generator as it was
+            outputs = _fingerprint_computation()
     finally:
         torch.set_num_threads(threads)
     digest = hashlib.sha256()
     for tensor in outputs:
         digest.update(tensor.detach().contiguous().numpy().tobytes())
     return digest.hexdigest()[:16]
+
+
+def _fingerprint_computation() -> list[torch.Tensor]:
+    gen = torch.Generator().manual_seed(0)
+    outputs: list[torch.Tensor] = []
+    for m, k, n in ((192, 32, 32), (192, 32, 96), (192, 64, 32), (24, 16, 2), (1, 32, 8), (256, 384, 1536)):
+        x, w, b = (torch.randn(shape, generator=gen).requires_grad_() for shape in ((m, k), (n, k), (n,)))
+        y = F.linear(x, w, b)
+        y.square().sum().backward()
+        outputs += [y, x.grad, w.grad, b.grad]
+    batch, seq, heads, head_size = 8, 24, 8, 4
+    hidden = heads * head_size
+    params = {name: (0.2 * torch.randn(shape, generator=gen)).requires_grad_() for name, shape in (
+        ("qkv", (3 * hidden, hidden)), ("out", (hidden, hidden)), ("up", (2 * hidden, hidden)),
+        ("down", (hidden, 2 * hidden)), ("norm", (hidden,)), ("head", (2, hidden)))}
+    x = torch.randn(batch, seq, hidden, generator=gen)
+    lengths = torch.randint(4, seq + 1, (batch, 1), generator=gen)
+    mask = torch.arange(seq) < lengths  # [B, T] right padding
+    additive = torch.zeros(batch, 1, 1, seq).masked_fill(~mask[:, None, None, :], torch.finfo(x.dtype).min)
+    q, k, v = F.linear(x, params["qkv"]).view(batch, seq, 3, heads, head_size).permute(2, 0, 3, 1, 4)
+    torch.manual_seed(0)  # the dropout masks (global generator)
+    context = F.scaled_dot_product_attention(q, k, v, attn_mask=additive, dropout_p=0.1)
+    h = F.layer_norm(x + F.linear(context.transpose(1, 2).reshape(batch, seq, hidden), params["out"]),
+                     (hidden,), params["norm"])
+    ffn = F.linear(F.gelu(F.linear(h, params["up"])), params["down"])
+    h = F.layer_norm(h + F.dropout(ffn, 0.1), (hidden,), params["norm"])
+    pooled = torch.tanh(h[:, 0]) + (h * mask[..., None]).sum(1) / mask.sum(1, keepdim=True)
+    logits = F.linear(pooled, params["head"])
+    labels = torch.randint(0, 2, (batch,), generator=gen)
+    teacher = torch.randn(batch, 2, generator=gen).softmax(-1)
+    loss = (F.cross_entropy(logits, labels) + F.mse_loss(h, x)
+            + F.kl_div(logits.log_softmax(-1), teacher, reduction="batchmean"))
+    loss.backward()
+    grads = [p.grad.clone() for p in params.values()]
+    optimizer = torch.optim.AdamW(list(params.values()), lr=1e-3, eps=1e-8, weight_decay=0.01)
+    optimizer.step()
+    outputs += [context, h, logits, loss, torch.nn.utils.get_total_norm(grads), *grads, *params.values()]
+    return outputs
 
 
 def _cpu_name() -> str:
