@@ -39,8 +39,10 @@ Regenerate the goldens only from code known to be right, committed first (result
 
 from __future__ import annotations
 
+import difflib
 import json
 import math
+import shlex
 import sys
 from collections.abc import Callable
 from pathlib import Path
@@ -227,8 +229,13 @@ def test_goldens_record_these_steps(golden, golden_set):
     recorded = golden["meta"].get("steps", {}).get(golden_set)
     current = json.loads(json.dumps(make_golden.recorded_steps(SETS[golden_set])))
     assert recorded is not None, f"results.json records no steps of the {golden_set} set: regenerate the goldens"
-    problems = _json_mismatches(current, recorded)
-    _fail_on(problems, f"{golden_set} steps (run tests/golden/make_golden.py, on code known to be right)")
+    problems = _json_mismatches(current["per_example_settings"], recorded["per_example_settings"], "/settings")
+    for step in sorted(current["argv"].keys() | recorded["argv"].keys()):
+        now, then = (shlex.split(argv.get(step, "")) for argv in (current["argv"], recorded["argv"]))
+        if now != then:  # the tokens added (+) and dropped (-) since the goldens
+            problems.append(f"{step}: " + " ".join(t for t in difflib.ndiff(then, now) if t[0] in "+-"))
+    _fail_on(problems, f"{golden_set} steps differ from the goldens' (after checking that the code is right: "
+                       "tests/golden/make_golden.py)")
     assert sorted(golden["records"][golden_set]) == sorted(SETS[golden_set].train_step_names
                                                           + SETS[golden_set].inference_step_names)
     settings = {key.split("/")[0] for key in golden["per_example"][golden_set]} - {"inputs"}
