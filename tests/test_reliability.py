@@ -20,6 +20,7 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Iterator
@@ -876,29 +877,65 @@ def test_resume_from_half_way_matches_uninterrupted(world, reference, tmp_path, 
         == 0.0
 
 
-def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_path, one_thread):
-    """SIGKILL the run the moment a checkpoint (step >= 4) is being written; the folder still loads, the latest
-    complete checkpoint resumes, and the resumed run ends with the uninterrupted run's weights."""
-    out = tmp_path / "killed"
-    argv = [PY, str(ROOT / "run_glue.py"), *map(str, _argv(world, world["bert"], out))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    deadline = time.time() + TIMEOUT
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            if out.is_dir():
-                saving = [p.name for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-")
-                          and int(p.name.rsplit("-", 1)[1]) >= 4]
-                if saving:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = saving[0]
-                    break
-            time.sleep(0.0005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode(errors="replace")
-    assert killed_at is not None, f"the run ended before it could be killed while saving:\n{stderr[-2000:]}"
+# The run stops itself (SIGSTOP) where the test wants to kill it, and the test SIGKILLs it there: the kill
+# lands exactly at that point, without polling the folder.
+STOPPING_LAUNCHER = """\
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from transformers_ext import checkpoint_io
+import {script} as script
+{patch}
+script.run_cli(script.main)
+"""
+STOP_WHILE_WRITING_CHECKPOINT_4 = """\
+write = checkpoint_io._write_model_folder
+def write_then_stop(model, tokenizer, folder, *args, **kwargs):
+    write(model, tokenizer, folder, *args, **kwargs)  # the model is written, its training state not yet
+    if folder.name.startswith(".tmp-checkpoint-") and int(folder.name.rsplit("-", 1)[1]) >= 4:
+        os.kill(os.getpid(), signal.SIGSTOP)
+checkpoint_io._write_model_folder = write_then_stop
+"""
+STOP_AFTER_FIRST_CHECKPOINT = """\
+save = script.save_checkpoint
+def save_then_stop(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGSTOP)
+script.save_checkpoint = save_then_stop
+"""
+
+
+def _kill_where_it_stops(script: str, patch: str, argv: list, world, tmp_path: Path) -> str:
+    """Run `script` with `patch` applied and SIGKILL it when it stops itself; its stderr. Fails the test if
+    the run ended without stopping."""
+    launcher = tmp_path / f"stopping_{script}.py"
+    launcher.write_text(STOPPING_LAUNCHER.format(root=str(ROOT), script=script, patch=patch))
+    log = tmp_path / f"{script}.stderr"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([PY, str(launcher), *map(str, argv)], cwd=ROOT, env=_env(world),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        guard = threading.Timer(TIMEOUT, proc.kill)
+        guard.start()
+        try:
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        finally:
+            proc.kill()
+            proc.wait()
+            guard.cancel()
+    assert os.WIFSTOPPED(status), f"the run ended before it stopped:\n{log.read_text()[-2000:]}"
     assert proc.returncode == -signal.SIGKILL
+    return log.read_text()
+
+
+def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_path, one_thread):
+    """SIGKILL the run while it writes a checkpoint (step >= 4, its model written, not its training state); the
+    folder still loads, the latest complete checkpoint resumes, and the resumed run ends with the
+    uninterrupted run's weights."""
+    out = tmp_path / "killed"
+    _kill_where_it_stops("run_glue", STOP_WHILE_WRITING_CHECKPOINT_4, _argv(world, world["bert"], out), world,
+                         tmp_path)
+    saving = [p.name for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-")]
+    assert len(saving) == 1 and int(saving[0].rsplit("-", 1)[1]) >= 4, saving  # the half-written checkpoint
+    killed_at = saving[0]
 
     # The folder itself: a loadable model and a parsable results file.
     FlexBertForSequenceClassification.from_pretrained(str(out))
@@ -915,8 +952,8 @@ def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_pat
     FlexBertForSequenceClassification.from_pretrained(str(latest))
     state = torch.load(latest / "training_state.pt", weights_only=False)
     assert state["global_step"] == int(latest.name.split("-")[1]) >= 3
-    torn = (out / killed_at).exists()  # the half-written folder is left under its temporary name
-    print(f"\nSIGKILL while writing {killed_at} (left half-written: {torn}): latest complete {latest.name} loads")
+    assert not (out / killed_at / "training_state.pt").exists()  # left half-written, under its temporary name
+    print(f"\nSIGKILL while writing {killed_at}: latest complete {latest.name} loads")
 
     run_glue.main(_argv(world, world["bert"], out, "--resume_from_checkpoint"))
     diff = _max_diff(_final_weights(reference), _final_weights(out))
@@ -977,23 +1014,10 @@ def test_gate_training_sigkill_then_rerun_or_resume(world, tmp_path, one_thread)
     assert len(_gate_history(reference)) == GATE_STEPS // 2
 
     killed = tmp_path / "killed"
-    argv = [PY, str(ROOT / "train_gate.py"), *map(str, _gate_argv(world, killed))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_after = None
-    deadline = time.time() + TIMEOUT
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            done = [p.name for p in killed.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
-            if done:
-                proc.send_signal(signal.SIGKILL)
-                killed_after = done[0]
-                break
-            time.sleep(0.0005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode(errors="replace")
-    assert killed_after is not None, f"the run ended before it could be killed:\n{stderr[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    _kill_where_it_stops("train_gate", STOP_AFTER_FIRST_CHECKPOINT, _gate_argv(world, killed), world, tmp_path)
+    done = [p.name for p in killed.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
+    assert len(done) == 1, done
+    killed_after = done[0]
     step = int(killed_after.split("-")[1])
     assert step < GATE_STEPS
     print(f"\ngate training SIGKILLed after {killed_after} of {GATE_STEPS} steps")
