@@ -62,7 +62,7 @@ TRAINED_DEPTHS = (0.5, 0.75, 1.0)  # train_gate.py's default off-ramps follow ru
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__)
+    parser = ArgumentParser(prog="export_subnet.py", description=__doc__)
     a = parser.add_argument
     a("--model_dir", required=True, help="A model folder of run_glue.py (or train_gate.py, with --gated).")
     a("--output_dir", required=True, help="The folder to write (created; written atomically).")

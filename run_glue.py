@@ -126,7 +126,7 @@ PHASES: dict[str, Phase] = {
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__)
+    parser = ArgumentParser(prog="run_glue.py", description=__doc__)
     add_task_args(parser)
     add_training_args(parser, learning_rate=2e-5, epochs=3.0, logging_steps=400, seed=42)
     a = parser.add_argument

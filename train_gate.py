@@ -18,6 +18,7 @@ import json
 import logging
 import math
 import os
+import sys
 import time
 from collections import Counter
 from pathlib import Path
@@ -91,7 +92,9 @@ TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = ArgumentParser(description=__doc__)
+    # train_gate_new.py forwards its flags here: errors and model cards name the script that was run
+    prog = "train_gate_new.py" if Path(sys.argv[0]).name == "train_gate_new.py" else "train_gate.py"
+    parser = ArgumentParser(prog=prog, description=__doc__)
     add_task_args(parser)
     add_training_args(parser, learning_rate=2e-4, epochs=10.0, logging_steps=100, seed=200)
     a = parser.add_argument

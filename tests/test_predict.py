@@ -18,9 +18,7 @@ from transformers import BertConfig
 import run_glue
 import train_gate
 import utils_glue
-from transformers_ext import FlexBertForSequenceClassification, subnet_macs
 from transformers_ext.checkpoint_io import load_model_and_tokenizer, save_model
-from transformers_ext.flops import executed_macs
 
 WORDS = "the a cat dog bird sat ran ate saw on in mat house tree park red blue big small happy sad".split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "not", "."] + WORDS
@@ -142,12 +140,16 @@ def test_train_gate_do_predict_every_mode(env, mode, tmp_path):
     assert [r["label"] for r in dev] == [str(i % 2) for i in range(10)] and all(r["label"] is None for r in test)
     assert set(test[0]) == {"split", "index", "prediction", "label", "widths", "heads", "exit_layer", "exited_early",
                             "linear_macs", "attention_macs", "flops"}
-    # FLOPs per example: the executed path's MACs, recomputed from each batch's path record
-    config = FlexBertForSequenceClassification.config_class.from_pretrained(env["models"]["gated"])
+    # FLOPs per example, counted by hand (h32, 4 heads of 8, I64, T=16): a layer with k heads (16k neurons)
+    # 16*(4*32*8k + 2*32*16k) = 32768k linear and 2*16*16*8k = 4096k attention MACs; the final head, each
+    # off-ramp and each gate (2 classes) 32*32 + 32*2 = 1088; gates and off-ramps run from each batch's record
+    ran = [(int(g), int(o)) for out_ in outputs for g, o in zip(out_.record.gates_run, out_.record.off_ramps_run)]
     expected = []
-    for out_ in outputs:
-        linear, attention = executed_macs(config, MAX_LEN, out_.record)
-        expected += (2 * (linear + attention)).tolist()
+    for r, (gates_run, off_ramps_run) in zip(dev + test, ran, strict=True):
+        linear = 32768 * sum(r["heads"]) + 1088 * (int(not r["exited_early"]) + gates_run + off_ramps_run)
+        attention = 4096 * sum(r["heads"])
+        assert (r["linear_macs"], r["attention_macs"]) == (linear, attention)
+        expected.append(2 * (linear + attention))
     assert [r["flops"] for r in dev + test] == expected
     for r in dev + test:
         assert len(r["widths"]) == 4 and r["exit_layer"] == sum(h > 0 for h in r["heads"])
@@ -170,8 +172,8 @@ def test_run_glue_do_predict_static_subnet(env, tmp_path):
         logits = model(*data.tensors[:3], subnet=model.subnet(0.5, 0.5)).logits
     assert [r[1] for r in rows] == [str(int(i)) for i in logits.argmax(-1)]
     records = [json.loads(x) for x in (out / "predictions_test.jsonl").read_text().splitlines()]
-    macs = subnet_macs(model.config, 0.5, 0.5, MAX_LEN)
-    assert all(r["flops"] == 2 * macs["total"] and r["widths"] == [0.5, 0.5, None, None] for r in records)
+    # by hand: 2 of 4 layers with 2 of 4 heads, 2 * 32768 * 2 + 1088 linear and 2 * 4096 * 2 attention MACs
+    assert all(r["flops"] == 2 * (132160 + 16384) and r["widths"] == [0.5, 0.5, None, None] for r in records)
     assert not (out / "eval_results.json").exists()  # nothing trained
 
 

@@ -2,25 +2,32 @@
 changed files; checkpoints are never torn (a run SIGKILLed while it saves still loads); a killed run resumed from
 its checkpoint ends with the weights of an uninterrupted run; a non-finite loss stops the run naming the step.
 
-Every entry point runs as a subprocess on a tiny random BERT (h32, L4, H4, I64, 64 positions) and a synthetic
-RTE folder; the Python bad-input cases are forked from a launcher that imports torch/transformers once (see
-LAUNCHER; RELIABILITY_FRESH=1 starts a fresh interpreter per case instead)."""
+Every entry point runs on a tiny random BERT (h32, L4, H4, I64, 64 positions) and a synthetic RTE folder; the
+Python bad-input cases run their script inside the test process (`run_in_process`), a few per entry point as a
+real process (RELIABILITY_FRESH=1: every case)."""
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
+import io
 import json
 import os
 import random
 import resource
+import runpy
 import shutil
 import signal
 import subprocess
 import sys
+import threading
 import time
+import traceback
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -277,6 +284,7 @@ class Case:
     code: int = 2  # the exit status: 2 bad input, 1 an environment fault
     fsize: int | None = None  # RLIMIT_FSIZE in bytes (writes beyond it fail as on a full disk); runs fresh
     logs: bool = False  # the run's log lines may come before the error line (a fault found during the work)
+    process: bool = False  # runs as a real process (else inside the test process; .sh scripts: always real)
 
 
 def _glue(*flags: str, phase: str = "finetuning", data: str = "{rte}", model: str = "{bert}") -> list[str]:
@@ -355,7 +363,7 @@ CASES = [
     Case("gate-conflicting-modes", _eval("--static", "--w_dynamic", "--width_mult_list", "1.0"),
          ["conflicting modes", "--static", "--w_dynamic"]),
     Case("gate-config-bad-json", _eval("--config", "{bad_json}", script="train_gate_new.py"),
-         ["bad_config.json", "json"]),
+         ["bad_config.json", "json"], process=True),
     Case("gate-config-non-utf8", _eval("--config", "{latin1_json}"), ["latin1_config.json"]),
     Case("gate-config-missing", _eval("--config", "{in}/nope.json"), ["nope.json"]),
     Case("gate-off-ramp-range", _eval("--d_dynamic", "--early_exit", "--off_ramps", "9"), ["off_ramps", "9"]),
@@ -374,8 +382,6 @@ CASES = [
          env=SH_ENV),
     Case("sh-train-glue-gate-setting", ["train_glue.sh", "--gate_setting", "0.5,1.0"],
          ["gate_setting", "width_mult_list"], env={**SH_ENV, "WD_BERT": "{bert}"}),
-    Case("sh-gate-inference-modes", ["gate_inference.sh", "--w_dynamic"], ["conflicting modes"],
-         env={**SH_ENV, "MODEL": "{bert}", "BATCH_SIZES": "8"}),
     Case("sh-gate-inference-no-gates", ["gate_inference.sh", "--fixed_gate", "0.0001"], ["fixed_gate"],
          env={**SH_ENV, "MODEL": "{bert}", "BATCH_SIZES": "8"}),
     # -- augment_data.py and plot_tradeoff.py
@@ -383,12 +389,12 @@ CASES = [
     Case("augment-missing-data-dir", _augment(data="{in}/no_such_dir"), ["no_such_dir"], out_exists=True),
     Case("augment-bad-label", _augment(data="{bad_label}"), ["train.tsv:7", "maybe"], out_exists=True),
     Case("augment-non-utf8", _augment(data="{latin1}"), ["train.tsv:5", "utf-8"], out_exists=True),
-    Case("augment-not-bert", _augment(model="{gpt2}"), ["gpt2"], out_exists=True),
+    Case("augment-not-bert", _augment(model="{gpt2}"), ["gpt2"], out_exists=True, process=True),
     Case("augment-p-range", _augment("--p", "1.5"), ["--p"], out_exists=True),
     Case("plot-missing-dir", ["plot_tradeoff.py", "--inference_dir", "{in}/nothing", "--output_dir", "{out}"],
          ["inference_dir", "nothing"]),
     Case("plot-corrupt-json", ["plot_tradeoff.py", "--inference_dir", "{bad_runs}", "--output_dir", "{out}"],
-         ["inference_results.json"]),
+         ["inference_results.json"], process=True),
     Case("plot-no-results", ["plot_tradeoff.py", "--inference_dir", "{empty_dir}", "--output_dir", "{out}"],
          ["no */inference_results.json"]),
 ]
@@ -404,8 +410,10 @@ def _plot(runs: str, out: str = "{out}") -> list[str]:
 
 CASES += [
     # 1. library errors on a corrupt model folder, checkpoint or disk become one line naming the file
-    Case("glue-weights-truncated", _glue(model="{trunc_weights}"), ["trunc_weights/model.safetensors", "cannot read"]),
-    Case("gate-weights-truncated", _eval("--static", model="{trunc_weights}"), ["trunc_weights/model.safetensors"]),
+    Case("glue-weights-truncated", _glue(model="{trunc_weights}"), ["trunc_weights/model.safetensors", "cannot read"],
+         process=True),
+    Case("gate-weights-truncated", _eval("--static", model="{trunc_weights}"), ["trunc_weights/model.safetensors"],
+         process=True),
     Case("glue-weights-header", _glue(model="{tiny_weights}"), ["tiny_weights/model.safetensors", "header"]),
     Case("glue-weights-missing", _glue(model="{no_weights}"), ["no_weights", "no weights", "model.safetensors"]),
     Case("glue-vocab-empty", _glue(model="{empty_vocab}"), ["empty_vocab/vocab.txt", "empty vocabulary"]),
@@ -557,49 +565,11 @@ def _expand(text: str, world: dict[str, Path], out: Path) -> str:
 
 
 # A Python entry point costs ~5 s of imports (torch, transformers, scipy) per process, too slow for dozens of
-# cases on 2 cores. So a launcher process (sys.executable, repo root as cwd, the test's environment) imports
-# them once and forks one child per case; the child runs the script file as `__main__` with the case's argv,
-# its stdout/stderr going to files, and exits with the script's status (an uncaught exception prints its
-# traceback and exits 1, as Python does). RELIABILITY_FRESH=1 runs every case as a fresh `python script.py`.
-LAUNCHER = r"""
-import json, os, runpy, sys, time, traceback
-import torch, transformers, tensorboardX, utils_glue, transformers_ext.trainer, run_glue, train_gate  # noqa
-jobs, parallel = json.loads(sys.stdin.read()), int(sys.argv[1])
-running, done = {}, {}
-def start(job):
-    pid = os.fork()
-    if pid:
-        running[pid] = (job["id"], time.time())
-        return
-    code = 1
-    try:
-        for fd, name in ((1, job["stdout"]), (2, job["stderr"])):
-            os.dup2(os.open(name, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), fd)
-        sys.argv = job["argv"]
-        sys.path[0] = os.path.dirname(job["argv"][0])
-        runpy.run_path(job["argv"][0], run_name="__main__")
-        code = 0
-    except SystemExit as exit:
-        code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-        if not isinstance(exit.code, int | None):
-            print(exit.code, file=sys.stderr)
-    except BaseException:
-        traceback.print_exc()
-    finally:
-        sys.stdout.flush()
-        sys.stderr.flush()
-        os._exit(code)
-queue = list(jobs)
-while queue or running:
-    while queue and len(running) < parallel:
-        start(queue.pop(0))
-    pid, status = os.wait()
-    name, t0 = running.pop(pid)
-    done[name] = {"rc": os.waitstatus_to_exitcode(status), "seconds": time.time() - t0}
-print(json.dumps(done))
-"""
-
-
+# cases on 2 cores. So the cases run inside the test process, as the real process runs them: the script file
+# is executed as `__main__` with the case's argv and environment (its run_cli turns failures into the one-line
+# contract and an exit status) and stdout/stderr captured. The cases marked `process` run as real processes,
+# one per entry point, to prove what the process itself prints and returns; so do the shell scripts.
+# RELIABILITY_FRESH=1 runs every case as a fresh `python script.py`.
 def _prepare(case: Case, world: dict[str, Path]) -> tuple[list[str], dict[str, str], Path]:
     """(argv, env, watched folder) of a case; creates its output folder when the case wants one."""
     out = Path(_expand(case.out, world, world["outs"])) if case.out else world["outs"] / case.id
@@ -625,17 +595,44 @@ def _run_fresh(argv: list[str], env: dict[str, str], fsize: int | None = None) -
     return proc.returncode, proc.stdout, proc.stderr, time.time() - start
 
 
-def _run_forked(jobs: dict[str, list[str]], world: dict[str, Path], logs: Path) -> dict[str, tuple]:
-    """Python cases through the launcher: {id: (returncode, stdout, stderr, seconds)}."""
-    logs.mkdir()
-    payload = [{"id": i, "argv": argv[1:], "stdout": str(logs / f"{i}.out"), "stderr": str(logs / f"{i}.err")}
-               for i, argv in jobs.items()]
-    proc = subprocess.run([PY, "-c", LAUNCHER, "2"], input=json.dumps(payload), cwd=ROOT, env=_env(world),
-                          capture_output=True, text=True, timeout=TIMEOUT + 5 * len(jobs))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    done = json.loads(proc.stdout.strip().splitlines()[-1])
-    return {i: (done[i]["rc"], (logs / f"{i}.out").read_text(errors="replace"),
-                (logs / f"{i}.err").read_text(errors="replace"), done[i]["seconds"]) for i in jobs}
+@contextlib.contextmanager
+def file_size_limit(fsize: int | None) -> Iterator[None]:
+    """Files cannot grow past `fsize` bytes meanwhile (the soft limit; the hard one stays, so it is restored)."""
+    if fsize is None:
+        yield
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def run_in_process(argv: list[str], env: dict[str, str], fsize: int | None = None) -> tuple[int, str, str, float]:
+    """`python script.py args` (argv[1:]) inside this process: (exit status, stdout, stderr, seconds). An
+    exception that escapes the script prints its traceback and gives status 1, as Python does. `fsize`: as
+    `_run_fresh`'s."""
+    script = argv[1]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    start = time.time()
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", argv[1:]), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), file_size_limit(fsize):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            if not isinstance(exit.code, int | None):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    torch.set_num_threads(threads)  # --num_threads 1 sets it process-wide
+    return code, stdout.getvalue(), stderr.getvalue(), time.time() - start
 
 
 @pytest.fixture(scope="module")
@@ -645,11 +642,11 @@ def outcomes(world) -> dict[str, Outcome]:
     before = {i: _snapshot(watched) for i, (_, _, watched) in prepared.items()}
     fresh = os.environ.get("RELIABILITY_FRESH") == "1"
     limits = {c.id: c.fsize for c in CASES}
-    python_jobs = {i: argv for i, (argv, _, _) in prepared.items() if argv[0] == PY and not fresh and not limits[i]}
-    with ThreadPoolExecutor(max_workers=2 if fresh else 1) as pool:
+    in_process = {c.id for c in CASES if not (fresh or c.process or c.cmd[0].endswith(".sh"))}
+    with ThreadPoolExecutor(max_workers=2) as pool:  # the real processes run beside the in-process cases
         others = {i: pool.submit(_run_fresh, argv, env, limits[i]) for i, (argv, env, _) in prepared.items()
-                  if i not in python_jobs}
-        ran = _run_forked(python_jobs, world, world["root"] / "logs") if python_jobs else {}
+                  if i not in in_process}
+        ran = {i: run_in_process(argv, env, limits[i]) for i, (argv, env, _) in prepared.items() if i in in_process}
         ran.update({i: f.result() for i, f in others.items()})
     results = {i: Outcome(*ran[i][:3], before[i], _snapshot(prepared[i][2]), ran[i][3]) for i in prepared}
     results["__inputs__"] = (inputs_before, _snapshot(world["in"]))
@@ -692,11 +689,42 @@ def test_bad_input_table(outcomes):
     scripts = {c.cmd[0] for c in CASES}
     assert scripts >= {"run_glue.py", "train_gate.py", "train_gate_new.py", "augment_data.py", "plot_tradeoff.py",
                        "run_glue.sh", "train_glue.sh", "gate_inference.sh"}
+    real = {c.cmd[0] for c in CASES if c.process or c.cmd[0].endswith(".sh")}  # one line from the process itself
+    assert real == scripts
     good = [c.id for c in CASES if not _problems(c, outcomes[c.id])]
     print(f"\nbad inputs: {len(CASES)} tried, {len(good)} answered correctly; "
           f"slowest {max(o.seconds for k, o in outcomes.items() if k != '__inputs__'):.1f}s")
     before, after = outcomes["__inputs__"]
     assert before == after, "a failing run changed its input folders"
+
+
+# ---- an interrupt (Ctrl-C) -------------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", ["run_glue.py", "train_gate.py", "train_gate_new.py", "export_subnet.py",
+                                    "plot_tradeoff.py", "reproduce.py"])
+def test_interrupt_is_one_line_and_exit_130(script, world, monkeypatch):
+    """KeyboardInterrupt inside a script (here: while it parses its flags) ends it with `error: interrupted`
+    and exit status 130, as a shell reports Ctrl-C; no traceback."""
+    from transformers_ext import cli
+
+    def interrupted(self, args=None, namespace=None):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(cli.ArgumentParser, "parse_known_args", interrupted)
+    code, _, stderr, _ = run_in_process([PY, str(ROOT / script)], _env(world))
+    assert (code, stderr) == (130, "error: interrupted\n")
+
+
+def test_augment_data_interrupt_exit_130(world, tmp_path, monkeypatch, capsys):
+    import augment_data
+
+    def interrupted(model_dir):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(augment_data, "load_model", interrupted)
+    code = augment_data.main(["--task_name", "RTE", "--data_dir", str(world["rte"]), "--model_dir",
+                              str(world["bert"]), "--output", str(tmp_path / "train_aug.tsv")])
+    assert (code, capsys.readouterr().err.splitlines()[-1]) == (130, "error: interrupted")
+    assert not (tmp_path / "train_aug.tsv").exists()
 
 
 # ---- the in-place final fine-tuning still works -------------------------------------------------------------
@@ -728,6 +756,59 @@ def test_final_finetuning_in_place(world, tmp_path, one_thread):
     results = json.loads((folder / "eval_results.json").read_text())
     assert set(results["best"]) == {"d1_w1", "d1_w0.5", "d0.5_w1", "d0.5_w0.5"}
     FlexBertForSequenceClassification.from_pretrained(str(folder))
+
+
+def test_interrupted_model_save_leaves_the_previous_folder(world, tmp_path, monkeypatch):
+    """save_model writes into a folder that holds a model (in-place final fine-tuning): interrupted while it
+    writes the weights, the folder keeps its previous files byte for byte; with the renaming into place
+    failing after its first file (a full disk), the folder still loads, each file old or new, never torn."""
+    from transformers import BertTokenizer
+
+    from transformers_ext.checkpoint_io import save_model
+    from transformers_ext.cli import WriteError
+
+    folder = tmp_path / "model"
+    shutil.copytree(world["bert"], folder)
+    files = {p.name: p.read_bytes() for p in folder.iterdir()}
+    old = FlexBertForSequenceClassification.from_pretrained(str(folder)).state_dict()
+    model = FlexBertForSequenceClassification.from_pretrained(str(folder))
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(1.0)
+    new = {k: v.clone() for k, v in model.state_dict().items()}
+    tokenizer = BertTokenizer.from_pretrained(str(folder))
+
+    save_pretrained = FlexBertForSequenceClassification.save_pretrained
+
+    def killed_while_writing_weights(self, directory, *args, **kwargs):
+        save_pretrained(self, directory, *args, **kwargs)
+        weights = Path(directory) / "model.safetensors"
+        weights.write_bytes(weights.read_bytes()[:1000])  # half written when the interrupt comes
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(FlexBertForSequenceClassification, "save_pretrained", killed_while_writing_weights)
+    with pytest.raises(KeyboardInterrupt):
+        save_model(model, tokenizer, folder)
+    monkeypatch.undo()
+    assert {p.name: p.read_bytes() for p in folder.iterdir()} == files
+
+    replace, renamed = os.replace, []
+
+    def disk_full_after_one_file(src, dst, *args, **kwargs):
+        if Path(dst).parent == folder:
+            renamed.append(Path(dst).name)
+            if len(renamed) == 2:
+                raise OSError(28, "No space left on device", str(dst))
+        return replace(src, dst, *args, **kwargs)
+
+    monkeypatch.setattr(os, "replace", disk_full_after_one_file)
+    with pytest.raises(WriteError, match="No space left"):
+        save_model(model, tokenizer, folder)
+    monkeypatch.undo()
+    assert len(renamed) == 2 and (folder / "config.json").read_bytes() == files["config.json"]  # config last
+    assert not list(folder.glob(".saving-*"))
+    loaded = FlexBertForSequenceClassification.from_pretrained(str(folder)).state_dict()
+    assert all(torch.equal(loaded[k], old[k]) for k in old) or all(torch.equal(loaded[k], new[k]) for k in new)
 
 
 # ---- resume equivalence and SIGKILL while saving -------------------------------------------------------------
@@ -786,39 +867,75 @@ def test_resume_from_half_way_matches_uninterrupted(world, reference, tmp_path, 
     run_glue.main(_argv(world, world["bert"], out, "--resume_from_checkpoint"))
     diff = _max_diff(_final_weights(reference), _final_weights(out))
     print(f"\nresume at step {N_STEPS // 2} of {N_STEPS}: max |weight difference| = {diff:.3g}")
-    assert diff <= 1e-6
+    assert diff == 0.0
     ref, res = (json.loads((p / "eval_results.json").read_text()) for p in (reference, out))
     assert (res["best_step"], res["best_score_sum"]) == (ref["best_step"], ref["best_score_sum"])
     assert [h["step"] for h in res["history"]] == list(range(1, N_STEPS + 1))
     assert res["history"] == ref["history"]
     # the best model (saved in the folder itself) is the uninterrupted run's best model too
     assert _max_diff(load_file(str(reference / "model.safetensors")), load_file(str(out / "model.safetensors"))) \
-        <= 1e-6
+        == 0.0
+
+
+# The run stops itself (SIGSTOP) where the test wants to kill it, and the test SIGKILLs it there: the kill
+# lands exactly at that point, without polling the folder.
+STOPPING_LAUNCHER = """\
+import os, signal, sys
+sys.path.insert(0, {root!r})
+from transformers_ext import checkpoint_io
+import {script} as script
+{patch}
+script.run_cli(script.main)
+"""
+STOP_WHILE_WRITING_CHECKPOINT_4 = """\
+write = checkpoint_io._write_model_folder
+def write_then_stop(model, tokenizer, folder, *args, **kwargs):
+    write(model, tokenizer, folder, *args, **kwargs)  # the model is written, its training state not yet
+    if folder.name.startswith(".tmp-checkpoint-") and int(folder.name.rsplit("-", 1)[1]) >= 4:
+        os.kill(os.getpid(), signal.SIGSTOP)
+checkpoint_io._write_model_folder = write_then_stop
+"""
+STOP_AFTER_FIRST_CHECKPOINT = """\
+save = script.save_checkpoint
+def save_then_stop(*args, **kwargs):
+    save(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGSTOP)
+script.save_checkpoint = save_then_stop
+"""
+
+
+def _kill_where_it_stops(script: str, patch: str, argv: list, world, tmp_path: Path) -> str:
+    """Run `script` with `patch` applied and SIGKILL it when it stops itself; its stderr. Fails the test if
+    the run ended without stopping."""
+    launcher = tmp_path / f"stopping_{script}.py"
+    launcher.write_text(STOPPING_LAUNCHER.format(root=str(ROOT), script=script, patch=patch))
+    log = tmp_path / f"{script}.stderr"
+    with open(log, "w") as stderr:
+        proc = subprocess.Popen([PY, str(launcher), *map(str, argv)], cwd=ROOT, env=_env(world),
+                                stdout=subprocess.DEVNULL, stderr=stderr)
+        guard = threading.Timer(TIMEOUT, proc.kill)
+        guard.start()
+        try:
+            _, status = os.waitpid(proc.pid, os.WUNTRACED)
+        finally:
+            proc.kill()
+            proc.wait()
+            guard.cancel()
+    assert os.WIFSTOPPED(status), f"the run ended before it stopped:\n{log.read_text()[-2000:]}"
+    assert proc.returncode == -signal.SIGKILL
+    return log.read_text()
 
 
 def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_path, one_thread):
-    """SIGKILL the run the moment a checkpoint (step >= 4) is being written; the folder still loads, the latest
-    complete checkpoint resumes, and the resumed run ends with the uninterrupted run's weights."""
+    """SIGKILL the run while it writes a checkpoint (step >= 4, its model written, not its training state); the
+    folder still loads, the latest complete checkpoint resumes, and the resumed run ends with the
+    uninterrupted run's weights."""
     out = tmp_path / "killed"
-    argv = [PY, str(ROOT / "run_glue.py"), *map(str, _argv(world, world["bert"], out))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_at = None
-    deadline = time.time() + TIMEOUT
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            if out.is_dir():
-                saving = [p.name for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-")
-                          and int(p.name.rsplit("-", 1)[1]) >= 4]
-                if saving:
-                    proc.send_signal(signal.SIGKILL)
-                    killed_at = saving[0]
-                    break
-            time.sleep(0.0005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode(errors="replace")
-    assert killed_at is not None, f"the run ended before it could be killed while saving:\n{stderr[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    _kill_where_it_stops("run_glue", STOP_WHILE_WRITING_CHECKPOINT_4, _argv(world, world["bert"], out), world,
+                         tmp_path)
+    saving = [p.name for p in out.iterdir() if p.name.startswith(".tmp-checkpoint-")]
+    assert len(saving) == 1 and int(saving[0].rsplit("-", 1)[1]) >= 4, saving  # the half-written checkpoint
+    killed_at = saving[0]
 
     # The folder itself: a loadable model and a parsable results file.
     FlexBertForSequenceClassification.from_pretrained(str(out))
@@ -835,13 +952,13 @@ def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_pat
     FlexBertForSequenceClassification.from_pretrained(str(latest))
     state = torch.load(latest / "training_state.pt", weights_only=False)
     assert state["global_step"] == int(latest.name.split("-")[1]) >= 3
-    torn = (out / killed_at).exists()  # the half-written folder is left under its temporary name
-    print(f"\nSIGKILL while writing {killed_at} (left half-written: {torn}): latest complete {latest.name} loads")
+    assert not (out / killed_at / "training_state.pt").exists()  # left half-written, under its temporary name
+    print(f"\nSIGKILL while writing {killed_at}: latest complete {latest.name} loads")
 
     run_glue.main(_argv(world, world["bert"], out, "--resume_from_checkpoint"))
     diff = _max_diff(_final_weights(reference), _final_weights(out))
     print(f"resumed after SIGKILL: max |weight difference| = {diff:.3g}")
-    assert diff <= 1e-6
+    assert diff == 0.0
     assert json.loads((out / "eval_results.json").read_text())["history"] == \
         json.loads((reference / "eval_results.json").read_text())["history"]
 
@@ -897,23 +1014,10 @@ def test_gate_training_sigkill_then_rerun_or_resume(world, tmp_path, one_thread)
     assert len(_gate_history(reference)) == GATE_STEPS // 2
 
     killed = tmp_path / "killed"
-    argv = [PY, str(ROOT / "train_gate.py"), *map(str, _gate_argv(world, killed))]
-    proc = subprocess.Popen(argv, cwd=ROOT, env=_env(world), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
-    killed_after = None
-    deadline = time.time() + TIMEOUT
-    try:
-        while proc.poll() is None and time.time() < deadline:
-            done = [p.name for p in killed.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
-            if done:
-                proc.send_signal(signal.SIGKILL)
-                killed_after = done[0]
-                break
-            time.sleep(0.0005)
-    finally:
-        proc.kill()
-        stderr = proc.communicate()[1].decode(errors="replace")
-    assert killed_after is not None, f"the run ended before it could be killed:\n{stderr[-2000:]}"
-    assert proc.returncode == -signal.SIGKILL
+    _kill_where_it_stops("train_gate", STOP_AFTER_FIRST_CHECKPOINT, _gate_argv(world, killed), world, tmp_path)
+    done = [p.name for p in killed.glob("checkpoint-*") if (p / "training_state.pt").is_file()]
+    assert len(done) == 1, done
+    killed_after = done[0]
     step = int(killed_after.split("-")[1])
     assert step < GATE_STEPS
     print(f"\ngate training SIGKILLed after {killed_after} of {GATE_STEPS} steps")

@@ -98,7 +98,10 @@ def hand_importance(model, batches):
     for input_ids, attention_mask, token_type_ids, labels in batches:
         mask = torch.ones(L, H, requires_grad=True)
         logits = model(input_ids, attention_mask, token_type_ids, head_mask=mask).logits
-        loss = F.cross_entropy(logits, labels)
+        if config.num_labels == 1:  # regression: squared error of the one output
+            loss = ((logits.view(-1) - labels) ** 2).mean()
+        else:
+            loss = F.cross_entropy(logits, labels)
         params = []
         for layer in model.bert.encoder.layer:
             params += [layer.intermediate.dense.weight, layer.intermediate.dense.bias, layer.output.dense.weight]
@@ -146,9 +149,12 @@ def test_compute_importance_max_examples():
 
 def test_compute_importance_regression_uses_mse():
     model = make_model(make_config(num_labels=1))
-    batches = [(*make_inputs(batch=2, seq_len=8), torch.tensor([0.5, 3.0]))]
+    batches = [(*make_inputs(batch=2, seq_len=8, seed=s), torch.tensor([0.5, 3.0])) for s in (1, 2)]
     heads, neurons = compute_importance(model, batches)
-    assert heads.shape == (4, 8) and torch.all(torch.isfinite(heads)) and heads.sum() > 0
+    assert heads.shape == (4, 8) and neurons.shape == (4, 64)
+    expected_heads, expected_neurons = hand_importance(model, batches)  # |gradient| of the mean squared error
+    torch.testing.assert_close(heads, expected_heads, rtol=1e-4, atol=1e-7)
+    torch.testing.assert_close(neurons, expected_neurons, rtol=1e-4, atol=1e-7)
 
 
 # ---- grafting -------------------------------------------------------------------------------------------

@@ -54,3 +54,22 @@ def test_fit_applies_the_balanced_gradient(balance):
     total = torch.cat([want_shared, want_own]).norm()  # fit clips the update's gradient norm to 1
     assert torch.allclose(shared.detach(), -1e-3 * want_shared / total, atol=1e-7)
     assert torch.allclose(own.detach(), -1e-3 * want_own / total, atol=1e-7)
+
+
+def test_all_reduce_gradients_averages_over_processes(monkeypatch):
+    """torchrun: each parameter's gradient becomes the mean over the processes (DDP), not their sum. The other
+    process is simulated: all_reduce adds its gradients."""
+    import torch.distributed as dist
+
+    from transformers_ext.trainer import all_reduce_gradients
+
+    a, b, frozen = (torch.nn.Parameter(torch.zeros(n)) for n in (2, 3, 1))
+    a.grad, b.grad = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
+    other = torch.tensor([3.0, 0.0, -1.0, 2.0, 9.0])  # the other process's gradients of a and b, flattened
+
+    def all_reduce(tensor, *args, **kwargs):
+        tensor.add_(other)
+
+    monkeypatch.setattr(dist, "all_reduce", all_reduce)
+    all_reduce_gradients([a, frozen, b], world=2)
+    assert a.grad.tolist() == [2.0, 1.0] and b.grad.tolist() == [1.0, 3.0, 7.0] and frozen.grad is None

@@ -9,7 +9,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from conftest import REPO_ROOT, TINY_VOCAB
+from conftest import REPO_ROOT, TINY_VOCAB, missing_input
 
 import utils_glue
 from utils_glue import DataError, compute_metrics, convert_examples_to_features, get_examples, get_task, load_dataset
@@ -33,11 +33,22 @@ REAL_COUNTS = {"CoLA": (8551, 1043), "SST-2": (67349, 872), "MRPC": (3667, 408),
                "WNLI": (635, 71)}
 
 
+@pytest.mark.parametrize("ci, outcome", [(None, pytest.skip.Exception), ("false", pytest.skip.Exception),
+                                         ("true", pytest.fail.Exception), ("1", pytest.fail.Exception)])
+def test_missing_shared_input_fails_under_ci(monkeypatch, ci, outcome):
+    if ci is None:
+        monkeypatch.delenv("CI", raising=False)
+    else:
+        monkeypatch.setenv("CI", ci)
+    with pytest.raises(outcome, match="GLUE data not found"):
+        missing_input("GLUE data not found at /nowhere")
+
+
 @pytest.mark.parametrize("task", sorted(REAL_COUNTS))
 def test_real_glue_files_parse(glue_dir, task):
     folder = glue_dir / task
     if not folder.is_dir():
-        pytest.skip(f"{folder} absent")
+        missing_input(f"{folder} absent")
     spec = get_task(task)
     train = get_examples(task, folder, "train")
     dev = get_examples(task, folder, "dev")
@@ -54,7 +65,7 @@ def test_real_glue_files_parse(glue_dir, task):
 def test_real_mrpc_uses_official_columns(glue_dir):
     folder = glue_dir / "MRPC"
     if not folder.is_dir():
-        pytest.skip(f"{folder} absent")
+        missing_input(f"{folder} absent")
     first = get_examples("mrpc", folder, "train")[0]  # the file starts with a UTF-8 BOM
     assert first.label == "1"
     assert first.text_a.startswith("Amrozi accused his brother")
@@ -64,7 +75,7 @@ def test_real_mrpc_uses_official_columns(glue_dir):
 def test_real_cola_has_no_header(glue_dir):
     folder = glue_dir / "CoLA"
     if not folder.is_dir():
-        pytest.skip(f"{folder} absent")
+        missing_input(f"{folder} absent")
     first = get_examples("CoLA", folder, "train")[0]
     assert first.label == "1"
     assert first.text_a == "Our friends won't buy this analysis, let alone the next one we propose."

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .cli import LAYER, MULTIPLIER, NON_NEGATIVE, PROBABILITY, CLIError, WriteError
+from .cli import LAYER, MULTIPLIER, NON_NEGATIVE, PROBABILITY, CLIError, WriteError, parsed_command
 from .modeling_flexbert import FlexBertForSequenceClassification
 
 
@@ -440,9 +440,8 @@ def save_model(model: FlexBertForSequenceClassification, tokenizer, output_dir: 
 def command_line(argv: list[str] | None = None) -> str:
     """The command that is running, quoted for a shell (the script as it was called, then its arguments)."""
     import shlex
-    import sys
 
-    argv = list(sys.argv if argv is None else argv)
+    argv = parsed_command() if argv is None else list(argv)
     return shlex.join(["python", *argv]) if argv and argv[0].endswith(".py") else shlex.join(argv)
 
 

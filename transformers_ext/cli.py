@@ -69,17 +69,25 @@ class ArgumentParser(argparse.ArgumentParser):
     def parse_known_args(self, args=None, namespace=None):
         namespace, extras = super().parse_known_args(args, namespace)
         apply_output_args(namespace)
+        # a main(argv) called in-process (a test, a notebook) runs this argv, not the process's sys.argv
+        _OUTPUT["command"] = None if args is None else [self.prog, *map(str, args)]
         return namespace, extras
 
 
-# What --log_level / --disable_tqdm of the last parsed command line asked for: read by `trainer.setup_logging`
-# and `progress`, so that every script honours them without threading them through every call.
-_OUTPUT: dict[str, object] = {"log_level": "info", "disable_tqdm": False}
+# What --log_level / --disable_tqdm of the last parsed command line asked for, and that command line: read by
+# `trainer.setup_logging`, `progress` and the model cards, so that every script honours them without threading
+# them through every call.
+_OUTPUT: dict[str, object] = {"log_level": "info", "disable_tqdm": False, "command": None}
 
 
 def apply_output_args(args: argparse.Namespace) -> None:
     _OUTPUT["log_level"] = getattr(args, "log_level", None) or "info"
     _OUTPUT["disable_tqdm"] = bool(getattr(args, "disable_tqdm", False))
+
+
+def parsed_command() -> list[str]:
+    """The command line of the last parse: the script and the argv given to its main(), else sys.argv."""
+    return list(_OUTPUT["command"] or sys.argv)
 
 
 def log_level() -> str:
