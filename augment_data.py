@@ -28,7 +28,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transformers_ext.cli import ArgumentParser
+from cli import ArgumentParser
 from utils_glue import (
     DataError,
     TaskSpec,

@@ -31,6 +31,17 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import utils_glue
+from cli import (
+    MULTIPLIER,
+    NON_NEGATIVE,
+    ArgumentParser,
+    CLIError,
+    add_output_args,
+    layer_list,
+    multiplier_list,
+    run_cli,
+    setup_logging,
+)
 from transformers_ext.checkpoint_io import (
     _expected_shapes,
     _weight_shapes,
@@ -42,20 +53,9 @@ from transformers_ext.checkpoint_io import (
     validate_config,
     writing,
 )
-from transformers_ext.cli import (
-    MULTIPLIER,
-    NON_NEGATIVE,
-    ArgumentParser,
-    CLIError,
-    add_output_args,
-    layer_list,
-    multiplier_list,
-    run_cli,
-)
 from transformers_ext.export import deploy_config_keys, export_gated, export_subnet, remote_code_files
 from transformers_ext.inference import default_off_ramps
 from transformers_ext.modeling_flexbert import FlexBertForSequenceClassification, make_subnet
-from transformers_ext.trainer import setup_logging
 
 DEFAULT_EXIT_THRESHOLD = 0.57
 TRAINED_DEPTHS = (0.5, 0.75, 1.0)  # train_gate.py's default off-ramps follow run_glue.py's default depths

@@ -8,8 +8,8 @@ import io
 import json
 from pathlib import Path
 
+from cli import ArgumentParser, CLIError, run_cli
 from transformers_ext.checkpoint_io import atomic_write, check_writable, reading, write_text
-from transformers_ext.cli import ArgumentParser, CLIError, run_cli
 from utils_glue import DataError, get_task, primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -29,20 +30,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import utils_glue
-from transformers_ext import compute_importance, dynamic_forward, graft, rewire
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
-from transformers_ext.cli import (
+from cli import (
     COUNT,
     MULTIPLIER,
     NON_NEGATIVE,
@@ -54,9 +42,24 @@ from transformers_ext.cli import (
     finish_training_args,
     multiplier_list,
     run_cli,
+    setup_logging,
     str2bool,
     validate_subnets,
     validate_task_args,
+)
+from transformers_ext import compute_importance, dynamic_forward, graft, rewire
+from transformers_ext.batching import trim_padding
+from transformers_ext.checkpoint_io import (
+    check_writable,
+    clean_up_on_failure,
+    load_model_and_tokenizer,
+    model_card,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+    save_model,
+    write_json,
+    write_text,
 )
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.trainer import (
@@ -70,7 +73,6 @@ from transformers_ext.trainer import (
     format_subnet_table,
     set_seed,
     setup_device,
-    setup_logging,
     subnet_key,
     train_metrics,
     trainer_state,
@@ -358,10 +360,10 @@ def train(args: argparse.Namespace) -> dict:
     elif grafting:
         logger.info("grafting every %d updates until update %d", graft_step, graft_stop)
     metric = utils_glue.primary_metric(args.task_name)
+    task_metrics = functools.partial(utils_glue.compute_metrics, args.task_name)
 
     def evaluate(state) -> tuple[float, dict]:
-        results = evaluate_subnets(model, args.task_name, dev_sets, widths, depths,
-                                   args.per_gpu_eval_batch_size, device)
+        results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size, device)
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
@@ -422,7 +424,7 @@ def train(args: argparse.Namespace) -> dict:
                                         start_batch=start_batch, lengths=lengths)
 
     def batch_losses(batch, state):
-        batch = [t.to(device) for t in (utils_glue.trim_padding(batch) if args.trim_padding else batch)]
+        batch = [t.to(device) for t in (trim_padding(batch) if args.trim_padding else batch)]
         teacher_out = None
         if teacher is not None:
             with torch.no_grad():

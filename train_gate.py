@@ -26,20 +26,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import utils_glue
-from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
-from transformers_ext.cli import (
+from cli import (
     COUNT,
     MULTIPLIER,
     NON_NEGATIVE,
@@ -54,8 +41,23 @@ from transformers_ext.cli import (
     multiplier_list,
     progress,
     run_cli,
+    setup_logging,
     validate_subnets,
     validate_task_args,
+)
+from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
+from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
+from transformers_ext.checkpoint_io import (
+    check_writable,
+    clean_up_on_failure,
+    load_model_and_tokenizer,
+    model_card,
+    prepare_output_dir,
+    resume_checkpoint,
+    save_checkpoint,
+    save_model,
+    write_json,
+    write_text,
 )
 from transformers_ext.flops import flops_summary
 from transformers_ext.gates import (
@@ -77,11 +79,10 @@ from transformers_ext.trainer import (
     fit,
     set_seed,
     setup_device,
-    setup_logging,
     train_metrics,
     trainer_state,
 )
-from utils_glue import epoch_batches, in_dataset_order, length_sorted_batches, num_batches, trim_padding
+from utils_glue import epoch_batches, num_batches
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")

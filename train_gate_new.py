@@ -28,6 +28,17 @@ import time
 from pathlib import Path
 
 import utils_glue
+from cli import (
+    NON_NEGATIVE,
+    ArgumentParser,
+    CLIError,
+    multiplier_list,
+    progress,
+    run_cli,
+    setup_logging,
+    validate_subnets,
+    validate_task_args,
+)
 from train_gate import (
     DEFAULT_EXIT_THRESHOLD,
     MODES,
@@ -47,17 +58,7 @@ from transformers_ext.calibration import (
     split_indices,
 )
 from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json, write_text
-from transformers_ext.cli import (
-    NON_NEGATIVE,
-    ArgumentParser,
-    CLIError,
-    multiplier_list,
-    progress,
-    run_cli,
-    validate_subnets,
-    validate_task_args,
-)
-from transformers_ext.trainer import set_seed, setup_device, setup_logging
+from transformers_ext.trainer import set_seed, setup_device
 
 __all__ = ["calibrate", "calibration_parser", "entry", "main"]
 logger = logging.getLogger("flexbert")

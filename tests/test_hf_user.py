@@ -16,12 +16,12 @@ from conftest import SMALL, TINY_VOCAB, cli_argv, make_config, make_inputs, make
 from test_run_glue import VOCAB, _argv, _one_thread, _run, make_env  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
+import cli
 import export_subnet
 import run_glue
 import train_gate
-from transformers_ext import cli
 from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json
-from transformers_ext.cli import CLIError
+from transformers_ext.errors import InputError
 from transformers_ext.inference import dynamic_forward
 from transformers_ext.trainer import Schedule
 from utils_glue import get_task
@@ -245,7 +245,7 @@ def test_schedule_fractional_epochs():
     assert Schedule.make(30, 1, 0.1).total_updates == 3  # not 4 (0.1 * 30 = 3.0000000000000004)
     assert Schedule.make(7, 2, 3.0) == Schedule(3, 3, 9, 2)  # integer epochs as before
     assert Schedule.make(10, 1, 0.01).total_updates == 1  # a tenth of an update still runs one
-    with pytest.raises(CLIError, match="is 0 updates"):  # rounds to 0: would save the untrained model
+    with pytest.raises(InputError, match="is 0 updates"):  # rounds to 0: would save the untrained model
         Schedule.make(10, 1, 1e-8)
 
 
@@ -272,7 +272,7 @@ def test_offline_error_shows_the_cause(env, monkeypatch):
 
     monkeypatch.setattr(checkpoint_io.AutoTokenizer, "from_pretrained", offline)
     assert transformers  # the real loader is patched, not imported lazily
-    with pytest.raises(CLIError) as info:
+    with pytest.raises(InputError) as info:
         load_model_and_tokenizer(str(env["bert"]), get_task("RTE"))
     assert "couldn't connect" in str(info.value) and "\n" not in str(info.value)
 
@@ -293,7 +293,7 @@ def test_disable_tqdm_and_env(monkeypatch):
 def test_log_level_applies(env, caplog, capsys):
     import logging
 
-    from transformers_ext.trainer import setup_logging
+    from cli import setup_logging
 
     run_glue.parse_args(["--log_level", "error"])
     setup_logging(0)

@@ -189,7 +189,7 @@ def test_stsb_floats_and_mnli_two_files(env, tmp_path):
 
 
 def test_predict_needs_the_test_file(env, tmp_path, capsys):
-    from transformers_ext.cli import run_cli
+    from cli import run_cli
 
     data = tmp_path / "SST-2"
     data.mkdir()

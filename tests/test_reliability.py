@@ -943,8 +943,8 @@ def test_gate_training_sigkill_then_rerun_or_resume(world, tmp_path, one_thread)
 def test_every_numeric_flag_declares_a_range(monkeypatch):
     """No flag of run_glue.py or train_gate.py is a bare int or float: each has a `bounded` type (its range
     shows in --help and argparse enforces it), or a list type that checks its items."""
+    import cli
     import train_gate
-    from transformers_ext import cli
 
     class Captured(Exception):
         pass

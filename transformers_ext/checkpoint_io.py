@@ -2,12 +2,11 @@
 with clear errors, HF folders and resumable checkpoints written atomically, the output-folder policy, and the
 RNG state a resumed run restores.
 
-Library errors never escape from here as tracebacks: a file that cannot be read becomes a `CLIError` naming
-it (exit 2), one that cannot be written a `WriteError` naming it (exit 1)."""
+Library errors never escape from here as tracebacks: a file that cannot be read becomes an `InputError`
+naming it (exit 2 in the scripts), one that cannot be written a `WriteError` naming it (exit 1)."""
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import os
@@ -21,56 +20,9 @@ import numpy as np
 import torch
 from transformers import AutoConfig, AutoTokenizer
 
-from .cli import LAYER, MULTIPLIER, NON_NEGATIVE, PROBABILITY, CLIError, WriteError
+from .errors import InputError, error_detail, one_line, reading, writing
 from .modeling_flexbert import FlexBertForSequenceClassification
-
-
-def _summary(err: BaseException, limit: int = 300) -> str:
-    """A library error's message on one line (its lines joined), shortened to `limit` characters."""
-    text = " ".join(line.strip() for line in str(err).splitlines() if line.strip()) or type(err).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
-def _detail(err: BaseException) -> str:
-    """What went wrong, on one line: an OSError's strerror and file, else its message; a bare or generic
-    wrapper (HF's offline OSError around the hub's LocalEntryNotFoundError, ...) adds its causes' messages,
-    so that the cause is never hidden behind `(OSError)`."""
-    if isinstance(err, OSError) and err.strerror:
-        text = err.strerror + (f": {err.filename}" if err.filename else "")
-    else:
-        text = _summary(err)
-    cause, seen = err.__cause__ or err.__context__, 0
-    while cause is not None and seen < 3:  # a cycle-safe walk down the first few causes
-        more = _summary(cause)
-        if more and more != type(cause).__name__ and more not in text:
-            text = more if text == type(err).__name__ else f"{text}: {more}"
-        cause, seen = cause.__cause__ or cause.__context__, seen + 1
-    return _summary(Exception(text))
-
-
-@contextlib.contextmanager
-def reading(what: str | Path) -> Iterator[None]:
-    """Any library error inside (safetensors, tokenizers, torch.load, json, ...) becomes one CLIError naming
-    `what`, the file or folder being read."""
-    try:
-        yield
-    except (CLIError, PermissionError):  # no permission: an environment fault (exit 1), reported by run_cli
-        raise
-    except Exception as err:
-        raise CLIError(f"{what}: cannot read it ({type(err).__name__}: {_detail(err)})") from None
-
-
-@contextlib.contextmanager
-def writing(path: str | Path) -> Iterator[None]:
-    """Any error while writing `path` (full disk, quota, I/O error, whatever the writing library raises:
-    safetensors and torch.save do not raise OSError) becomes one WriteError naming it."""
-    try:
-        yield
-    except WriteError:
-        raise
-    except Exception as err:
-        detail = err.strerror if isinstance(err, OSError) and err.strerror else _summary(err)
-        raise WriteError(f"cannot write {path}: {detail}") from err
+from .ranges import LAYER, MULTIPLIER, NON_NEGATIVE, PROBABILITY, RangeError
 
 
 # ---- the one atomic writer ---------------------------------------------------------------------------------
@@ -130,16 +82,16 @@ _CONFIG_SIZES = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num
 
 def _config_value(where: str, key: str, value, check: Callable):
     if isinstance(value, str):  # a number written as a string is a hand-edited or foreign file: refused
-        raise CLIError(f"{where}: {key} {value!r} is a string, not a number")
+        raise InputError(f"{where}: {key} {value!r} is a string, not a number")
     try:
         return check(value)
-    except (argparse.ArgumentTypeError, TypeError, ValueError) as err:
-        raise CLIError(f"{where}: {key} {value!r} is invalid ({err})") from None
+    except (RangeError, TypeError, ValueError) as err:
+        raise InputError(f"{where}: {key} {value!r} is invalid ({err})") from None
 
 
 def _config_list(where: str, key: str, value, item: Callable) -> list:
     if not isinstance(value, list | tuple) or not value:
-        raise CLIError(f"{where}: {key} must be a non-empty list, got {value!r}")
+        raise InputError(f"{where}: {key} must be a non-empty list, got {value!r}")
     return [_config_value(where, key, v, item) for v in value]
 
 
@@ -152,37 +104,37 @@ def validate_config(config, where: str) -> None:
     for key, low in _CONFIG_SIZES.items():
         value = getattr(config, key, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
-            raise CLIError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
+            raise InputError(f"{where}: {key} must be an integer >= {low}, got {value!r}")
     if config.hidden_size % config.num_attention_heads:
-        raise CLIError(f"{where}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
-                       f"{config.num_attention_heads}")
+        raise InputError(f"{where}: hidden_size {config.hidden_size} is not a multiple of num_attention_heads "
+                         f"{config.num_attention_heads}")
     if not isinstance(config.hidden_act, str) or config.hidden_act not in ACT2FN:
-        raise CLIError(f"{where}: unknown hidden_act {config.hidden_act!r}")
+        raise InputError(f"{where}: unknown hidden_act {config.hidden_act!r}")
     for key in ("hidden_dropout_prob", "attention_probs_dropout_prob"):
         _config_value(where, key, getattr(config, key, 0.0), PROBABILITY)
     if getattr(config, "classifier_dropout", None) is not None:
         _config_value(where, "classifier_dropout", config.classifier_dropout, PROBABILITY)
     eps = getattr(config, "layer_norm_eps", 1e-12)
     if isinstance(eps, bool) or not isinstance(eps, int | float) or not eps > 0:
-        raise CLIError(f"{where}: layer_norm_eps must be a number > 0, got {eps!r}")
+        raise InputError(f"{where}: layer_norm_eps must be a number > 0, got {eps!r}")
     if getattr(config, "pooling", None) not in (None, "cls", "mean"):
-        raise CLIError(f"{where}: pooling must be 'cls' or 'mean', got {config.pooling!r}")
+        raise InputError(f"{where}: pooling must be 'cls' or 'mean', got {config.pooling!r}")
     layers = config.num_hidden_layers
     if getattr(config, "gate_setting", None):
         setting = _config_list(where, "gate_setting", config.gate_setting, MULTIPLIER)
         num_gates = getattr(config, "num_gates", None)
         if isinstance(num_gates, bool) or not isinstance(num_gates, int) or num_gates < 1 or layers % num_gates:
-            raise CLIError(f"{where}: num_gates {num_gates!r} must be an integer dividing the {layers} layers")
+            raise InputError(f"{where}: num_gates {num_gates!r} must be an integer dividing the {layers} layers")
         saved_map = getattr(config, "gate_class_to_width", None)
         if saved_map is not None:
             saved_map = _config_list(where, "gate_class_to_width", saved_map, MULTIPLIER)
             if len(saved_map) != len(setting):
-                raise CLIError(f"{where}: gate_class_to_width has {len(saved_map)} widths for the {len(setting)} "
-                               "gate classes of gate_setting")
+                raise InputError(f"{where}: gate_class_to_width has {len(saved_map)} widths for the {len(setting)} "
+                                 "gate classes of gate_setting")
     if getattr(config, "off_ramps", None) is not None:
         for layer in _config_list(where, "off_ramps", config.off_ramps, LAYER):
             if layer >= layers:
-                raise CLIError(f"{where}: off_ramps {config.off_ramps} must be layers 0..{layers - 1}")
+                raise InputError(f"{where}: off_ramps {config.off_ramps} must be layers 0..{layers - 1}")
     if getattr(config, "exit_threshold", None) is not None:
         _config_value(where, "exit_threshold", config.exit_threshold, NON_NEGATIVE)
 
@@ -207,7 +159,7 @@ def _weight_shapes(folder: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:
             shapes = {k: tuple(v.shape) for k, v in state.items()}
         shards = []
     else:
-        raise CLIError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
+        raise InputError(f"{folder} has no weights ({' or '.join(WEIGHT_FILES)})")
     for shard in shards:
         with reading(shard), safe_open(str(shard), framework="pt") as f:  # checks the header and the size
             shapes.update({k: tuple(f.get_slice(k).get_shape()) for k in f.keys()})
@@ -237,17 +189,17 @@ def check_weights(file: Path, found: dict[str, tuple[int, ...]], expected: dict[
     for prefix, what in (("bert.encoder.layer.", "layers"), ("gates.", "gates")):
         have, want = _indices(found, prefix), _indices(expected, prefix)
         if have != want:
-            raise CLIError(f"{file} holds {len(have)} {what} but {against} has {len(want)}")
+            raise InputError(f"{file} holds {len(have)} {what} but {against} has {len(want)}")
     for key, shape in expected.items():
         if key in found and found[key] != shape:
             if key.startswith("classifier."):
-                raise CLIError(f"{file} has a classifier with {found[key][0]} outputs but {task or against} needs "
-                               f"{shape[0]} (a model fine-tuned for another task?)")
-            raise CLIError(f"{file}: {key} has shape {list(found[key])} but {against} needs {list(shape)} "
-                           "(weights of another model?)")
+                raise InputError(f"{file} has a classifier with {found[key][0]} outputs but {task or against} needs "
+                                 f"{shape[0]} (a model fine-tuned for another task?)")
+            raise InputError(f"{file}: {key} has shape {list(found[key])} but {against} needs {list(shape)} "
+                             "(weights of another model?)")
     missing = [k for k in expected if k not in found and not k.startswith(optional)]
     if missing:
-        raise CLIError(f"{file} lacks {len(missing)} tensor(s) {against} needs, e.g. {missing[0]}")
+        raise InputError(f"{file} lacks {len(missing)} tensor(s) {against} needs, e.g. {missing[0]}")
 
 
 def _check_tokenizer(tokenizer, config, model_dir: str) -> None:
@@ -259,52 +211,52 @@ def _check_tokenizer(tokenizer, config, model_dir: str) -> None:
     backend = getattr(tokenizer, "_tokenizer", None)  # the vocabulary proper, without the added special tokens
     base = backend.get_vocab(with_added_tokens=False) if hasattr(backend, "get_vocab") else vocab
     if not base:
-        raise CLIError(f"{source}: empty vocabulary")
+        raise InputError(f"{source}: empty vocabulary")
     specials = [t for t in (tokenizer.unk_token, tokenizer.cls_token, tokenizer.sep_token, tokenizer.pad_token) if t]
     missing = [t for t in specials if t not in vocab or (t == tokenizer.unk_token and t not in base)]
     if missing:
-        raise CLIError(f"{source}: the vocabulary lacks the special token(s) {', '.join(missing)}")
+        raise InputError(f"{source}: the vocabulary lacks the special token(s) {', '.join(missing)}")
     if max(vocab.values()) >= config.vocab_size:
-        raise CLIError(f"{source}: {len(vocab)} tokens (ids up to {max(vocab.values())}) but the model's "
-                       f"embedding has {config.vocab_size} rows (config.json vocab_size)")
+        raise InputError(f"{source}: {len(vocab)} tokens (ids up to {max(vocab.values())}) but the model's "
+                         f"embedding has {config.vocab_size} rows (config.json vocab_size)")
     with reading(source):
         tokenizer("the first sentence .", "the second one .")
 
 
-def validate_model_dir(model_dir: str, spec, args: argparse.Namespace | None = None):
+def validate_model_dir(model_dir: str, spec, args=None):
     """Everything about an input model folder that can be checked without loading it, before any output is
     touched: config.json (a BERT, valid sizes and saved settings, the task's labels, room for
     --max_seq_length), and the weights' shapes against the config (layers, gates, classifier). Returns the
     config, set up for the task. A hub id is checked once downloaded (its config only)."""
     path = Path(model_dir)
     if path.exists() and not path.is_dir():
-        raise CLIError(f"--model_dir {model_dir} is a file, not a model folder")
+        raise InputError(f"--model_dir {model_dir} is a file, not a model folder")
     if path.exists() and not (path / "config.json").is_file():
-        raise CLIError(f"--model_dir {model_dir} has no config.json (not a Hugging Face model folder)")
+        raise InputError(f"--model_dir {model_dir} has no config.json (not a Hugging Face model folder)")
     looks_like_hub_id = not path.exists() and not model_dir.startswith((".", "/", "~")) and model_dir.count("/") <= 1
     if not path.exists() and not looks_like_hub_id:
-        raise CLIError(f"--model_dir {model_dir} does not exist")
+        raise InputError(f"--model_dir {model_dir} does not exist")
     where = f"{path / 'config.json'}" if path.is_dir() else f"--model_dir {model_dir}"
     if path.is_dir():
         with reading(path / "config.json"):
             raw = json.loads((path / "config.json").read_text(encoding="utf-8"))
         if not isinstance(raw, dict):
-            raise CLIError(f"{where}: not a JSON object")
+            raise InputError(f"{where}: not a JSON object")
         if raw.get("model_type", "bert") != "bert":
-            raise CLIError(f"--model_dir {model_dir} holds a '{raw.get('model_type')}' model, not a BERT")
+            raise InputError(f"--model_dir {model_dir} holds a '{raw.get('model_type')}' model, not a BERT")
     try:
         config = AutoConfig.from_pretrained(model_dir)
     except Exception as err:  # hub id unreachable offline, a config transformers refuses, ...
-        raise CLIError(f"--model_dir {model_dir}: cannot read the model config ({type(err).__name__}: "
-                       f"{_detail(err)})") from None
+        raise InputError(f"--model_dir {model_dir}: cannot read the model config ({type(err).__name__}: "
+                         f"{error_detail(err)})") from None
     if config.model_type != "bert":
-        raise CLIError(f"--model_dir {model_dir} holds a '{config.model_type}' model, not a BERT")
+        raise InputError(f"--model_dir {model_dir} holds a '{config.model_type}' model, not a BERT")
     validate_config(config, where)
     if path.is_dir() and not (path / "vocab.txt").is_file():
-        raise CLIError(f"--model_dir {model_dir} has no vocab.txt (tokenizer vocabulary)")
+        raise InputError(f"--model_dir {model_dir} has no vocab.txt (tokenizer vocabulary)")
     other_task = getattr(config, "finetuning_task", None) not in (None, spec.name.lower())
     if other_task and config.num_labels != spec.num_labels:
-        raise CLIError(
+        raise InputError(
             f"--model_dir {model_dir} was fine-tuned for {config.finetuning_task} with {config.num_labels} "
             f"labels, not {spec.name}"
         )
@@ -312,8 +264,8 @@ def validate_model_dir(model_dir: str, spec, args: argparse.Namespace | None = N
     set_task_labels(config, spec)
     config.finetuning_task = spec.name.lower()
     if args is not None and args.max_seq_length > config.max_position_embeddings:
-        raise CLIError(f"--max_seq_length {args.max_seq_length} exceeds the model's {config.max_position_embeddings} "
-                       "positions")
+        raise InputError(f"--max_seq_length {args.max_seq_length} exceeds the model's {config.max_position_embeddings} "
+                         "positions")
     if path.is_dir():
         file, found = _weight_shapes(path)
         with torch.device("meta"):
@@ -360,7 +312,7 @@ def stock_loadable(config) -> bool:
 def load_model_and_tokenizer(
     model_dir: str,
     spec,
-    args: argparse.Namespace | None = None,
+    args=None,
 ) -> tuple[FlexBertForSequenceClassification, object]:
     """Our BERT + its tokenizer from an HF folder or hub id, validated first (`validate_model_dir`); the
     tokenizer's vocabulary is checked against the embedding. `spec` is the task's `utils_glue.TaskSpec`;
@@ -529,7 +481,7 @@ def check_writable(folder: str | Path, flag: str = "--output_dir") -> None:
     while not existing.exists() and existing != existing.parent:
         existing = existing.parent
     if not existing.is_dir():
-        raise CLIError(f"{flag} {folder}: {existing} is not a folder")
+        raise InputError(f"{flag} {folder}: {existing} is not a folder")
     stat = existing.stat()
     try:
         fd, name = tempfile.mkstemp(dir=existing, prefix=".write-test-")
@@ -537,13 +489,13 @@ def check_writable(folder: str | Path, flag: str = "--output_dir") -> None:
         os.unlink(name)
     except OSError as err:
         where = "" if existing == folder else f" ({existing} cannot hold new files)"
-        raise CLIError(f"{flag} {folder} is not writable{where}: {err.strerror or err}") from None
+        raise InputError(f"{flag} {folder} is not writable{where}: {err.strerror or err}") from None
     finally:
         with contextlib.suppress(OSError):
             os.utime(existing, ns=(stat.st_atime_ns, stat.st_mtime_ns))
 
 
-def prepare_output_dir(args: argparse.Namespace, marker: str, create: bool = True,
+def prepare_output_dir(args, marker: str, create: bool = True,
                        may_write_input: bool = False) -> Path:
     """The output-folder policy, checked before any work: the folder must be writable; one that holds
     another run is refused unless --overwrite_output_dir (a run of this script, with its `marker` results
@@ -553,22 +505,22 @@ def prepare_output_dir(args: argparse.Namespace, marker: str, create: bool = Tru
     only the checks run (a run validates everything first and creates the folder last)."""
     out = Path(args.output_dir)
     if out.exists() and not out.is_dir():
-        raise CLIError(f"--output_dir {out} exists and is not a folder")
+        raise InputError(f"--output_dir {out} exists and is not a folder")
     model = Path(args.model_dir)
     same_as_input = model.exists() and model.resolve() == out.resolve()
     if same_as_input and not may_write_input:
-        raise CLIError(f"--output_dir {out} is the input --model_dir, whose model this run would overwrite; only "
-                       "--training_phase final_finetuning may write into its input folder")
+        raise InputError(f"--output_dir {out} is the input --model_dir, whose model this run would overwrite; only "
+                         "--training_phase final_finetuning may write into its input folder")
     if model.exists() and out.resolve() in model.resolve().parents:
         inner = model.resolve().relative_to(out.resolve()).parts[0]
         if inner.startswith("checkpoint-"):
-            raise CLIError(f"--model_dir {model} is a checkpoint inside --output_dir {out}, whose checkpoints "
-                           "this run replaces; copy it elsewhere or choose another --output_dir")
+            raise InputError(f"--model_dir {model} is a checkpoint inside --output_dir {out}, whose checkpoints "
+                             "this run replaces; copy it elsewhere or choose another --output_dir")
     check_writable(out)
     if out.is_dir() and any(out.iterdir()) and not args.overwrite_output_dir:
         resuming = getattr(args, "resume_from_checkpoint", None) is not None
         if not (same_as_input or resuming or (out / marker).is_file() or _is_killed_run(out)):
-            raise CLIError(
+            raise InputError(
                 f"--output_dir {out} is not empty and holds another run; pass --overwrite_output_dir to reuse it"
             )
     if create:
@@ -645,33 +597,33 @@ def find_checkpoint(output_dir: Path, requested: str) -> Path:
     if requested != "latest":
         path = Path(requested)
         if not (path / TRAINING_STATE).is_file():
-            raise CLIError(f"--resume_from_checkpoint {requested} is not a checkpoint folder (no {TRAINING_STATE})")
+            raise InputError(f"--resume_from_checkpoint {requested} is not a checkpoint folder (no {TRAINING_STATE})")
         return path
     checkpoints = _checkpoints(output_dir)
     if not checkpoints:
-        raise CLIError(f"no checkpoint to resume from in {output_dir}")
+        raise InputError(f"no checkpoint to resume from in {output_dir}")
     return checkpoints[-1]
 
 
-def _check_training_state(file: Path, state, args: argparse.Namespace | None) -> None:
+def _check_training_state(file: Path, state, args) -> None:
     if not isinstance(state, dict):
-        raise CLIError(f"{file}: not a training state")
+        raise InputError(f"{file}: not a training state")
     for key, kind in _STATE_KEYS.items():
         value = state.get(key)
         if not isinstance(value, kind) or isinstance(value, bool):
-            raise CLIError(f"{file}: training state lacks a valid '{key}' (a checkpoint of another program?)")
+            raise InputError(f"{file}: training state lacks a valid '{key}' (a checkpoint of another program?)")
     if args is None:
         return
     saved, current = state["args"], vars(args)
     for key in _SAME_ON_RESUME:
         if key in saved and key in current and saved[key] != current[key]:
             phase = "--training_phase" if key == "training_phase" else f"--{key}"
-            raise CLIError(f"{file.parent} is a checkpoint of a run with {phase} {saved[key]}, not {current[key]}; "
-                           "resume with the flags it was started with")
+            raise InputError(f"{file.parent} is a checkpoint of a run with {phase} {saved[key]}, not {current[key]}; "
+                             "resume with the flags it was started with")
 
 
 def resume_checkpoint(output_dir: Path, requested: str, model: torch.nn.Module, device: torch.device,
-                      args: argparse.Namespace | None = None, optimizer=None) -> tuple[Path, dict]:
+                      args=None, optimizer=None) -> tuple[Path, dict]:
     """Find the checkpoint (`requested` folder or "latest" in `output_dir`), check it against this run (its
     weights' names and shapes against `model`, its training state's contents, the run settings that must
     not change: phase, task, batch size, subnets, gates; its optimizer state against `optimizer`), load its
@@ -688,8 +640,8 @@ def resume_checkpoint(output_dir: Path, requested: str, model: torch.nn.Module, 
         try:
             optimizer.load_state_dict(state["optimizer"])  # fit() loads it again: the same result
         except (ValueError, KeyError, TypeError, RuntimeError) as err:
-            raise CLIError(f"{ckpt / TRAINING_STATE}: its optimizer state does not fit the parameters being "
-                           f"trained ({_summary(err)})") from None
+            raise InputError(f"{ckpt / TRAINING_STATE}: its optimizer state does not fit the parameters being "
+                             f"trained ({one_line(err)})") from None
     with reading(weights_file):
         model.load_state_dict(load_file(weights_file, device=str(device)), strict=False)
     return ckpt, state

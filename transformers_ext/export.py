@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .checkpoint_io import stock_loadable
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size, layers_kept, make_subnet
 
 # The modules a remote-code folder needs (the routed class imports the others with relative imports, which
@@ -110,8 +111,6 @@ def remote_code_files(folder: Path) -> None:
 def deploy_config_keys(config, routed: bool) -> dict:
     """config.json keys of an exported folder: `auto_map` to the shipped class unless stock code computes
     it (then `architectures` is stock BERT's and no code is shipped). Returns the keys to set."""
-    from .checkpoint_io import stock_loadable
-
     if not routed and stock_loadable(config):
         return {"architectures": ["BertForSequenceClassification"]}
     target = ROUTED_CLASS if routed else STATIC_CLASS
