@@ -298,6 +298,16 @@ def validate_task_args(args: argparse.Namespace) -> utils_glue.TaskSpec:
     return spec
 
 
+# load_model's keyword arguments and the flags that give them (a script without the flag keeps the folder's)
+MODEL_OPTIONS = ("max_seq_length", "pooling", "hidden_dropout_prob", "attention_probs_dropout_prob", "do_lower_case",
+                 "attn_implementation")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """`transformers_ext.loading.load_model`'s keyword arguments from the flags this script has."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+
+
 def validate_subnets(config, widths: dict[str, Sequence[float]], depths: dict[str, Sequence[float]]) -> None:
     """Every width multiplier must keep at least one head and every depth multiplier one layer of this model;
     `widths` / `depths` map the flag that gave them to the values."""

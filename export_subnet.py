@@ -42,20 +42,12 @@ from cli import (
     run_cli,
     setup_logging,
 )
-from transformers_ext.checkpoint_io import (
-    _expected_shapes,
-    _weight_shapes,
-    _write_model_folder,
-    check_weights,
-    model_card,
-    reading,
-    set_config_keys,
-    validate_config,
-    writing,
-)
+from transformers_ext.errors import reading, writing
 from transformers_ext.export import deploy_config_keys, export_gated, export_subnet, remote_code_files
 from transformers_ext.inference import default_off_ramps
+from transformers_ext.loading import check_model_weights, validate_config
 from transformers_ext.modeling_flexbert import FlexBertForSequenceClassification, make_subnet
+from transformers_ext.saving import model_card, set_config_keys, write_model_folder
 
 DEFAULT_EXIT_THRESHOLD = 0.57
 TRAINED_DEPTHS = (0.5, 0.75, 1.0)  # train_gate.py's default off-ramps follow run_glue.py's default depths
@@ -93,10 +85,7 @@ def load_source(model_dir: str) -> tuple[FlexBertForSequenceClassification, obje
     if config.model_type != "bert":
         raise CLIError(f"--model_dir {model_dir} holds a '{config.model_type}' model, not a BERT")
     validate_config(config, str(path / "config.json"))
-    file, found = _weight_shapes(path)
-    with torch.device("meta"):
-        expected = _expected_shapes(FlexBertForSequenceClassification(config))
-    check_weights(file, found, expected, str(path / "config.json"))
+    check_model_weights(path, config, str(path / "config.json"))
     with reading(f"--model_dir {model_dir} (tokenizer)"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with reading(f"--model_dir {model_dir} (weights)"):
@@ -161,7 +150,7 @@ def write_folder(args: argparse.Namespace, small, tokenizer, notes: list[str]) -
         with writing(out):
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        _write_model_folder(small, tokenizer, tmp, {"README.md": card}, named=out)
+        write_model_folder(small, tokenizer, tmp, {"README.md": card}, named=out)
         set_config_keys(tmp / "config.json", keys, out / "config.json")
         if "auto_map" in keys:
             with writing(out):

@@ -40,6 +40,7 @@ from cli import (
     add_task_args,
     add_training_args,
     finish_training_args,
+    model_options,
     multiplier_list,
     run_cli,
     setup_logging,
@@ -47,21 +48,14 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
+from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import compute_importance, dynamic_forward, graft, rewire
 from transformers_ext.batching import trim_padding
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
+from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
+from transformers_ext.files import write_json, write_text
+from transformers_ext.loading import load_model
+from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
@@ -203,7 +197,7 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     test split(s); the files are written atomically into --output_dir."""
     spec = utils_glue.get_task(args.task_name)
     device, _, _ = setup_device(args.cpu, args.num_threads)
-    model, tokenizer = load_model_and_tokenizer(model_dir, spec, args)
+    model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     model.to(device).eval()
     out_dir = Path(args.output_dir)
@@ -287,7 +281,7 @@ def train(args: argparse.Namespace) -> dict:
     if world > 1:  # every process checks the folder before rank 0 starts writing into it
         torch.distributed.barrier()
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     widths, depths = phase_subnets(args)
     validate_subnets(model.config, {"--width_mult_list": widths}, {"--depth_mult_list": depths})
     if args.data_aug and not phase.data_aug:
@@ -338,7 +332,7 @@ def train(args: argparse.Namespace) -> dict:
 
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, vars(args), optimizer)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, resume["global_step"],
                     resume["epoch"], resume["batch_in_epoch"])
     else:
@@ -463,7 +457,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Flags are range-checked while parsing; the task, data, model folder (`load_model_and_tokenizer`) and
+    """Flags are range-checked while parsing; the task, data, model folder (`loading.load_model`) and
     output folder (`prepare_output_dir`: writable, not the input model except in final_finetuning, not
     another run's) are validated before anything is written; a failed run removes the output folder it
     created unless a checkpoint there can be resumed."""

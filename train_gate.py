@@ -38,6 +38,7 @@ from cli import (
     add_training_args,
     finish_training_args,
     layer_list,
+    model_options,
     multiplier_list,
     progress,
     run_cli,
@@ -45,20 +46,11 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
+from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
 from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
+from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
+from transformers_ext.files import write_json, write_text
 from transformers_ext.flops import flops_summary
 from transformers_ext.gates import (
     REFERENCE_CLASS_WEIGHTS,
@@ -72,6 +64,8 @@ from transformers_ext.gates import (
     layers_per_gate,
     temperature_at,
 )
+from transformers_ext.loading import load_model
+from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
@@ -381,7 +375,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                                            schedule.total_updates)
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, vars(args), optimizer)
         logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run folder per phase (and run), as run_glue.py: runs of different phases never overlay
@@ -763,7 +757,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     apply_saved_defaults(args, model)
     widths = {"--width_mult_list": args.width_mult_list, "--gate_setting": args.gate_setting}
     if args.fixed_gate is not None:

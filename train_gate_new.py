@@ -32,6 +32,7 @@ from cli import (
     NON_NEGATIVE,
     ArgumentParser,
     CLIError,
+    model_options,
     multiplier_list,
     progress,
     run_cli,
@@ -57,7 +58,8 @@ from transformers_ext.calibration import (
     monotone_maps,
     split_indices,
 )
-from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json, write_text
+from transformers_ext.files import write_json, write_text
+from transformers_ext.loading import load_model
 from transformers_ext.trainer import set_seed, setup_device
 
 __all__ = ["calibrate", "calibration_parser", "entry", "main"]
@@ -268,7 +270,7 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
 
     device, _, _ = setup_device(args.cpu, args.num_threads)
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     config = model.config
     if model.gates is None:
         raise CLIError(f"--calibrate needs gates, but --model_dir {args.model_dir} has none "

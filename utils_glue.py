@@ -19,8 +19,8 @@ import torch
 from torch.utils.data import TensorDataset
 
 from transformers_ext.batching import length_sorted_batches, trim_padding
-from transformers_ext.checkpoint_io import torch_save
 from transformers_ext.errors import InputError
+from transformers_ext.files import torch_save
 
 
 class DataError(InputError, ValueError):

@@ -20,9 +20,11 @@ import cli
 import export_subnet
 import run_glue
 import train_gate
-from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json
+from cli import model_options
 from transformers_ext.errors import InputError
+from transformers_ext.files import write_json
 from transformers_ext.inference import dynamic_forward
+from transformers_ext.loading import load_model
 from transformers_ext.trainer import Schedule
 from utils_glue import get_task
 
@@ -231,11 +233,11 @@ def test_cased_tokenizer_stays_cased(tmp_path):
     folder = _cased_folder(tmp_path / "cased")
     args = run_glue.parse_args(["--model_dir", str(folder), "--task_name", "RTE", "--max_seq_length", "32"])
     assert args.do_lower_case is None
-    _, tokenizer = load_model_and_tokenizer(str(folder), get_task("RTE"), args)
+    _, tokenizer = load_model(str(folder), get_task("RTE"), **model_options(args))
     assert tokenizer.tokenize("Hello world") == ["Hello", "world"]
     forced = run_glue.parse_args(["--model_dir", str(folder), "--task_name", "RTE", "--max_seq_length", "32",
                                   "--do_lower_case"])
-    _, tokenizer = load_model_and_tokenizer(str(folder), get_task("RTE"), forced)
+    _, tokenizer = load_model(str(folder), get_task("RTE"), **model_options(forced))
     assert tokenizer.tokenize("Hello world") == ["hello", "world"]
 
 
@@ -262,7 +264,7 @@ def test_half_epoch_runs_half_the_updates(env):
 def test_offline_error_shows_the_cause(env, monkeypatch):
     import transformers
 
-    from transformers_ext import checkpoint_io
+    from transformers_ext import loading
 
     def offline(*args, **kwargs):
         try:
@@ -270,10 +272,10 @@ def test_offline_error_shows_the_cause(env, monkeypatch):
         except ConnectionError as cause:
             raise OSError() from cause
 
-    monkeypatch.setattr(checkpoint_io.AutoTokenizer, "from_pretrained", offline)
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", offline)
     assert transformers  # the real loader is patched, not imported lazily
     with pytest.raises(InputError) as info:
-        load_model_and_tokenizer(str(env["bert"]), get_task("RTE"))
+        load_model(str(env["bert"]), get_task("RTE"))
     assert "couldn't connect" in str(info.value) and "\n" not in str(info.value)
 
 

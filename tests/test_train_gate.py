@@ -28,8 +28,8 @@ import train_gate
 import utils_glue
 from cli import CLIError, run_cli
 from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, heads_kept, subnet_macs
-from transformers_ext.checkpoint_io import load_model_and_tokenizer
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
+from transformers_ext.loading import load_model
 from transformers_ext.trainer import evaluate_subnets, predict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -133,7 +133,7 @@ def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
 
 def _dev_set(env, model_dir, task: str = "RTE", split: str = "dev"):
     spec = utils_glue.get_task(task)
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), spec)
+    model, tokenizer = load_model(str(model_dir), spec)
     dataset = utils_glue.load_dataset(task, env["data"][task], split, tokenizer, MAX_LEN, cache_dir=env["cache"])
     return model, dataset
 

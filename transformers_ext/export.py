@@ -15,8 +15,8 @@ from pathlib import Path
 
 import torch
 
-from .checkpoint_io import stock_loadable
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size, layers_kept, make_subnet
+from .saving import stock_loadable
 
 # The modules a remote-code folder needs (the routed class imports the others with relative imports, which
 # transformers resolves inside the folder).

@@ -23,7 +23,7 @@ from torch.utils.data import TensorDataset
 from transformers import get_linear_schedule_with_warmup
 
 from .batching import in_dataset_order, length_sorted_batches
-from .checkpoint_io import rng_state, set_rng_state
+from .checkpoints import rng_state, set_rng_state
 from .errors import InputError
 from .modeling_flexbert import FlexBertForSequenceClassification
 from .progress import progress_bar
