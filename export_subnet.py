@@ -44,13 +44,11 @@ from cli import (
 )
 from transformers_ext.errors import reading, writing
 from transformers_ext.export import deploy_config_keys, export_gated, export_subnet, remote_code_files
-from transformers_ext.inference import default_off_ramps
+from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import check_model_weights, validate_config
 from transformers_ext.modeling_flexbert import FlexBertForSequenceClassification, make_subnet
+from transformers_ext.routing import routing_defaults
 from transformers_ext.saving import model_card, set_config_keys, write_model_folder
-
-DEFAULT_EXIT_THRESHOLD = 0.57
-TRAINED_DEPTHS = (0.5, 0.75, 1.0)  # train_gate.py's default off-ramps follow run_glue.py's default depths
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -65,7 +63,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="--gated: the gate classes' widths (default: the map the gates were trained with).")
     a("--early_exit", action="store_true", help="--gated: exit at the off-ramps when the entropy is low.")
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
-      help="--gated --early_exit: the entropy threshold (default: the folder's saved one, else 0.57).")
+      help="--gated --early_exit: the entropy threshold (default: the folder's saved one, else "
+           f"{DEFAULT_EXIT_THRESHOLD:g}).")
     a("--off_ramps", type=layer_list, default=None,
       help="--gated --early_exit: 0-based layers followed by an off-ramp (default: the folder's saved ones).")
     a("--overwrite_output_dir", action="store_true", help="Replace an existing, non-empty --output_dir.")
@@ -115,10 +114,7 @@ def build(args: argparse.Namespace, model: FlexBertForSequenceClassification) ->
             raise CLIError(f"--gated: --model_dir {args.model_dir} has no gates (train them with train_gate.py "
                            "--do_train --training_phase traingate)")
         widths = args.width_mult_list or list(getattr(config, "gate_class_to_width", None) or config.gate_setting)
-        threshold = args.exit_threshold if args.exit_threshold is not None else float(
-            getattr(config, "exit_threshold", None) or DEFAULT_EXIT_THRESHOLD)
-        ramps = args.off_ramps if args.off_ramps is not None else (
-            getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS))
+        threshold, ramps = routing_defaults(config, args.exit_threshold, args.off_ramps)
         if any(i >= config.num_hidden_layers for i in ramps):
             raise CLIError(f"--off_ramps {ramps} must be layers 0..{config.num_hidden_layers - 1}")
         small = export_gated(model, args.depth_mult, widths, args.early_exit, threshold, ramps)

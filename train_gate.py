@@ -47,7 +47,14 @@ from cli import (
     validate_task_args,
 )
 from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
-from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
+from transformers_ext import (
+    DEFAULT_EXIT_THRESHOLD,
+    default_off_ramps,
+    dynamic_forward,
+    heads_kept,
+    layers_kept,
+    path_macs,
+)
 from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.files import write_json, write_text
@@ -65,6 +72,7 @@ from transformers_ext.gates import (
     temperature_at,
 )
 from transformers_ext.loading import load_model
+from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
@@ -82,7 +90,6 @@ logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
 RESULTS_FILE = "gate_results.json"
 # The depths run_glue.py trains by default: off-ramps go after the last layer of each one below 1.0.
-TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -135,8 +142,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
-           "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57). The "
-           "entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for 10): a threshold at or "
+           "this since the previous off-ramp (default: the gate folder's saved threshold, else "
+           f"{DEFAULT_EXIT_THRESHOLD:g}). The entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for "
+           "10): a threshold at or "
            "above ln C exits every example at the first off-ramp.")
     a("--off_ramps", type=layer_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
@@ -152,9 +160,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return utils_glue.setup_custom_task(finish_training_args(parser.parse_args(argv)))
 
 
-DEFAULT_EXIT_THRESHOLD = 0.57
-
-
 def apply_saved_defaults(args: argparse.Namespace, model) -> None:
     """Flags left at None take the gate folder's saved settings (validated when the folder was loaded): the
     trained class -> width map (dynamic modes; static runs default to full width) and the exit threshold."""
@@ -163,9 +168,7 @@ def apply_saved_defaults(args: argparse.Namespace, model) -> None:
         dynamic = (args.w_dynamic or args.wd_dynamic) and args.fixed_gate is None
         saved = getattr(config, "gate_class_to_width", None) or getattr(config, "gate_setting", None)
         args.width_mult_list = list(saved) if dynamic and saved and not args.do_train else [1.0]
-    if args.exit_threshold is None:
-        saved = getattr(config, "exit_threshold", None)
-        args.exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
+    args.exit_threshold, _ = routing_defaults(config, args.exit_threshold)
 
 
 CONFIG_KEYS = ("width_mult_list", "exit_threshold", "mode", "early_exit")
@@ -566,11 +569,11 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             model.subnet(fixed, depth)  # validates the pair
     except ValueError as err:
         raise CLIError(str(err)) from None
-    off_ramps = args.off_ramps
-    if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+    _, off_ramps = routing_defaults(config, args.exit_threshold, args.off_ramps)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
+    setting = RoutingSetting(args.width_mult_list if fixed is None else None, fixed, depth, args.early_exit,
+                             args.exit_threshold, off_ramps)
     # The report (metrics, FLOPs, histograms, latency) is dev's; --do_predict adds the test splits, whose
     # predictions are written but not reported (a task of your own without --validation_file: reported on test).
     has_dev = args.do_eval or not (spec.is_custom and spec.files.validation is None)
@@ -601,11 +604,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             elif device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = dynamic_forward(
-                model, input_ids, attention_mask, token_type_ids,
-                class_to_width=args.width_mult_list if fixed is None else None, fixed_width=fixed,
-                depth_mult=depth, early_exit=args.early_exit, exit_threshold=args.exit_threshold, off_ramps=off_ramps,
-            )
+            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
             if use_cuda_events:
                 end.record()
                 torch.cuda.synchronize()

@@ -41,15 +41,12 @@ from cli import (
     validate_task_args,
 )
 from train_gate import (
-    DEFAULT_EXIT_THRESHOLD,
     MODES,
-    TRAINED_DEPTHS,
     apply_config_file,
     main,
     parse_args,
     run_inference,
 )
-from transformers_ext import default_off_ramps
 from transformers_ext.calibration import (
     CONFUSION_METRICS,
     REGRESSION_METRICS,
@@ -59,7 +56,9 @@ from transformers_ext.calibration import (
     split_indices,
 )
 from transformers_ext.files import write_json, write_text
+from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import load_model
+from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
 from transformers_ext.trainer import set_seed, setup_device
 
 __all__ = ["calibrate", "calibration_parser", "entry", "main"]
@@ -282,12 +281,9 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
                        f"{len(trained)} classes")
     grid = sorted(set(own.calibration_grid or (trained + list(EXTRA_GRID))))
     validate_subnets(config, {"--calibration_grid": grid, "--width_mult_list": start}, {})
-    off_ramps = args.off_ramps
-    if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+    _, off_ramps = routing_defaults(config, None, args.off_ramps)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
-    off_ramps = list(off_ramps)
 
     data_dir = Path(args.data_dir)
     dev_header, dev_rows = _dev_rows(spec, data_dir / spec.dev_files[0], args.max_eval_samples)

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from .inference import DEFAULT_EXIT_THRESHOLD
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size, layers_kept, make_subnet
 from .saving import stock_loadable
 
@@ -68,7 +69,7 @@ def export_subnet(
 
 @torch.no_grad()
 def export_gated(model: FlexBertForSequenceClassification, depth_mult: float, class_to_width: Sequence[float],
-                 early_exit: bool = False, exit_threshold: float = 0.57, off_ramps: Sequence[int] = ()
+                 early_exit: bool = False, exit_threshold: float = DEFAULT_EXIT_THRESHOLD, off_ramps: Sequence[int] = ()
                  ) -> FlexBertForSequenceClassification:
     """A gated model cut to its first rnd(depth_mult*L) layers (full width: the gates choose the width per
     example), with the gates that read those layers, the off-ramps inside them and the routing
