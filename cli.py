@@ -163,9 +163,20 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got '{value}'")
 
 
+def comma_items(value: str) -> list[str]:
+    """The items of a comma list ([] for a blank one); an empty item is refused: `0.5,,0.75` is a typo, not
+    two widths."""
+    items = [v.strip() for v in value.split(",")]
+    if not any(items):
+        return []
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"'{value}' has an empty item between its commas")
+    return items
+
+
 def multiplier_list(value: str | Sequence[float]) -> list[float]:
     """A comma list of width/depth multipliers, each in (0, 1] (or a list of numbers, as in a JSON file)."""
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    items = comma_items(value) if isinstance(value, str) else list(value)
     if not items:
         raise argparse.ArgumentTypeError("empty list; give comma-separated ratios such as 0.25,0.5,0.75,1.0")
     return [MULTIPLIER(item) for item in items]
@@ -173,14 +184,14 @@ def multiplier_list(value: str | Sequence[float]) -> list[float]:
 
 def int_list(value: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in comma_items(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{value}' is not a comma list of integers") from None
 
 
 def layer_list(value: str | Sequence[int]) -> list[int]:
     """A non-empty comma list of 0-based layer indices (the upper bound is the model's: checked at load)."""
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    items = comma_items(value) if isinstance(value, str) else list(value)
     if not items:
         raise argparse.ArgumentTypeError("empty list; give 0-based layer indices such as 2,3")
     return [LAYER(item) for item in items]

@@ -122,13 +122,7 @@ class InputExample:
 def read_tsv(path: str | Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) per non-empty line: UTF-8 (BOM stripped), TAB-separated, no quote processing."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 text") from None
+    text = _read_text(path)
     rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), start=1)]
     return [(n, fields) for n, fields in rows if fields != [""]]
 
