@@ -28,7 +28,8 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 
-from transformers_ext.cli import ArgumentParser
+from cli import ArgumentParser
+from transformers_ext.errors import error_detail
 from utils_glue import (
     DataError,
     TaskSpec,
@@ -284,8 +285,8 @@ def load_model(model_dir: str | Path):
     try:
         tokenizer = AutoTokenizer.from_pretrained(path)
         model, info = BertForMaskedLM.from_pretrained(path, output_loading_info=True)
-    except (OSError, ValueError, KeyError) as err:
-        raise DataError(f"cannot load a BERT model from {path}: {str(err).splitlines()[0]}") from None
+    except Exception as err:  # whatever the loaders raise (a truncated model.safetensors: SafetensorError)
+        raise DataError(f"cannot load a BERT model from {path}: {error_detail(err)}") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None or tokenizer.mask_token_id is None:
         raise DataError(f"{path}: expected a (fast) WordPiece tokenizer with a [MASK] token")
     has_mlm = not any(k.startswith("cls.predictions.transform") for k in info["missing_keys"])

@@ -31,18 +31,7 @@ import torch
 from transformers import AutoConfig, AutoTokenizer
 
 import utils_glue
-from transformers_ext.checkpoint_io import (
-    _expected_shapes,
-    _weight_shapes,
-    _write_model_folder,
-    check_weights,
-    model_card,
-    reading,
-    set_config_keys,
-    validate_config,
-    writing,
-)
-from transformers_ext.cli import (
+from cli import (
     MULTIPLIER,
     NON_NEGATIVE,
     ArgumentParser,
@@ -50,15 +39,17 @@ from transformers_ext.cli import (
     add_output_args,
     layer_list,
     multiplier_list,
+    parsed_command,
     run_cli,
+    setup_logging,
 )
+from transformers_ext.errors import reading, writing
 from transformers_ext.export import deploy_config_keys, export_gated, export_subnet, remote_code_files
-from transformers_ext.inference import default_off_ramps
+from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
+from transformers_ext.loading import check_model_weights, validate_config
 from transformers_ext.modeling_flexbert import FlexBertForSequenceClassification, make_subnet
-from transformers_ext.trainer import setup_logging
-
-DEFAULT_EXIT_THRESHOLD = 0.57
-TRAINED_DEPTHS = (0.5, 0.75, 1.0)  # train_gate.py's default off-ramps follow run_glue.py's default depths
+from transformers_ext.routing import routing_defaults
+from transformers_ext.saving import model_card, set_config_keys, write_model_folder
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -73,7 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="--gated: the gate classes' widths (default: the map the gates were trained with).")
     a("--early_exit", action="store_true", help="--gated: exit at the off-ramps when the entropy is low.")
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
-      help="--gated --early_exit: the entropy threshold (default: the folder's saved one, else 0.57).")
+      help="--gated --early_exit: the entropy threshold (default: the folder's saved one, else "
+           f"{DEFAULT_EXIT_THRESHOLD:g}).")
     a("--off_ramps", type=layer_list, default=None,
       help="--gated --early_exit: 0-based layers followed by an off-ramp (default: the folder's saved ones).")
     a("--overwrite_output_dir", action="store_true", help="Replace an existing, non-empty --output_dir.")
@@ -93,10 +85,7 @@ def load_source(model_dir: str) -> tuple[FlexBertForSequenceClassification, obje
     if config.model_type != "bert":
         raise CLIError(f"--model_dir {model_dir} holds a '{config.model_type}' model, not a BERT")
     validate_config(config, str(path / "config.json"))
-    file, found = _weight_shapes(path)
-    with torch.device("meta"):
-        expected = _expected_shapes(FlexBertForSequenceClassification(config))
-    check_weights(file, found, expected, str(path / "config.json"))
+    check_model_weights(path, config, str(path / "config.json"))
     with reading(f"--model_dir {model_dir} (tokenizer)"):
         tokenizer = AutoTokenizer.from_pretrained(model_dir)
     with reading(f"--model_dir {model_dir} (weights)"):
@@ -126,10 +115,7 @@ def build(args: argparse.Namespace, model: FlexBertForSequenceClassification) ->
             raise CLIError(f"--gated: --model_dir {args.model_dir} has no gates (train them with train_gate.py "
                            "--do_train --training_phase traingate)")
         widths = args.width_mult_list or list(getattr(config, "gate_class_to_width", None) or config.gate_setting)
-        threshold = args.exit_threshold if args.exit_threshold is not None else float(
-            getattr(config, "exit_threshold", None) or DEFAULT_EXIT_THRESHOLD)
-        ramps = args.off_ramps if args.off_ramps is not None else (
-            getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS))
+        threshold, ramps = routing_defaults(config, args.exit_threshold, args.off_ramps)
         if any(i >= config.num_hidden_layers for i in ramps):
             raise CLIError(f"--off_ramps {ramps} must be layers 0..{config.num_hidden_layers - 1}")
         small = export_gated(model, args.depth_mult, widths, args.early_exit, threshold, ramps)
@@ -156,12 +142,13 @@ def write_folder(args: argparse.Namespace, small, tokenizer, notes: list[str]) -
         task = utils_glue.get_task(task).name
     except utils_glue.DataError:
         pass
-    card = model_card(task=task, phase="export", base_model=args.model_dir, config=small.config, notes=notes)
+    card = model_card(task=task, phase="export", base_model=args.model_dir, config=small.config, notes=notes,
+                      command=parsed_command())
     try:
         with writing(out):
             out.parent.mkdir(parents=True, exist_ok=True)
             shutil.rmtree(tmp, ignore_errors=True)
-        _write_model_folder(small, tokenizer, tmp, {"README.md": card}, named=out)
+        write_model_folder(small, tokenizer, tmp, {"README.md": card}, named=out)
         set_config_keys(tmp / "config.json", keys, out / "config.json")
         if "auto_map" in keys:
             with writing(out):

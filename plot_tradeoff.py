@@ -8,8 +8,10 @@ import io
 import json
 from pathlib import Path
 
-from transformers_ext.checkpoint_io import atomic_write, check_writable, reading, write_text
-from transformers_ext.cli import ArgumentParser, CLIError, run_cli
+from cli import ArgumentParser, CLIError, run_cli
+from run_folder import check_writable
+from transformers_ext.errors import reading
+from transformers_ext.files import atomic_write, write_text
 from utils_glue import DataError, get_task, primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",

@@ -25,8 +25,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from transformers_ext.checkpoint_io import write_json, write_text
-from transformers_ext.cli import ArgumentParser, CLIError, int_list, run_cli
+from cli import ArgumentParser, CLIError, int_list, run_cli
+from transformers_ext.files import write_json, write_text
 from utils_glue import get_task, primary_metric
 
 ROOT = Path(__file__).resolve().parent

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import functools
 import json
 import logging
 import os
@@ -29,20 +30,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import utils_glue
-from transformers_ext import compute_importance, dynamic_forward, graft, rewire
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
-from transformers_ext.cli import (
+from cli import (
     COUNT,
     MULTIPLIER,
     NON_NEGATIVE,
@@ -52,13 +40,23 @@ from transformers_ext.cli import (
     add_task_args,
     add_training_args,
     finish_training_args,
+    model_options,
     multiplier_list,
+    parsed_command,
     run_cli,
+    setup_logging,
     str2bool,
     validate_subnets,
     validate_task_args,
 )
+from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
+from transformers_ext import compute_importance, dynamic_forward, graft, rewire
+from transformers_ext.batching import trim_padding
+from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
+from transformers_ext.files import write_json, write_text
+from transformers_ext.loading import load_model
+from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
@@ -70,7 +68,6 @@ from transformers_ext.trainer import (
     format_subnet_table,
     set_seed,
     setup_device,
-    setup_logging,
     subnet_key,
     train_metrics,
     trainer_state,
@@ -201,7 +198,7 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     test split(s); the files are written atomically into --output_dir."""
     spec = utils_glue.get_task(args.task_name)
     device, _, _ = setup_device(args.cpu, args.num_threads)
-    model, tokenizer = load_model_and_tokenizer(model_dir, spec, args)
+    model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     model.to(device).eval()
     out_dir = Path(args.output_dir)
@@ -285,7 +282,7 @@ def train(args: argparse.Namespace) -> dict:
     if world > 1:  # every process checks the folder before rank 0 starts writing into it
         torch.distributed.barrier()
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     widths, depths = phase_subnets(args)
     validate_subnets(model.config, {"--width_mult_list": widths}, {"--depth_mult_list": depths})
     if args.data_aug and not phase.data_aug:
@@ -336,7 +333,7 @@ def train(args: argparse.Namespace) -> dict:
 
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, vars(args), optimizer)
         logger.info("resumed from %s at step %d (epoch %d, batch %d)", ckpt, resume["global_step"],
                     resume["epoch"], resume["batch_in_epoch"])
     else:
@@ -358,10 +355,10 @@ def train(args: argparse.Namespace) -> dict:
     elif grafting:
         logger.info("grafting every %d updates until update %d", graft_step, graft_stop)
     metric = utils_glue.primary_metric(args.task_name)
+    task_metrics = functools.partial(utils_glue.compute_metrics, args.task_name)
 
     def evaluate(state) -> tuple[float, dict]:
-        results = evaluate_subnets(model, args.task_name, dev_sets, widths, depths,
-                                   args.per_gpu_eval_batch_size, device)
+        results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size, device)
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
@@ -376,7 +373,7 @@ def train(args: argparse.Namespace) -> dict:
 
     def on_best(state, record: dict) -> None:
         card = model_card(task=spec.name, phase=phase_name, base_model=args.model_dir, config=model.config,
-                          results=record["results"], metric=metric,
+                          results=record["results"], metric=metric, command=parsed_command(),
                           notes=[f"best evaluation: step {state.global_step} of {schedule.total_updates}"])
         save_model(model, tokenizer, output_dir, {"README.md": card})
         write_json(output_dir / "training_args.json", vars(args))
@@ -422,7 +419,7 @@ def train(args: argparse.Namespace) -> dict:
                                         start_batch=start_batch, lengths=lengths)
 
     def batch_losses(batch, state):
-        batch = [t.to(device) for t in (utils_glue.trim_padding(batch) if args.trim_padding else batch)]
+        batch = [t.to(device) for t in (trim_padding(batch) if args.trim_padding else batch)]
         teacher_out = None
         if teacher is not None:
             with torch.no_grad():
@@ -461,7 +458,7 @@ def train(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Flags are range-checked while parsing; the task, data, model folder (`load_model_and_tokenizer`) and
+    """Flags are range-checked while parsing; the task, data, model folder (`loading.load_model`) and
     output folder (`prepare_output_dir`: writable, not the input model except in final_finetuning, not
     another run's) are validated before anything is written; a failed run removes the output folder it
     created unless a checkpoint there can be resumed."""

@@ -27,20 +27,7 @@ import torch
 from tensorboardX import SummaryWriter
 
 import utils_glue
-from transformers_ext import default_off_ramps, dynamic_forward, heads_kept, layers_kept, path_macs
-from transformers_ext.checkpoint_io import (
-    check_writable,
-    clean_up_on_failure,
-    load_model_and_tokenizer,
-    model_card,
-    prepare_output_dir,
-    resume_checkpoint,
-    save_checkpoint,
-    save_model,
-    write_json,
-    write_text,
-)
-from transformers_ext.cli import (
+from cli import (
     COUNT,
     MULTIPLIER,
     NON_NEGATIVE,
@@ -52,12 +39,27 @@ from transformers_ext.cli import (
     add_training_args,
     finish_training_args,
     layer_list,
+    model_options,
     multiplier_list,
+    parsed_command,
     progress,
     run_cli,
+    setup_logging,
     validate_subnets,
     validate_task_args,
 )
+from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
+from transformers_ext import (
+    DEFAULT_EXIT_THRESHOLD,
+    default_off_ramps,
+    dynamic_forward,
+    heads_kept,
+    layers_kept,
+    path_macs,
+)
+from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
+from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
+from transformers_ext.files import write_json, write_text
 from transformers_ext.flops import flops_summary
 from transformers_ext.gates import (
     REFERENCE_CLASS_WEIGHTS,
@@ -71,6 +73,9 @@ from transformers_ext.gates import (
     layers_per_gate,
     temperature_at,
 )
+from transformers_ext.loading import load_model
+from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults
+from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
@@ -78,17 +83,15 @@ from transformers_ext.trainer import (
     fit,
     set_seed,
     setup_device,
-    setup_logging,
     train_metrics,
     trainer_state,
 )
-from utils_glue import epoch_batches, in_dataset_order, length_sorted_batches, num_batches, trim_padding
+from utils_glue import epoch_batches, num_batches
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
 RESULTS_FILE = "gate_results.json"
 # The depths run_glue.py trains by default: off-ramps go after the last layer of each one below 1.0.
-TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -143,8 +146,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--early_exit", action="store_true", help="Exit at an off-ramp when the prediction entropy is low.")
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
-           "this since the previous off-ramp (default: the gate folder's saved threshold, else 0.57). The "
-           "entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for 10): a threshold at or "
+           "this since the previous off-ramp (default: the gate folder's saved threshold, else "
+           f"{DEFAULT_EXIT_THRESHOLD:g}). The entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for "
+           "10): a threshold at or "
            "above ln C exits every example at the first off-ramp.")
     a("--off_ramps", type=layer_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
@@ -160,9 +164,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return utils_glue.setup_custom_task(finish_training_args(parser.parse_args(argv)))
 
 
-DEFAULT_EXIT_THRESHOLD = 0.57
-
-
 def apply_saved_defaults(args: argparse.Namespace, model) -> None:
     """Flags left at None take the gate folder's saved settings (validated when the folder was loaded): the
     trained class -> width map (dynamic modes; static runs default to full width) and the exit threshold."""
@@ -171,9 +172,7 @@ def apply_saved_defaults(args: argparse.Namespace, model) -> None:
         dynamic = (args.w_dynamic or args.wd_dynamic) and args.fixed_gate is None
         saved = getattr(config, "gate_class_to_width", None) or getattr(config, "gate_setting", None)
         args.width_mult_list = list(saved) if dynamic and saved and not args.do_train else [1.0]
-    if args.exit_threshold is None:
-        saved = getattr(config, "exit_threshold", None)
-        args.exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
+    args.exit_threshold, _ = routing_defaults(config, args.exit_threshold)
 
 
 CONFIG_KEYS = ("width_mult_list", "exit_threshold", "mode", "early_exit")
@@ -383,7 +382,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                                            schedule.total_updates)
     resume = None
     if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, args, optimizer)
+        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, vars(args), optimizer)
         logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
     output_dir.mkdir(parents=True, exist_ok=True)
     # one run folder per phase (and run), as run_glue.py: runs of different phases never overlay
@@ -513,9 +512,9 @@ def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
         config.exit_threshold = args.exit_threshold
     config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
     card = model_card(task=utils_glue.get_task(args.task_name).name, phase="traingate", base_model=args.model_dir,
-                      config=config, notes=["gated inference: train_gate.py --do_eval --model_dir FOLDER "
-                                            "--w_dynamic or --wd_dynamic --early_exit; a static setting: "
-                                            "export_subnet.py"])
+                      config=config, command=parsed_command(),
+                      notes=["gated inference: train_gate.py --do_eval --model_dir FOLDER --w_dynamic or "
+                             "--wd_dynamic --early_exit; a static setting: export_subnet.py"])
     save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str),
                                               "README.md": card})
 
@@ -574,11 +573,11 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             model.subnet(fixed, depth)  # validates the pair
     except ValueError as err:
         raise CLIError(str(err)) from None
-    off_ramps = args.off_ramps
-    if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+    _, off_ramps = routing_defaults(config, args.exit_threshold, args.off_ramps)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
+    setting = RoutingSetting(args.width_mult_list if fixed is None else None, fixed, depth, args.early_exit,
+                             args.exit_threshold, off_ramps)
     # The report (metrics, FLOPs, histograms, latency) is dev's; --do_predict adds the test splits, whose
     # predictions are written but not reported (a task of your own without --validation_file: reported on test).
     has_dev = args.do_eval or not (spec.is_custom and spec.files.validation is None)
@@ -609,11 +608,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             elif device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = dynamic_forward(
-                model, input_ids, attention_mask, token_type_ids,
-                class_to_width=args.width_mult_list if fixed is None else None, fixed_width=fixed,
-                depth_mult=depth, early_exit=args.early_exit, exit_threshold=args.exit_threshold, off_ramps=off_ramps,
-            )
+            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
             if use_cuda_events:
                 end.record()
                 torch.cuda.synchronize()
@@ -765,7 +760,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     apply_saved_defaults(args, model)
     widths = {"--width_mult_list": args.width_mult_list, "--gate_setting": args.gate_setting}
     if args.fixed_gate is not None:

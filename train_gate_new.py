@@ -28,16 +28,25 @@ import time
 from pathlib import Path
 
 import utils_glue
+from cli import (
+    NON_NEGATIVE,
+    ArgumentParser,
+    CLIError,
+    model_options,
+    multiplier_list,
+    progress,
+    run_cli,
+    setup_logging,
+    validate_subnets,
+    validate_task_args,
+)
 from train_gate import (
-    DEFAULT_EXIT_THRESHOLD,
     MODES,
-    TRAINED_DEPTHS,
     apply_config_file,
     main,
     parse_args,
     run_inference,
 )
-from transformers_ext import default_off_ramps
 from transformers_ext.calibration import (
     CONFUSION_METRICS,
     REGRESSION_METRICS,
@@ -46,18 +55,11 @@ from transformers_ext.calibration import (
     monotone_maps,
     split_indices,
 )
-from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json, write_text
-from transformers_ext.cli import (
-    NON_NEGATIVE,
-    ArgumentParser,
-    CLIError,
-    multiplier_list,
-    progress,
-    run_cli,
-    validate_subnets,
-    validate_task_args,
-)
-from transformers_ext.trainer import set_seed, setup_device, setup_logging
+from transformers_ext.files import write_json, write_text
+from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
+from transformers_ext.loading import load_model
+from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
+from transformers_ext.trainer import set_seed, setup_device
 
 __all__ = ["calibrate", "calibration_parser", "entry", "main"]
 logger = logging.getLogger("flexbert")
@@ -267,7 +269,7 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
 
     device, _, _ = setup_device(args.cpu, args.num_threads)
     set_seed(args.seed)
-    model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     config = model.config
     if model.gates is None:
         raise CLIError(f"--calibrate needs gates, but --model_dir {args.model_dir} has none "
@@ -279,12 +281,9 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
                        f"{len(trained)} classes")
     grid = sorted(set(own.calibration_grid or (trained + list(EXTRA_GRID))))
     validate_subnets(config, {"--calibration_grid": grid, "--width_mult_list": start}, {})
-    off_ramps = args.off_ramps
-    if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+    _, off_ramps = routing_defaults(config, None, args.off_ramps)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
-    off_ramps = list(off_ramps)
 
     data_dir = Path(args.data_dir)
     dev_header, dev_rows = _dev_rows(spec, data_dir / spec.dev_files[0], args.max_eval_samples)

@@ -18,8 +18,12 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
+from transformers_ext.batching import length_sorted_batches, trim_padding
+from transformers_ext.errors import InputError
+from transformers_ext.files import torch_save
 
-class DataError(ValueError):
+
+class DataError(InputError, ValueError):
     """Bad input data: the message names the file (and line) at fault."""
 
 
@@ -118,13 +122,7 @@ class InputExample:
 def read_tsv(path: str | Path) -> list[tuple[int, list[str]]]:
     """(line number, fields) per non-empty line: UTF-8 (BOM stripped), TAB-separated, no quote processing."""
     path = Path(path)
-    try:
-        text = path.read_bytes().decode("utf-8-sig")
-    except FileNotFoundError:
-        raise DataError(f"{path}: file not found") from None
-    except UnicodeDecodeError as err:
-        line = path.read_bytes()[: err.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not valid UTF-8 text") from None
+    text = _read_text(path)
     rows = [(n, line.rstrip("\r").split("\t")) for n, line in enumerate(text.split("\n"), start=1)]
     return [(n, fields) for n, fields in rows if fields != [""]]
 
@@ -584,8 +582,6 @@ def load_dataset(
             pass
     dataset = convert_examples_to_features(examples, tokenizer, max_seq_length, spec)
     try:
-        from transformers_ext.checkpoint_io import torch_save  # here: checkpoint_io -> cli -> utils_glue is a cycle
-
         cache.mkdir(parents=True, exist_ok=True)
         torch_save(list(dataset.tensors), path)
     except OSError:
@@ -595,24 +591,6 @@ def load_dataset(
 
 # ---- batching -------------------------------------------------------------------------------------------
 LENGTH_GROUP = 50  # global batches sorted together by --group_by_length (Hugging Face's megabatch size)
-
-
-def trim_padding(batch: Sequence[torch.Tensor]) -> list[torch.Tensor]:
-    """Drop padding columns beyond the longest example of the batch (results are unchanged: padded keys
-    are masked out)."""
-    length = int(batch[1].sum(1).max())
-    return [t[:, :length] if t.dim() == 2 else t for t in batch]
-
-
-def length_sorted_batches(dataset: TensorDataset, batch_size: int
-                          ) -> Iterator[tuple[torch.Tensor, list[torch.Tensor]]]:
-    """(example indices, padding-trimmed batch) over all of `dataset`, longest examples first, for passes whose
-    per-example results do not depend on the batch (evaluation, gate inputs): similar lengths share a batch,
-    so about half the padded tokens of file order go (GLUE pairs at length 128). Callers put the results
-    back in dataset order with the indices."""
-    order = dataset.tensors[1].sum(1).argsort(descending=True, stable=True)
-    for idx in order.split(batch_size):
-        yield idx, trim_padding([t[idx] for t in dataset.tensors])
 
 
 def importance_batches(dataset: TensorDataset, batch_size: int, max_examples: int | None, by_length: bool
@@ -625,17 +603,6 @@ def importance_batches(dataset: TensorDataset, batch_size: int, max_examples: in
     if by_length:
         return (batch for _, batch in length_sorted_batches(kept, batch_size))
     return (trim_padding(batch) for batch in epoch_batches(kept, batch_size, 0, 0, False))
-
-
-def in_dataset_order(chunks: Sequence[torch.Tensor], indices: Sequence[torch.Tensor], dim: int = 0) -> torch.Tensor:
-    """Concatenate per-batch results of length_sorted_batches along `dim` and undo its order (each chunk is
-    copied straight to its rows: no concatenated intermediate, which for gate inputs is gigabytes)."""
-    shape = list(chunks[0].shape)
-    shape[dim] = sum(len(idx) for idx in indices)
-    out = chunks[0].new_empty(shape)
-    for chunk, idx in zip(chunks, indices, strict=True):
-        out.index_copy_(dim, idx.to(out.device), chunk)
-    return out
 
 
 def epoch_batches(

@@ -39,7 +39,8 @@ from common import (
 from torch.utils.data import TensorDataset
 
 import run_glue
-from utils_glue import epoch_batches, length_sorted_batches, trim_padding
+from transformers_ext.batching import length_sorted_batches, trim_padding
+from utils_glue import epoch_batches
 
 TARGET = 1.1
 TIMING_BATCH = 8

@@ -208,3 +208,23 @@ def test_embedded_model(tmp_path, minilm_dir):
     assert run(data, model_dir) == 0
     rows = aug_rows(data)[1:]
     assert len(rows) > 2 * 2 and all(r[3] == dict((x[0], x[3]) for x in RTE_ROWS)[r[0]] for r in rows)
+
+
+def test_a_truncated_model_file_is_one_error_line(models, rte_dir, tmp_path, capsys):
+    import shutil
+
+    model = tmp_path / "truncated"
+    shutil.copytree(models["mlm"], model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    assert run(rte_dir, model) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith(f"error: cannot load a BERT model from {model}: ")
+    assert not (rte_dir / "train_aug.tsv").exists()
+
+
+def test_a_folder_where_the_training_file_should_be_is_bad_input(models, rte_dir, capsys):
+    (rte_dir / "train.tsv").unlink()
+    (rte_dir / "train.tsv").mkdir()
+    assert run(rte_dir, models["mlm"]) == 2  # bad input, not an environment fault (exit 1)
+    assert capsys.readouterr().err.strip() == f"error: {rte_dir / 'train.tsv'}: is a folder, not a data file"

@@ -31,6 +31,7 @@ import plot_tradeoff
 import train_gate
 import train_gate_new
 import utils_glue
+from cli import run_cli
 from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, path_macs
 from transformers_ext.calibration import (
     Calibrator,
@@ -40,7 +41,6 @@ from transformers_ext.calibration import (
     project_map,
     split_indices,
 )
-from transformers_ext.cli import run_cli
 from transformers_ext.flops import flops_summary
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]

@@ -20,7 +20,7 @@ import augment_data
 import run_glue
 import train_gate
 import utils_glue
-from transformers_ext.cli import run_cli
+from cli import run_cli
 from utils_glue import DataError
 
 WORDS = "the a cat dog bird sat ran ate saw on in mat house tree park red blue big small happy sad".split()

@@ -16,13 +16,15 @@ from conftest import SMALL, TINY_VOCAB, cli_argv, make_config, make_inputs, make
 from test_run_glue import VOCAB, _argv, _one_thread, _run, make_env  # noqa: F401 (autouse fixture)
 from transformers import AutoModelForSequenceClassification, BertTokenizer
 
+import cli
 import export_subnet
 import run_glue
 import train_gate
-from transformers_ext import cli
-from transformers_ext.checkpoint_io import load_model_and_tokenizer, write_json
-from transformers_ext.cli import CLIError
+from cli import model_options
+from transformers_ext.errors import InputError
+from transformers_ext.files import write_json
 from transformers_ext.inference import dynamic_forward
+from transformers_ext.loading import load_model
 from transformers_ext.trainer import Schedule
 from utils_glue import get_task
 
@@ -234,11 +236,11 @@ def test_cased_tokenizer_stays_cased(tmp_path):
     folder = _cased_folder(tmp_path / "cased")
     args = run_glue.parse_args(["--model_dir", str(folder), "--task_name", "RTE", "--max_seq_length", "32"])
     assert args.do_lower_case is None
-    _, tokenizer = load_model_and_tokenizer(str(folder), get_task("RTE"), args)
+    _, tokenizer = load_model(str(folder), get_task("RTE"), **model_options(args))
     assert tokenizer.tokenize("Hello world") == ["Hello", "world"]
     forced = run_glue.parse_args(["--model_dir", str(folder), "--task_name", "RTE", "--max_seq_length", "32",
                                   "--do_lower_case"])
-    _, tokenizer = load_model_and_tokenizer(str(folder), get_task("RTE"), forced)
+    _, tokenizer = load_model(str(folder), get_task("RTE"), **model_options(forced))
     assert tokenizer.tokenize("Hello world") == ["hello", "world"]
 
 
@@ -248,7 +250,7 @@ def test_schedule_fractional_epochs():
     assert Schedule.make(30, 1, 0.1).total_updates == 3  # not 4 (0.1 * 30 = 3.0000000000000004)
     assert Schedule.make(7, 2, 3.0) == Schedule(3, 3, 9, 2)  # integer epochs as before
     assert Schedule.make(10, 1, 0.01).total_updates == 1  # a tenth of an update still runs one
-    with pytest.raises(CLIError, match="is 0 updates"):  # rounds to 0: would save the untrained model
+    with pytest.raises(InputError, match="is 0 updates"):  # rounds to 0: would save the untrained model
         Schedule.make(10, 1, 1e-8)
 
 
@@ -263,7 +265,7 @@ def test_half_epoch_runs_half_the_updates(env):
 
 
 def test_offline_error_shows_the_cause(env, monkeypatch):
-    from transformers_ext import checkpoint_io
+    from transformers_ext import loading
 
     calls = []
 
@@ -274,9 +276,9 @@ def test_offline_error_shows_the_cause(env, monkeypatch):
         except ConnectionError as cause:
             raise OSError() from cause
 
-    monkeypatch.setattr(checkpoint_io.AutoTokenizer, "from_pretrained", offline)
-    with pytest.raises(CLIError) as info:
-        load_model_and_tokenizer(str(env["bert"]), get_task("RTE"))
+    monkeypatch.setattr(loading.AutoTokenizer, "from_pretrained", offline)
+    with pytest.raises(InputError) as info:
+        load_model(str(env["bert"]), get_task("RTE"))
     assert len(calls) == 1  # the loader the scripts use is the one patched
     assert "couldn't connect" in str(info.value) and "\n" not in str(info.value)
 
@@ -297,7 +299,7 @@ def test_disable_tqdm_and_env(monkeypatch):
 def test_log_level_applies(env, caplog, capsys):
     import logging
 
-    from transformers_ext.trainer import setup_logging
+    from cli import setup_logging
 
     run_glue.parse_args(["--log_level", "error"])
     setup_logging(0)

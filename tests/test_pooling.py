@@ -101,11 +101,10 @@ def test_run_glue_pooling_flag(pooling):
 ])
 def test_default_pooling_follows_a_sentence_transformers_pooling_config(tmp_path, modes, expected):
     import json
-    from types import SimpleNamespace
 
     from transformers import BertTokenizer
 
-    from transformers_ext.checkpoint_io import load_model_and_tokenizer, pretrained_pooling
+    from transformers_ext.loading import load_model, pretrained_pooling
     from utils_glue import get_task
 
     model = make_model(make_config(**SHAPES["small"]), seed=0)
@@ -117,9 +116,7 @@ def test_default_pooling_follows_a_sentence_transformers_pooling_config(tmp_path
         (tmp_path / "1_Pooling").mkdir()
         (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps(modes))
     assert pretrained_pooling(tmp_path) == expected
-    args = SimpleNamespace(pooling=None, max_seq_length=16)
-    loaded, _ = load_model_and_tokenizer(str(tmp_path), get_task("SST-2"), args)
+    loaded, _ = load_model(str(tmp_path), get_task("SST-2"), max_seq_length=16)
     assert getattr(loaded.config, "pooling", None) == expected
-    args.pooling = "cls"  # the flag wins
-    loaded, _ = load_model_and_tokenizer(str(tmp_path), get_task("SST-2"), args)
+    loaded, _ = load_model(str(tmp_path), get_task("SST-2"), max_seq_length=16, pooling="cls")  # the flag wins
     assert loaded.config.pooling == "cls"

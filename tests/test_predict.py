@@ -18,7 +18,8 @@ from transformers import BertConfig
 import run_glue
 import train_gate
 import utils_glue
-from transformers_ext.checkpoint_io import load_model_and_tokenizer, save_model
+from transformers_ext.loading import load_model
+from transformers_ext.saving import save_model
 
 WORDS = "the a cat dog bird sat ran ate saw on in mat house tree park red blue big small happy sad".split()
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "not", "."] + WORDS
@@ -81,7 +82,7 @@ def env(tmp_path_factory):
               for task, n in (("SST-2", 2), ("STS-B", 1), ("MNLI", 3))}
     # a gated SST-2 model: random gates over widths 0.5, 1.0 (inference only reads them)
     spec = utils_glue.get_task("SST-2")
-    model, tokenizer = load_model_and_tokenizer(str(models["SST-2"]), spec)
+    model, tokenizer = load_model(str(models["SST-2"]), spec)
     torch.manual_seed(3)
     model.add_gates([0.5, 1.0], 4)
     model.config.gate_class_to_width = [0.5, 1.0]
@@ -166,7 +167,7 @@ def test_run_glue_do_predict_static_subnet(env, tmp_path):
                            switches=("--cpu", "--do_predict", "--save_predictions")))
     rows = _predict_lines(out / "predict_results_sst-2.txt")
     spec = utils_glue.get_task("SST-2")
-    model, tokenizer = load_model_and_tokenizer(str(env["models"]["SST-2"]), spec)
+    model, tokenizer = load_model(str(env["models"]["SST-2"]), spec)
     data = utils_glue.load_dataset("SST-2", env["data"]["SST-2"], "test", tokenizer, MAX_LEN, cache_dir=env["cache"])
     with torch.no_grad():
         logits = model(*data.tensors[:3], subnet=model.subnet(0.5, 0.5)).logits
@@ -191,7 +192,7 @@ def test_stsb_floats_and_mnli_two_files(env, tmp_path):
 
 
 def test_predict_needs_the_test_file(env, tmp_path, capsys):
-    from transformers_ext.cli import run_cli
+    from cli import run_cli
 
     data = tmp_path / "SST-2"
     data.mkdir()

@@ -8,12 +8,15 @@ float32's different summation order alone differs by 3e-5."""
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 import torch
 from conftest import make_config, make_inputs, make_model
 from torch.utils.data import TensorDataset
 
 import run_glue
+import utils_glue
 from transformers_ext.trainer import evaluate_subnets, predict
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
@@ -75,7 +78,8 @@ def test_prefix_shared_gradient_equals_sum_of_separate_subnets(phase, extra, num
 def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task, pooling):
     model = _model(num_labels, pooling=pooling)
     dataset = TensorDataset(*_batch(num_labels, batch=20, seed=5))
-    results = evaluate_subnets(model, task, {"dev": dataset}, WIDTHS, DEPTHS, 8, torch.device("cpu"))
+    results = evaluate_subnets(model, functools.partial(utils_glue.compute_metrics, task),
+                               {"dev": dataset}, WIDTHS, DEPTHS, 8, torch.device("cpu"))
     assert list(results) == [f"d{d:g}_w{w:g}" for d in DEPTHS for w in WIDTHS]
     for d in DEPTHS:
         for w in WIDTHS:
@@ -86,7 +90,6 @@ def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task
             # bit-identical on some CPUs; others pick kernels by shape and differ in the last bits (4e-9 seen)
             torch.testing.assert_close(torch.from_numpy(predict(model, dataset, 8, torch.device("cpu"), w, d)[0]),
                                        logits, rtol=0, atol=1e-6)
-            import utils_glue
 
             expected = utils_glue.compute_metrics(task, logits.numpy(), dataset.tensors[3].numpy())
             for key, value in expected.items():

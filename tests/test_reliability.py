@@ -763,7 +763,6 @@ def test_interrupted_model_save_leaves_the_previous_folder(world, tmp_path, monk
     writes the weights, the folder keeps its previous files byte for byte; with the renaming into place
     failing after its first file (a full disk), the folder still loads, each file old or new, never torn."""
     from transformers import BertTokenizer
-
     from transformers_ext.checkpoint_io import save_model
     from transformers_ext.cli import WriteError
 
@@ -1047,8 +1046,8 @@ def test_gate_training_sigkill_then_rerun_or_resume(world, tmp_path, one_thread)
 def test_every_numeric_flag_declares_a_range(monkeypatch):
     """No flag of run_glue.py or train_gate.py is a bare int or float: each has a `bounded` type (its range
     shows in --help and argparse enforces it), or a list type that checks its items."""
+    import cli
     import train_gate
-    from transformers_ext import cli
 
     class Captured(Exception):
         pass

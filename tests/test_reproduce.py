@@ -84,7 +84,7 @@ def test_truncated_model_is_the_first_layers_and_loads(tmp_path):
     from conftest import SHAPES, make_config, save_model_folder
     from safetensors.torch import load_file
 
-    from transformers_ext.checkpoint_io import load_model_and_tokenizer
+    from transformers_ext.loading import load_model
     from utils_glue import get_task
 
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + [f"w{i}" for i in range(95)]
@@ -96,8 +96,7 @@ def test_truncated_model_is_the_first_layers_and_loads(tmp_path):
     full, cut = load_file(str(source / "model.safetensors")), load_file(str(folder / "model.safetensors"))
     assert not any(".layer.1." in k for k in cut) and any(".layer.1." in k for k in full)
     assert all(torch.equal(cut[k], full[k]) for k in cut) and len(cut) < len(full)
-    model, _ = load_model_and_tokenizer(str(folder), get_task("SST-2"), SimpleNamespace(pooling=None,
-                                                                                       max_seq_length=16))
+    model, _ = load_model(str(folder), get_task("SST-2"), max_seq_length=16)
     assert model.config.num_hidden_layers == 1 and model.config.pooling == "mean"
 
 

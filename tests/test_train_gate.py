@@ -6,6 +6,7 @@ early-exit extremes, the best-trade-off config, inference_results.json, and plot
 from __future__ import annotations
 
 import csv
+import functools
 import json
 import math
 import random
@@ -25,10 +26,10 @@ from transformers import BertConfig
 import plot_tradeoff
 import train_gate
 import utils_glue
+from cli import CLIError, run_cli
 from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, heads_kept, subnet_macs
-from transformers_ext.checkpoint_io import load_model_and_tokenizer
-from transformers_ext.cli import CLIError, run_cli
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
+from transformers_ext.loading import load_model
 from transformers_ext.trainer import evaluate_subnets, predict
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -132,7 +133,7 @@ def _exit_code(argv: list[str], capsys) -> tuple[int, str]:
 
 def _dev_set(env, model_dir, task: str = "RTE", split: str = "dev"):
     spec = utils_glue.get_task(task)
-    model, tokenizer = load_model_and_tokenizer(str(model_dir), spec)
+    model, tokenizer = load_model(str(model_dir), spec)
     dataset = utils_glue.load_dataset(task, env["data"][task], split, tokenizer, MAX_LEN, cache_dir=env["cache"])
     return model, dataset
 
@@ -368,7 +369,8 @@ def test_static_equals_run_glue_evaluation(env, gated, width, depth):
                             depth_mult_list=depth)
     assert report["mode"] == "static" and report["fixed_width"] == width and report["depth_mult"] == depth
     model, dataset = _dev_set(env, gated[0])
-    evaluated = evaluate_subnets(model, "RTE", {"dev": dataset}, [width], [depth], 8, torch.device("cpu"))
+    evaluated = evaluate_subnets(model, functools.partial(utils_glue.compute_metrics, "RTE"),
+                                 {"dev": dataset}, [width], [depth], 8, torch.device("cpu"))
     expected = evaluated[f"d{depth:g}_w{width:g}"]
     results = report["results"]
     assert results["acc"] == expected["acc"]

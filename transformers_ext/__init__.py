@@ -4,6 +4,7 @@ from .export import export_subnet
 from .flops import executed_macs, flops_summary, layer_macs, path_macs, subnet_macs
 from .gates import gate_logits, gate_targets
 from .inference import (
+    DEFAULT_EXIT_THRESHOLD,
     EarlyExit,
     GateRouter,
     PathRecord,
@@ -26,6 +27,7 @@ from .modeling_flexbert import (
 from .rewiring import compute_importance, graft, graft_pairs, rewire
 
 __all__ = [
+    "DEFAULT_EXIT_THRESHOLD",
     "EarlyExit",
     "FlexBertForSequenceClassification",
     "FlexBertModel",

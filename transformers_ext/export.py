@@ -15,7 +15,9 @@ from pathlib import Path
 
 import torch
 
+from .inference import DEFAULT_EXIT_THRESHOLD
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size, layers_kept, make_subnet
+from .saving import stock_loadable
 
 # The modules a remote-code folder needs (the routed class imports the others with relative imports, which
 # transformers resolves inside the folder).
@@ -67,7 +69,7 @@ def export_subnet(
 
 @torch.no_grad()
 def export_gated(model: FlexBertForSequenceClassification, depth_mult: float, class_to_width: Sequence[float],
-                 early_exit: bool = False, exit_threshold: float = 0.57, off_ramps: Sequence[int] = ()
+                 early_exit: bool = False, exit_threshold: float = DEFAULT_EXIT_THRESHOLD, off_ramps: Sequence[int] = ()
                  ) -> FlexBertForSequenceClassification:
     """A gated model cut to its first rnd(depth_mult*L) layers (full width: the gates choose the width per
     example), with the gates that read those layers, the off-ramps inside them and the routing
@@ -110,8 +112,6 @@ def remote_code_files(folder: Path) -> None:
 def deploy_config_keys(config, routed: bool) -> dict:
     """config.json keys of an exported folder: `auto_map` to the shipped class unless stock code computes
     it (then `architectures` is stock BERT's and no code is shipped). Returns the keys to set."""
-    from .checkpoint_io import stock_loadable
-
     if not routed and stock_loadable(config):
         return {"architectures": ["BertForSequenceClassification"]}
     target = ROUTED_CLASS if routed else STATIC_CLASS

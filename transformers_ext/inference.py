@@ -28,6 +28,10 @@ __all__ = ["EarlyExit", "GateRouter", "PathRecord", "RoutedOutput", "StaticRoute
            "dynamic_forward", "prediction_entropy", "routed_forward"]
 
 
+# The entropy (nats) below which an example leaves at an off-ramp when no threshold is given or saved.
+DEFAULT_EXIT_THRESHOLD = 0.57
+
+
 def default_off_ramps(num_layers: int, depth_mult_list: Sequence[float]) -> list[int]:
     """Off-ramps after the last layer of every trained depth < 1 (L=12, depths .5/.75 -> layers 5 and 8)."""
     return sorted({_rnd(d, num_layers) - 1 for d in depth_mult_list if d < 1 and _rnd(d, num_layers) >= 1})
@@ -188,7 +192,7 @@ def dynamic_forward(
     fixed_width: float | None = None,
     depth_mult: float = 1.0,
     early_exit: bool = False,
-    exit_threshold: float = 0.57,
+    exit_threshold: float = DEFAULT_EXIT_THRESHOLD,
     off_ramps: Sequence[int] = (),
 ) -> RoutedOutput:
     """Inference in any mode: gates over `class_to_width` (or one `fixed_width`, no gate run) for the first

@@ -7,8 +7,8 @@ from collections.abc import Iterable
 import torch
 from torch import nn
 
-from .cli import progress
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size
+from .progress import progress_bar
 
 
 def compute_importance(
@@ -32,7 +32,7 @@ def compute_importance(
     neuron_importance = torch.zeros(num_layers, config.intermediate_size, device=device)
     layers = model.bert.encoder.layer
     seen = 0
-    bar = progress(total=max_examples, desc="importance", unit="ex", leave=False)
+    bar = progress_bar(total=max_examples, desc="importance", unit="ex", leave=False)
     with torch.enable_grad():
         for batch in batches:
             if max_examples is not None and seen >= max_examples:

@@ -9,7 +9,6 @@ script supplies what differs: the batches, the losses of one batch, the evaluati
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 import random
@@ -23,13 +22,11 @@ import torch.distributed as dist
 from torch.utils.data import TensorDataset
 from transformers import get_linear_schedule_with_warmup
 
-import utils_glue
-
-from .checkpoint_io import rng_state, set_rng_state
-from .cli import CLIError, log_level, progress
+from .batching import in_dataset_order, length_sorted_batches
+from .checkpoints import rng_state, set_rng_state
+from .errors import InputError
 from .modeling_flexbert import FlexBertForSequenceClassification
-
-logger = logging.getLogger("flexbert")
+from .progress import progress_bar
 
 
 # ---- environment -----------------------------------------------------------------------------------------
@@ -54,19 +51,6 @@ def setup_device(cpu: bool = False, num_threads: int | None = None) -> tuple[tor
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), rank, world
     return torch.device("cpu"), rank, world
-
-
-def setup_logging(rank: int = 0) -> None:
-    """The log format, at --log_level (of the command line last parsed) on rank 0, warnings elsewhere."""
-    level = getattr(logging, log_level().upper())
-    logging.basicConfig(
-        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
-        level=level if rank == 0 else max(level, logging.WARNING), force=True,
-    )
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    transformers.utils.logging.disable_progress_bar()
 
 
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
@@ -98,8 +82,8 @@ def build_optimizer(params: Sequence[tuple[str, torch.nn.Parameter]], lr: float,
 
 def check_finite(loss: torch.Tensor, step: int, subnet: str) -> None:
     if not torch.isfinite(loss):
-        raise CLIError(f"non-finite loss ({loss.item()}) at step {step} on subnet {subnet}; nothing was saved "
-                       "for this step (lower --learning_rate or check the data)")
+        raise InputError(f"non-finite loss ({loss.item()}) at step {step} on subnet {subnet}; nothing was saved "
+                         "for this step (lower --learning_rate or check the data)")
 
 
 # ---- the loop ----------------------------------------------------------------------------------------------
@@ -118,14 +102,14 @@ class Schedule:
     def make(cls, num_batches: int, accumulation: int, epochs: float, max_steps: int = 0) -> Schedule:
         updates_per_epoch = num_batches // accumulation
         if updates_per_epoch == 0:  # 0 updates would save the untrained model as the best one
-            raise CLIError(f"--gradient_accumulation_steps {accumulation} is more than an epoch's batches "
-                           f"({num_batches}): no update would run")
+            raise InputError(f"--gradient_accumulation_steps {accumulation} is more than an epoch's batches "
+                             f"({num_batches}): no update would run")
         if max_steps > 0:
             return cls(-(-max_steps // updates_per_epoch), updates_per_epoch, max_steps, accumulation)
         total = math.ceil(round(epochs * updates_per_epoch, 6))  # 0.1 x 30 is 3.0000000000000004, not 4 updates
         if total == 0:
-            raise CLIError(f"--num_train_epochs {epochs:g} of {updates_per_epoch} updates per epoch is 0 updates: "
-                           "nothing would be trained")
+            raise InputError(f"--num_train_epochs {epochs:g} of {updates_per_epoch} updates per epoch is 0 updates: "
+                             "nothing would be trained")
         return cls(math.ceil(total / updates_per_epoch), updates_per_epoch, total, accumulation)
 
 
@@ -275,7 +259,7 @@ def fit(
             })
 
     total, accumulation = schedule.total_updates, schedule.accumulation
-    bar = progress(total=total, initial=state.global_step, desc=desc, disable=not is_main)
+    bar = progress_bar(total=total, initial=state.global_step, desc=desc, disable=not is_main)
 
     def log_entry() -> None:
         if state.window_steps == 0:
@@ -368,7 +352,7 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
     logits = {d: [] for d in depth_mults}
     loss_sum = dict.fromkeys(depth_mults, 0.0)
     labels, indices = [], []
-    for idx, batch in utils_glue.length_sorted_batches(dataset, batch_size):
+    for idx, batch in length_sorted_batches(dataset, batch_size):
         input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in batch)
         out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
         for d, subnet in subnets.items():
@@ -378,8 +362,8 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
         labels.append(label.cpu())
         indices.append(idx)
     model.train(was_training)
-    return ({d: utils_glue.in_dataset_order(v, indices).numpy() for d, v in logits.items()},
-            utils_glue.in_dataset_order(labels, indices).numpy(), {d: v / len(dataset) for d, v in loss_sum.items()})
+    return ({d: in_dataset_order(v, indices).numpy() for d, v in logits.items()},
+            in_dataset_order(labels, indices).numpy(), {d: v / len(dataset) for d, v in loss_sum.items()})
 
 
 def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
@@ -392,7 +376,7 @@ def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, ba
 
 def evaluate_subnets(
     model: FlexBertForSequenceClassification,
-    task_name: str,
+    compute_metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
     dev_sets: dict[str, TensorDataset],
     width_mult_list: Sequence[float],
     depth_mult_list: Sequence[float],
@@ -400,18 +384,19 @@ def evaluate_subnets(
     device: torch.device,
 ) -> dict[str, dict[str, float]]:
     """Metrics of every (depth, width) sub-network, depth descending then width descending, one forward per
-    width and batch. Keys are `d{depth}_w{width}`; MNLI's mismatched accuracy is added as `acc_mm`."""
+    width and batch. Keys are `d{depth}_w{width}`; MNLI's mismatched accuracy is added as `acc_mm`.
+    `compute_metrics(logits, labels)` gives the task's metrics of one dev set."""
     depths = sorted(depth_mult_list, reverse=True)
     per_width = {}
-    for w in progress(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
+    for w in progress_bar(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
                   disable=len(width_mult_list) * len(depths) < 3):
         logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths)
         mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths)
                       if "dev_mm" in dev_sets else None)
         for d in depths:
-            metrics = utils_glue.compute_metrics(task_name, logits[d], labels)
+            metrics = compute_metrics(logits[d], labels)
             if mismatched is not None:
-                metrics["acc_mm"] = utils_glue.compute_metrics(task_name, mismatched[0][d], mismatched[1])["acc"]
+                metrics["acc_mm"] = compute_metrics(mismatched[0][d], mismatched[1])["acc"]
             metrics["eval_loss"] = loss[d]
             per_width[(d, w)] = metrics
     return {subnet_key(w, d): per_width[(d, w)] for d in depths for w in sorted(width_mult_list, reverse=True)}

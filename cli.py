@@ -1,37 +1,40 @@
-"""The command-line layer shared by the scripts: the one-line error contract, argument types, and the flag
+"""The command-line layer shared by the scripts: the one-line error contract (library exceptions become one
+`error:` line and the README's exit codes), argument types, logging and progress-bar settings, and the flag
 groups each script adds (so that every `--help` lists only the flags its script reads)."""
 
 from __future__ import annotations
 
 import argparse
-import math
+import logging
 import os
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import transformers
 from tqdm.auto import tqdm
 
 import utils_glue
+from transformers_ext import ranges
+from transformers_ext.errors import InputError, WriteError
+from transformers_ext.modeling_flexbert import heads_kept, layers_kept
+from transformers_ext.progress import set_progress_bar
+from transformers_ext.ranges import Bounded, RangeError
+from transformers_ext.saving import command_line
 
 
-class CLIError(Exception):
+class CLIError(InputError):
     """A user error: printed as one line `error: ...`, exit code 2, no traceback."""
-
-
-class WriteError(OSError):
-    """Writing an output file failed (full disk, quota, I/O error): exit code 1. Raised by the writers in
-    `checkpoint_io`, whatever the library underneath raised, with the file's name in the message."""
 
 
 def run_cli(main: Callable[[], None]) -> None:
     """Run a script's main(). The one place where failures become the one-line contract on stderr: bad input
-    (CLIError, DataError) `error: ...` and exit 2; environment faults (unreadable input, unwritable or full
-    disk: OSError) exit 1; an interrupt exit 130. Library errors are turned into CLIError where they are
-    raised (the loaders and writers of `checkpoint_io`), so they name the file."""
+    (the library's InputError, CLIError, the data layer's DataError) `error: ...` and exit 2; environment
+    faults (unreadable input, unwritable or full disk: OSError, the library's WriteError) exit 1; an
+    interrupt exit 130. The library's loaders and writers name the file in their errors."""
     try:
         main()
-    except (CLIError, utils_glue.DataError) as err:
+    except InputError as err:
         _fail(err, 2)
     except OSError as err:  # unreadable input, unwritable output folder, full disk, ...
         _fail(describe_os_error(err), 1)
@@ -85,9 +88,10 @@ def apply_output_args(args: argparse.Namespace) -> None:
     _OUTPUT["disable_tqdm"] = bool(getattr(args, "disable_tqdm", False))
 
 
-def parsed_command() -> list[str]:
-    """The command line of the last parse: the script and the argv given to its main(), else sys.argv."""
-    return list(_OUTPUT["command"] or sys.argv)
+def parsed_command() -> str:
+    """The command line of the last parse, quoted for a shell: the script and the argv given to its main()
+    (a test or notebook calling main(argv) in-process), else sys.argv. The model cards record it."""
+    return command_line(_OUTPUT["command"] or sys.argv)
 
 
 def log_level() -> str:
@@ -106,6 +110,20 @@ def progress(iterable=None, **kwargs) -> tqdm:
     if progress_disabled():
         kwargs["disable"] = True
     return tqdm(iterable, **kwargs)
+
+
+set_progress_bar(progress)  # the library's bars (training, importance, subnet evaluation) are these
+
+
+def setup_logging(rank: int = 0) -> None:
+    """The log format, at --log_level (of the command line last parsed) on rank 0, warnings elsewhere."""
+    level = getattr(logging, log_level().upper())
+    logging.basicConfig(
+        format="%(asctime)s %(levelname)s %(message)s", datefmt="%H:%M:%S",
+        level=level if rank == 0 else max(level, logging.WARNING), force=True,
+    )
+    transformers.logging.set_verbosity_error()
+    transformers.utils.logging.disable_progress_bar()
 
 
 class HelpFormatter(argparse.RawDescriptionHelpFormatter):
@@ -128,50 +146,21 @@ class HelpFormatter(argparse.RawDescriptionHelpFormatter):
 
 
 # ---- argument types ---------------------------------------------------------------------------------------
-# Every numeric flag has a declared range, checked here while parsing: argparse then reports
-# `error: argument --flag: must be ..., got X`. Values from files (--config, a gate folder's config.json) go
-# through the same types.
-class bounded:  # lower case: used like the built-in types, type=bounded(int, 1)
+# Every numeric flag has a declared range (`transformers_ext.ranges`), checked here while parsing: argparse
+# then reports `error: argument --flag: must be ..., got X`. Values from files (--config, a gate folder's
+# config.json) go through the same types.
+class bounded(Bounded):  # lower case: used like the built-in types, type=bounded(int, 1)
     """An argparse type: a finite int or float in [low, high] (`low_open` / `high_open` exclude the end)."""
 
-    def __init__(self, kind: type, low: float | None = None, high: float | None = None, *, low_open: bool = False,
-                 high_open: bool = False):
-        self.kind, self.low, self.high, self.low_open, self.high_open = kind, low, high, low_open, high_open
-        self.__name__ = kind.__name__  # argparse names the type in its own messages
-
-        def fmt(v: float) -> str:
-            return f"{v:g}" if isinstance(v, float) else str(v)
-
-        if low is not None and high is not None:
-            self.rule = f"in {'(' if low_open else '['}{fmt(low)}, {fmt(high)}{')' if high_open else ']'}"
-        elif low is not None:
-            self.rule = f"{'>' if low_open else '>='} {fmt(low)}"
-        elif high is not None:
-            self.rule = f"{'<' if high_open else '<='} {fmt(high)}"
-        else:
-            self.rule = "finite"
-        self.range_text = f"must be {self.rule}"
+    @classmethod
+    def of(cls, check: Bounded) -> bounded:
+        return cls(check.kind, check.low, check.high, low_open=check.low_open, high_open=check.high_open)
 
     def __call__(self, value: str | int | float) -> int | float:
-        if isinstance(value, bool):  # JSON true/false are not numbers
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
-                                             f"got {value!r}")
         try:
-            x = self.kind(value) if isinstance(value, str) else value
-        except ValueError:
-            raise argparse.ArgumentTypeError(
-                f"'{value}' is not {'an integer' if self.kind is int else 'a number'}") from None
-        if not isinstance(x, int | float) or (self.kind is int and not float(x).is_integer()):
-            raise argparse.ArgumentTypeError(f"expected {'an integer' if self.kind is int else 'a number'}, "
-                                             f"got {value!r}")
-        x = self.kind(x)
-        if not math.isfinite(x):
-            raise argparse.ArgumentTypeError(f"must be a finite number, got {value}")
-        too_low = self.low is not None and (x <= self.low if self.low_open else x < self.low)
-        too_high = self.high is not None and (x >= self.high if self.high_open else x > self.high)
-        if too_low or too_high:
-            raise argparse.ArgumentTypeError(f"must be {self.rule}, got {value}")
-        return x
+            return super().__call__(value)
+        except RangeError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
 
 
 def str2bool(value: str | bool) -> bool:
@@ -184,9 +173,20 @@ def str2bool(value: str | bool) -> bool:
     raise argparse.ArgumentTypeError(f"expected a boolean (true/false), got '{value}'")
 
 
+def comma_items(value: str) -> list[str]:
+    """The items of a comma list ([] for a blank one); an empty item is refused: `0.5,,0.75` is a typo, not
+    two widths."""
+    items = [v.strip() for v in value.split(",")]
+    if not any(items):
+        return []
+    if not all(items):
+        raise argparse.ArgumentTypeError(f"'{value}' has an empty item between its commas")
+    return items
+
+
 def multiplier_list(value: str | Sequence[float]) -> list[float]:
     """A comma list of width/depth multipliers, each in (0, 1] (or a list of numbers, as in a JSON file)."""
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    items = comma_items(value) if isinstance(value, str) else list(value)
     if not items:
         raise argparse.ArgumentTypeError("empty list; give comma-separated ratios such as 0.25,0.5,0.75,1.0")
     return [MULTIPLIER(item) for item in items]
@@ -194,27 +194,27 @@ def multiplier_list(value: str | Sequence[float]) -> list[float]:
 
 def int_list(value: str) -> list[int]:
     try:
-        return [int(v) for v in value.split(",") if v.strip()]
+        return [int(v) for v in comma_items(value)]
     except ValueError:
         raise argparse.ArgumentTypeError(f"'{value}' is not a comma list of integers") from None
 
 
 def layer_list(value: str | Sequence[int]) -> list[int]:
     """A non-empty comma list of 0-based layer indices (the upper bound is the model's: checked at load)."""
-    items = [v.strip() for v in value.split(",") if v.strip()] if isinstance(value, str) else list(value)
+    items = comma_items(value) if isinstance(value, str) else list(value)
     if not items:
         raise argparse.ArgumentTypeError("empty list; give 0-based layer indices such as 2,3")
     return [LAYER(item) for item in items]
 
 
-MULTIPLIER = bounded(float, 0, 1, low_open=True)  # a width or depth ratio
-LAYER = bounded(int, 0)
-COUNT = bounded(int, 1)  # sizes, batches, examples, threads
-STEPS = bounded(int, 0)  # step counts where 0 means "none" / "off"
-NON_NEGATIVE = bounded(float, 0)  # loss weights, weight decay, thresholds
-POSITIVE = bounded(float, 0, low_open=True)
-PROBABILITY = bounded(float, 0, 1, high_open=True)  # dropout
-SEED = bounded(int, 0, 2**32 - 1)  # numpy's seed range
+MULTIPLIER = bounded.of(ranges.MULTIPLIER)  # a width or depth ratio
+LAYER = bounded.of(ranges.LAYER)
+COUNT = bounded.of(ranges.COUNT)  # sizes, batches, examples, threads
+STEPS = bounded.of(ranges.STEPS)  # step counts where 0 means "none" / "off"
+NON_NEGATIVE = bounded.of(ranges.NON_NEGATIVE)  # loss weights, weight decay, thresholds
+POSITIVE = bounded.of(ranges.POSITIVE)
+PROBABILITY = bounded.of(ranges.PROBABILITY)  # dropout
+SEED = bounded.of(ranges.SEED)  # numpy's seed range
 
 
 # ---- flag groups ------------------------------------------------------------------------------------------
@@ -319,11 +319,19 @@ def validate_task_args(args: argparse.Namespace) -> utils_glue.TaskSpec:
     return spec
 
 
+# load_model's keyword arguments and the flags that give them (a script without the flag keeps the folder's)
+MODEL_OPTIONS = ("max_seq_length", "pooling", "hidden_dropout_prob", "attention_probs_dropout_prob", "do_lower_case",
+                 "attn_implementation")
+
+
+def model_options(args: argparse.Namespace) -> dict:
+    """`transformers_ext.loading.load_model`'s keyword arguments from the flags this script has."""
+    return {name: getattr(args, name) for name in MODEL_OPTIONS if getattr(args, name, None) is not None}
+
+
 def validate_subnets(config, widths: dict[str, Sequence[float]], depths: dict[str, Sequence[float]]) -> None:
     """Every width multiplier must keep at least one head and every depth multiplier one layer of this model;
     `widths` / `depths` map the flag that gave them to the values."""
-    from .modeling_flexbert import heads_kept, layers_kept
-
     for check, flags in ((heads_kept, widths), (layers_kept, depths)):
         for flag, values in flags.items():
             for value in values:

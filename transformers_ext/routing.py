@@ -1,0 +1,45 @@
+"""How one routed run is set (`RoutingSetting`), and the defaults its early-exit fields take from the model
+folder: each default is defined once, here or beside the code that uses it (`inference.DEFAULT_EXIT_THRESHOLD`)."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+
+from .inference import DEFAULT_EXIT_THRESHOLD, default_off_ramps
+
+# The depths run_glue.py trains by default (--depth_mult_list): without saved or given off-ramps, the
+# off-ramps sit after the last layer of each of them below 1.
+TRAINED_DEPTHS = (0.5, 0.75, 1.0)
+
+
+@dataclass(frozen=True)
+class RoutingSetting:
+    """One inference setting, built once from the flags: the gates choose among `class_to_width` (one width
+    per gate class), or every example runs `fixed_width` (no gate); the first rnd(depth_mult*L) layers; with
+    `early_exit`, an example leaves at the first off-ramp where its prediction entropy is below
+    `exit_threshold`."""
+
+    class_to_width: Sequence[float] | None = None
+    fixed_width: float | None = None
+    depth_mult: float = 1.0
+    early_exit: bool = False
+    exit_threshold: float = DEFAULT_EXIT_THRESHOLD
+    off_ramps: Sequence[int] = ()
+
+    def forward_kwargs(self) -> dict:
+        """The keyword arguments of `inference.dynamic_forward` for this setting."""
+        return asdict(self)
+
+
+def routing_defaults(config, exit_threshold: float | None = None, off_ramps: Sequence[int] | None = None
+                     ) -> tuple[float, list[int]]:
+    """(exit threshold, off-ramps) of a run: the given value, else the model folder's saved one (a gate
+    folder's config.json), else the default: DEFAULT_EXIT_THRESHOLD, and off-ramps after the last layer of
+    each trained depth below 1 (`TRAINED_DEPTHS`)."""
+    if exit_threshold is None:
+        saved = getattr(config, "exit_threshold", None)
+        exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
+    if off_ramps is None:
+        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+    return exit_threshold, list(off_ramps)
