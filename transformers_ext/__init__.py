@@ -12,6 +12,7 @@ from .inference import (
     default_off_ramps,
     dynamic_forward,
     routed_forward,
+    static_output,
 )
 from .modeling_flexbert import (
     FlexBertForSequenceClassification,
@@ -53,5 +54,6 @@ __all__ = [
     "path_macs",
     "rewire",
     "routed_forward",
+    "static_output",
     "subnet_macs",
 ]
