@@ -5,13 +5,13 @@
 # --calibrate: map and threshold chosen on a seeded half of dev, reported on the other half; its Pareto front
 # goes on the plot). Ends with one accuracy / FLOPs / latency table and a trade-off plot.
 # Extra arguments are passed to inference_sweep.py (train_gate.py's flags). Environment: as run_glue.sh, plus
-# MODEL (default $WD_BERT_GATES), BATCH_SIZES ("32 1"; quick: "32"), THRESHOLDS ("0.1 0.3 0.5"),
+# MODEL (default $WD_BERT_GATES), BATCH_SIZES (default: the profile's), THRESHOLDS ("0.1 0.3 0.5"),
 # BUDGETS ("0.3 0.5 0.7"; empty: no calibration), INFERENCE_DIR.
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
 MODEL=${MODEL:-$WD_BERT_GATES}
-BATCH_SIZES=${BATCH_SIZES:-$([ "$QUICK" = 1 ] && echo 32 || echo "32 1")}
+BATCH_SIZES=${BATCH_SIZES:-$PROFILE_INFERENCE_BATCH_SIZES}
 THRESHOLDS=${THRESHOLDS:-0.1 0.3 0.5}
 BUDGETS=${BUDGETS-0.3 0.5 0.7}
 COMMON=(--model_type bert --task_name "$TASK" --data_dir "$DATA_DIR" --model_dir "$MODEL"
