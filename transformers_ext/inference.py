@@ -19,13 +19,14 @@ from .modeling_flexbert import (
     FlexBertForSequenceClassification,
     Router,
     StaticRouter,
+    Subnet,
     _rnd,
     heads_kept,
     layers_kept,
 )
 
 __all__ = ["EarlyExit", "GateRouter", "PathRecord", "RoutedOutput", "StaticRouter", "default_off_ramps",
-           "dynamic_forward", "prediction_entropy", "routed_forward"]
+           "dynamic_forward", "prediction_entropy", "routed_forward", "static_output"]
 
 
 # The entropy (nats) below which an example leaves at an off-ramp when no threshold is given or saved.
@@ -174,13 +175,30 @@ def routed_forward(model: FlexBertForSequenceClassification, input_ids: torch.Te
     """One batch through the encoder loop under `router`; examples still running after the last layer get
     the final head. Returns the logits, the path record and each example's executed-path MACs."""
     states = model.encode(input_ids, attention_mask, token_type_ids, router)
+    return _finish_paths(model, input_ids.shape[1], attention_mask, states[-1], record)
+
+
+def _finish_paths(model: FlexBertForSequenceClassification, seq_len: int, attention_mask: torch.Tensor | None,
+                  last_hidden: torch.Tensor, record: PathRecord) -> RoutedOutput:
+    """The final head for the examples still running (their last hidden state `last_hidden`), then the MACs."""
     if record.active.numel():
         active_mask = None if attention_mask is None else attention_mask[record.active]
-        record.logits[record.active] = model.classify(states[-1], active_mask)
+        record.logits[record.active] = model.classify(last_hidden, active_mask)
     # a gate sets a whole layer group; layers cut off by depth or an exit did not run
     record.width_class[record.heads == 0] = -1
-    linear, attention = executed_macs(model.config, input_ids.shape[1], record)
+    linear, attention = executed_macs(model.config, seq_len, record)
     return RoutedOutput(record.logits, record, linear, attention)
+
+
+def static_output(model: FlexBertForSequenceClassification, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                  states: Sequence[torch.Tensor], subnet: Subnet) -> RoutedOutput:
+    """What `dynamic_forward(fixed_width=...)` returns for static `subnet`, from the hidden `states` of a run
+    of a deeper subnet of the same width: depth subnets are prefixes of each other, so the state after layer
+    `subnet.num_layers` is this subnet's last one bit for bit (one encoder pass serves every depth)."""
+    record = PathRecord.start(input_ids.shape[0], model.config, subnet.num_layers, input_ids.device,
+                              model.classifier.weight.dtype)
+    record.heads[:, : subnet.num_layers] = subnet.num_heads
+    return _finish_paths(model, input_ids.shape[1], attention_mask, states[subnet.num_layers], record)
 
 
 def dynamic_forward(
