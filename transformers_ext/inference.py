@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -49,7 +50,8 @@ class PathRecord:
     gates_run: torch.Tensor  # [B]
     off_ramps_run: torch.Tensor  # [B]
     exited: torch.Tensor  # [B] bool: left at an off-ramp (so no final head ran)
-    logits: torch.Tensor  # [B, num_labels]: off-ramp logits of exited examples, then the final head's
+    logits: torch.Tensor  # [B, num_labels] in the classifier's dtype (fp32 under autocast too): off-ramp
+    #                       logits of exited examples, then the final head's
     active: torch.Tensor  # [B_active]
     num_gate_classes: int = 0
 
@@ -70,7 +72,7 @@ class PathRecord:
     def leave(self, leaving: torch.Tensor, layer_index: int, logits: torch.Tensor) -> torch.Tensor:
         """Examples `leaving` (bool over the active ones) exit after layer `layer_index` with `logits`;
         returns the bool mask of those that stay."""
-        self.logits[self.active[leaving]] = logits[leaving]
+        self.logits[self.active[leaving]] = logits[leaving].to(self.logits.dtype)  # autocast: half precision
         self.exit_layer[self.active[leaving]] = layer_index + 1
         self.exited[self.active[leaving]] = True
         stay = ~leaving
@@ -153,13 +155,29 @@ class EarlyExit:
 
 @dataclass
 class RoutedOutput:
+    """Logits and path record of a routed batch. The executed MACs (`linear_macs`, `attention_macs`: `[B]`)
+    are counted on first access, not in the forward: counting reads the widths to the host, which would
+    otherwise stall the device inside a timed forward."""
+
     logits: torch.Tensor  # [B, num_labels]
     record: PathRecord
-    linear_macs: torch.Tensor  # [B]
-    attention_macs: torch.Tensor  # [B]
+    config: object
+    seq_len: int
+
+    @cached_property
+    def executed_macs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return executed_macs(self.config, self.seq_len, self.record)
+
+    @property
+    def linear_macs(self) -> torch.Tensor:
+        return self.executed_macs[0]
+
+    @property
+    def attention_macs(self) -> torch.Tensor:
+        return self.executed_macs[1]
 
     def __getattr__(self, name: str):  # the record's fields (heads, width_class, exit_layer, ...) directly
-        if name == "record":
+        if name in ("record", "__setstate__"):
             raise AttributeError(name)
         return getattr(self.record, name)
 
@@ -168,15 +186,14 @@ class RoutedOutput:
 def routed_forward(model: FlexBertForSequenceClassification, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    token_type_ids: torch.Tensor, router: Router, record: PathRecord) -> RoutedOutput:
     """One batch through the encoder loop under `router`; examples still running after the last layer get
-    the final head. Returns the logits, the path record and each example's executed-path MACs."""
+    the final head. Returns the logits and the path record (and, on access, each example's executed MACs)."""
     states = model.encode(input_ids, attention_mask, token_type_ids, router)
     if record.active.numel():
         active_mask = None if attention_mask is None else attention_mask[record.active]
-        record.logits[record.active] = model.classify(states[-1], active_mask)
-    # a gate sets a whole layer group; layers cut off by depth or an exit did not run
-    record.width_class[record.heads == 0] = -1
-    linear, attention = executed_macs(model.config, input_ids.shape[1], record)
-    return RoutedOutput(record.logits, record, linear, attention)
+        record.logits[record.active] = model.classify(states[-1], active_mask).to(record.logits.dtype)
+    # a gate sets a whole layer group; layers cut off by depth or an exit did not run (masked_fill_: no sync)
+    record.width_class.masked_fill_(record.heads == 0, -1)
+    return RoutedOutput(record.logits, record, model.config, input_ids.shape[1])
 
 
 def dynamic_forward(
