@@ -73,11 +73,15 @@ from transformers_ext.gates import (
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
+    autocast,
     build_optimizer,
     fit,
+    precision_name,
     set_seed,
     setup_device,
     setup_logging,
+    setup_numerics,
+    tf32_enabled,
     train_metrics,
     trainer_state,
 )
@@ -147,9 +151,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
     a("--record_gpu_time", action="store_true",
-      help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU.")
+      help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU. The timed region "
+           "is the routed forward (under --fp16/--bf16 autocast); MAC counting and copies are outside it.")
     a("--record_cpu_time", action="store_true", help="Record wall-clock latency per batch.")
-    a("--timing_warmup", type=STEPS, default=1, help="Batches run before timing starts (excluded).")
+    a("--timing_warmup", type=STEPS, default=None,
+      help="Batches run before timing starts (excluded; default 1 on CPU, 10 on CUDA, where the first batches "
+           "pay for kernel selection and allocator growth).")
     a("--config", default=None,
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
            "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
@@ -267,6 +274,9 @@ class GateInputs:
         self.correct = in_dataset_order(correct, indices, dim=1)
         self.targets = gate_targets(self.correct[:-1])
         self.states = in_dataset_order(states, indices, dim=2) if keep else None
+        if device.type == "cuda":  # page-locked: each batch's copy to the GPU runs asynchronously
+            self.targets = self.targets.pin_memory()
+            self.states = None if self.states is None else self.states.pin_memory()
 
     def _compute(self, batch, dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train(dropout)
@@ -283,9 +293,12 @@ class GateInputs:
         """(states `[C, G, B, h]`, targets `[B]`) on the device, for example indices `idx`."""
         if self.states is not None:
             states = self.states[:, :, idx]
+            states = states.pin_memory() if self.states.is_pinned() else states  # indexing un-pins
         else:
             states = self._compute([t[idx] for t in self.dataset.tensors], self.backbone_dropout)[0]
-        return states.to(self.device), self.targets[idx].to(self.device)
+        targets = self.targets[idx]
+        targets = targets.pin_memory() if self.targets.is_pinned() else targets
+        return states.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
 
 def gate_epoch_loss(model, states, targets, weights, temperature, generator=None, rule: str = "reference"
@@ -466,7 +479,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
         batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
                                                    start_batch=start),
         losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
-        is_main=is_main, precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        is_main=is_main, precision=precision_name(args),
         device_type=device.type, writer=writer, desc=f"traingate {spec.name}", log_every=args.logging_steps)
     if writer is not None:
         writer.close()
@@ -587,6 +600,8 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
     datasets.update({s: utils_glue.load_dataset(args.task_name, args.data_dir, s, **load) for s in test_splits})
     model.to(device).eval()
     use_cuda_events = args.record_gpu_time and device.type == "cuda"
+    precision = precision_name(args)
+    warmup = args.timing_warmup if args.timing_warmup is not None else 10 if device.type == "cuda" else 1
 
     results, record = {}, {"heads": [], "exit": [], "classes": []}
     macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
@@ -606,11 +621,13 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
             elif device.type == "cuda":
                 torch.cuda.synchronize()
             t0 = time.perf_counter()
-            out = dynamic_forward(
-                model, input_ids, attention_mask, token_type_ids,
-                class_to_width=args.width_mult_list if fixed is None else None, fixed_width=fixed,
-                depth_mult=depth, early_exit=args.early_exit, exit_threshold=args.exit_threshold, off_ramps=off_ramps,
-            )
+            with autocast(precision, device.type):
+                out = dynamic_forward(
+                    model, input_ids, attention_mask, token_type_ids,
+                    class_to_width=args.width_mult_list if fixed is None else None, fixed_width=fixed,
+                    depth_mult=depth, early_exit=args.early_exit, exit_threshold=args.exit_threshold,
+                    off_ramps=off_ramps,
+                )
             if use_cuda_events:
                 end.record()
                 torch.cuda.synchronize()
@@ -628,7 +645,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
                     out, args.width_mult_list if fixed is None else None, fixed))
             if not reported:
                 continue
-            if b >= args.timing_warmup or len(batches) <= args.timing_warmup:
+            if b >= warmup or len(batches) <= warmup:
                 batch_times.append(elapsed)
                 n_examples_timed += len(labels)
             for key in ("linear", "attention"):
@@ -680,6 +697,7 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device) -> d
         "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
         "device": str(device), "timing": ("cuda_events" if use_cuda_events else "wall_clock")
         if (args.record_gpu_time or args.record_cpu_time) else None,
+        "precision": precision, "tf32": tf32_enabled(device),
         "model_dir": args.model_dir, "num_examples": n_total, "results": results,
     }
     print_report(report)
@@ -761,6 +779,7 @@ def main(argv: list[str] | None = None) -> None:
     device, rank, world = setup_device(args.cpu, args.num_threads)
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
+    setup_numerics(device, args.tf32, args.deterministic)
     set_seed(args.seed)
     model, tokenizer = load_model_and_tokenizer(args.model_dir, spec, args)
     apply_saved_defaults(args, model)
