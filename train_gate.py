@@ -405,6 +405,10 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
 
     def validate() -> dict:
         model.gates.eval()
+        # The same Gumbel noise at every validation, from its own generator seeded by --seed: scores differ
+        # only by the gates, and validation draws nothing from the training stream (nor do reruns, resumes
+        # or another --logging_steps change which gates are kept).
+        noise = torch.Generator(device=device).manual_seed(args.seed)
         with torch.no_grad():
             totals, correct, count = [], torch.zeros(num_gates), 0
             for inputs in dev_inputs:
@@ -413,7 +417,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                     idx = torch.arange(start, min(start + args.per_gpu_eval_batch_size, len(inputs)))
                     batch_states, batch_targets = inputs.batch(idx)
                     _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature,
-                                                   rule=args.gate_loss)
+                                                   noise, rule=args.gate_loss)
                     split_loss += torch.stack(per_width[::-1]).cpu()
                     n_batches += 1
                     # gate accuracy: each gate's argmax on the full-width states against the target

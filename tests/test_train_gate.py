@@ -702,3 +702,18 @@ def test_precision_flags_are_documented(capsys):
     for flag in ("--fp16", "--bf16", "--tf32", "--deterministic"):
         assert flag in text
     assert "CUBLAS_WORKSPACE_CONFIG" in text and "default 1 on CPU, 10 on CUDA" in text
+
+
+def test_validation_noise_is_seeded_and_apart_from_training(env, tmp_path):
+    """Validation draws its Gumbel noise from its own generator seeded by --seed, the same at every
+    validation: validating every update or every other one trains the same gates (the training noise is
+    not consumed by validation) and scores them alike at the steps both validate."""
+    from safetensors.torch import load_file
+
+    every = _train(env, env["bert"], tmp_path / "every", logging_steps=1)
+    other = _train(env, env["bert"], tmp_path / "other", logging_steps=2)
+    assert [h["step"] for h in every["history"]] == [1, 2, 3, 4] and [h["step"] for h in other["history"]] == [2, 4]
+    assert [every["history"][i] for i in (1, 3)] == other["history"]
+    a, b = (load_file(str(tmp_path / run / "checkpoint-4" / "model.safetensors")) for run in ("every", "other"))
+    gate_keys = [k for k in a if k.startswith("gates.")]
+    assert gate_keys and all(torch.equal(a[k], b[k]) for k in gate_keys)
