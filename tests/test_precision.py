@@ -105,7 +105,8 @@ def test_a_gate_groups_widths_are_read_once(monkeypatch):
     monkeypatch.setattr(torch.Tensor, "unique", lambda self, *a, **k: calls.append(1) or unique(self, *a, **k))
     out = dynamic_forward(model, *inputs, class_to_width=WIDTHS)
     assert len(calls) == 2
-    assert len(set(out.heads[:, 0].tolist())) > 1 and len(set(out.heads[:, 2].tolist())) > 1  # the batch really is split over widths
+    # the batch really is split over widths in both gate groups
+    assert len(set(out.heads[:, 0].tolist())) > 1 and len(set(out.heads[:, 2].tolist())) > 1
 
 
 def test_macs_are_counted_outside_the_forward(monkeypatch):
