@@ -69,15 +69,14 @@ class PathRecord:
     def ran(self, layer_index: int, heads: int | torch.Tensor) -> None:
         self.heads[self.active, layer_index] = heads
 
-    def leave(self, leaving: torch.Tensor, layer_index: int, logits: torch.Tensor) -> torch.Tensor:
-        """Examples `leaving` (bool over the active ones) exit after layer `layer_index` with `logits`;
-        returns the bool mask of those that stay."""
-        self.logits[self.active[leaving]] = logits[leaving].to(self.logits.dtype)  # autocast: half precision
-        self.exit_layer[self.active[leaving]] = layer_index + 1
-        self.exited[self.active[leaving]] = True
-        stay = ~leaving
+    def leave(self, gone: torch.Tensor, stay: torch.Tensor, layer_index: int, logits: torch.Tensor) -> None:
+        """The active examples at positions `gone` exit after layer `layer_index` with `logits`; those at
+        `stay` go on. Index tensors, not masks: a boolean mask index reads its count to the host each time."""
+        leaving = self.active[gone]
+        self.logits[leaving] = logits[gone].to(self.logits.dtype)  # autocast: half-precision logits
+        self.exit_layer[leaving] = layer_index + 1
+        self.exited[leaving] = True
         self.active = self.active[stay]
-        return stay
 
 
 class GateRouter:
@@ -142,12 +141,16 @@ class EarlyExit:
             leaving = torch.zeros_like(prediction, dtype=torch.bool)
             if self.previous_prediction is not None:
                 leaving = (prediction - self.previous_prediction).abs() < self.threshold
-            self.previous_prediction = prediction[~leaving]
         else:
             leaving = prediction_entropy(logits) < self.threshold
-        if not leaving.any():
+        gone = leaving.nonzero().view(-1)  # the one host sync of an off-ramp where nobody leaves
+        if gone.numel() == 0:
+            self.previous_prediction = prediction if self.regression else None
             return None
-        stay = self.record.leave(leaving, layer_index, logits)
+        stay = (~leaving).nonzero().view(-1)
+        if self.regression:
+            self.previous_prediction = prediction[stay]
+        self.record.leave(gone, stay, layer_index, logits)
         if isinstance(self.inner, GateRouter):
             self.inner.keep(stay)
         return stay

@@ -199,7 +199,8 @@ class Router(Protocol):
 
     `num_layers`: layers to run. `heads(i, hidden, mask)`: the heads layer i runs at, one int for every active
     example or a `[B_active]` tensor (examples are then grouped by width). `after_layer(i, hidden, mask)`:
-    None, or a `[B_active]` bool tensor of the examples that stay (the others left at an off-ramp). `hidden`
+    None, or the examples that stay (the others left at an off-ramp): a `[B_active]` bool mask or their
+    indices (which index without a host sync). `hidden`
     and the additive `mask` hold the active examples only."""
 
     num_layers: int
