@@ -10,7 +10,8 @@
 # Steps per model and precision: teacher -> width with grafting -> depth with gradient balancing and with
 # separate passes -> final -> gates -> every inference mode at batch 1 and 16 (--record_gpu_time
 # --save_predictions; the precision recorded in inference_results.json is checked). Then: resume on the same
-# device and a GPU checkpoint on the CPU, batch-1 vs batch-16 and GPU vs CPU prediction agreement,
+# device and a GPU checkpoint on the CPU, two --deterministic runs bit-identical, batch-1 vs batch-16 and
+# GPU vs CPU prediction agreement,
 # CUDA-event vs synchronized wall-clock latency, host syncs in one routed batch
 # (torch.cuda.set_sync_debug_mode), peak memory. With >= 2 GPUs: torchrun (width stage with grafting, gate
 # training) against one process. Logs: $SMOKE_DIR (default a fresh temporary folder).
@@ -133,23 +134,29 @@ run_model() {
         "$out/infer_${mode}_b16/predictions_dev.jsonl" 0.95
   done
   # resume: a copy of the final stage's folder without its last checkpoint continues from the one before
+  local final=("$PY" run_glue.py --do_train --training_phase final_finetuning --learning_rate 1e-3 --logging_steps 4
+               --depth_mult_list 0.5,0.75,1.0 --task_name RTE --data_dir "$data" --max_seq_length "$seq"
+               --per_gpu_train_batch_size 8 --per_gpu_eval_batch_size 16 --cache_dir "$ROOT/cache" --disable_tqdm
+               "$@" --model_dir "$out/depth" --resume_from_checkpoint)
   local resumed="$ROOT/$tag/resume_same_device"
-  rm -rf "$resumed" && cp -r "$out/final" "$resumed" &&
-    rm -rf "$(ls -d "$resumed"/checkpoint-* | sort -t- -k2 -n | tail -n 1)"
-  step "$tag/resume_same_device" "$PY" run_glue.py --do_train --training_phase final_finetuning --learning_rate 1e-3 \
-      --logging_steps 4 --depth_mult_list 0.5,0.75,1.0 --task_name RTE --data_dir "$data" --max_seq_length "$seq" \
-      --per_gpu_train_batch_size 8 --per_gpu_eval_batch_size 16 --cache_dir "$ROOT/cache" --disable_tqdm \
-      "${DEVICE_FLAG[@]}" "$@" --model_dir "$out/depth" --output_dir "$resumed" --resume_from_checkpoint &&
+  without_last_checkpoint "$out/final" "$resumed"
+  step "$tag/resume_same_device" "${final[@]}" "${DEVICE_FLAG[@]}" --output_dir "$resumed" &&
     same_history "$tag/resume_same_device/history" "$out/final" "$resumed"
   if cuda_only "$tag/resume_gpu_checkpoint_on_cpu"; then
-    local on_cpu="$ROOT/$tag/resume_on_cpu"
-    rm -rf "$on_cpu" && cp -r "$resumed" "$on_cpu" &&
-      rm -rf "$(ls -d "$on_cpu"/checkpoint-* | sort -t- -k2 -n | tail -n 1)"
-    step "$tag/resume_gpu_checkpoint_on_cpu" "$PY" run_glue.py --do_train --training_phase final_finetuning \
-        --learning_rate 1e-3 --logging_steps 4 --depth_mult_list 0.5,0.75,1.0 --task_name RTE --data_dir "$data" \
-        --max_seq_length "$seq" --per_gpu_train_batch_size 8 --per_gpu_eval_batch_size 16 --cache_dir "$ROOT/cache" \
-        --disable_tqdm --cpu "$@" --model_dir "$out/depth" --output_dir "$on_cpu" --resume_from_checkpoint
+    without_last_checkpoint "$out/final" "$ROOT/$tag/resume_on_cpu"
+    step "$tag/resume_gpu_checkpoint_on_cpu" "${final[@]}" --cpu --output_dir "$ROOT/$tag/resume_on_cpu"
   fi
+  # --deterministic: two identical runs give bit-identical weights (cuBLAS workspace, deterministic kernels)
+  local run
+  for run in 1 2; do
+    step "$tag/deterministic_run$run" "$PY" run_glue.py --do_train --training_phase finetuning --deterministic \
+        --max_steps 4 --learning_rate 1e-3 --logging_steps 4 --task_name RTE --data_dir "$data" --max_seq_length "$seq" \
+        --per_gpu_train_batch_size 8 --per_gpu_eval_batch_size 16 --cache_dir "$ROOT/cache" --disable_tqdm \
+        "${DEVICE_FLAG[@]}" "$@" --model_dir "$bert" --output_dir "$ROOT/$tag/deterministic$run"
+  done
+  if cmp -s "$ROOT/$tag/deterministic1/model.safetensors" "$ROOT/$tag/deterministic2/model.safetensors"; then
+    report PASS "$tag/deterministic_weights" "bit-identical"
+  else report FAIL "$tag/deterministic_weights" "the two --deterministic runs differ"; fi
   if cuda_only "$tag/gpu_vs_cpu_predictions"; then
     step "$tag/cpu_inference" "$PY" train_gate.py --do_eval --w_dynamic --width_mult_list 0.25,0.5,0.75,1.0 \
         --task_name RTE --data_dir "$data" --max_seq_length "$seq" --per_gpu_eval_batch_size 16 --cpu \
@@ -168,6 +175,10 @@ run_model() {
   if cuda_only "$tag/host_syncs_and_peak_memory"; then
     sync_and_memory "$tag/host_syncs_and_peak_memory" "$out/gates" "$seq"
   fi
+}
+
+without_last_checkpoint() {  # SOURCE DEST: a copy of a run folder that lacks its latest checkpoint
+  rm -rf "$2" && cp -r "$1" "$2" && rm -rf "$(ls -d "$2"/checkpoint-* | sort -t- -k2 -n | tail -n 1)"
 }
 
 same_history() {
