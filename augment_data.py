@@ -142,7 +142,7 @@ def load_glove(path: str | Path, m: int, max_words: int = GLOVE_WORDS) -> Neighb
 def bert_neighbour_index(model, tokenizer, m: int) -> NeighbourIndex:
     """Index over the model's input word embeddings of whole-word alphabetic vocabulary entries.
     A word outside that set is represented by the mean embedding of its WordPieces."""
-    emb = model.get_input_embeddings().weight.detach()
+    emb = model.get_input_embeddings().weight.detach().cpu()  # the index lives on the CPU
     vocab = sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])
     entries = [(tok, i) for tok, i in vocab if _ALPHA.fullmatch(tok) and i < emb.shape[0]]
     words = [tok for tok, _ in entries]
@@ -237,11 +237,13 @@ class Augmenter:
         out: dict[int, list[str]] = {}
         for chunk in range(0, len(positions), MLM_BATCH):
             words = positions[chunk: chunk + MLM_BATCH]
-            where = torch.tensor([1 + start[i] for i in words])
-            rows = torch.arange(len(words))
-            batch = ids.repeat(len(words), 1)
+            device = self.mlm.device
+            where = torch.tensor([1 + start[i] for i in words], device=device)
+            rows = torch.arange(len(words), device=device)
+            batch = ids.to(device).repeat(len(words), 1)
             batch[rows, where] = tok.mask_token_id
-            hidden = self.mlm.bert(input_ids=batch, token_type_ids=types.repeat(len(words), 1)).last_hidden_state
+            hidden = self.mlm.bert(input_ids=batch, token_type_ids=types.to(device).repeat(len(words), 1)
+                                   ).last_hidden_state
             top = self.mlm.cls(hidden[rows, where]).topk(self.m, dim=-1).indices.tolist()
             for i, pred in zip(words, top):
                 tokens = tok.convert_ids_to_tokens([j for j in pred if j not in self._drop])
@@ -414,6 +416,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=42,
                         help="random seed of the draws: same seed, same file (default 42)")
     parser.add_argument("--output", default=None, help="output file (default: DATA_DIR/train_aug.tsv)")
+    parser.add_argument("--no_cuda", "--cpu", dest="cpu", action="store_true",
+                        help="run the masked LM on the CPU even if CUDA is available (on a GPU, near-tied "
+                             "candidates may rank differently, so the file can differ from the CPU's)")
     return parser
 
 
@@ -463,6 +468,7 @@ def main(argv: list[str] | None = None) -> int:
             neighbours = load_glove(args.glove_embs, args.M)
         else:
             neighbours = bert_neighbour_index(model, tokenizer, args.M)
+        model.to("cuda" if torch.cuda.is_available() and not args.cpu else "cpu")
         augmenter = Augmenter(tokenizer, model if has_mlm else None, neighbours, args.M, args.p, n, args.seed)
 
         from tqdm import tqdm

@@ -303,6 +303,11 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, epo
       help="Resume from a checkpoint folder (or the latest in --output_dir when no path is given).")
     a("--fp16", action="store_true", help="float16 autocast with loss scaling (CUDA only).")
     a("--bf16", action="store_true", help="bfloat16 autocast (CPU or CUDA).")
+    a("--tf32", action="store_true",
+      help="TF32 matmuls on CUDA (Ampere and later): faster fp32, 10-bit mantissa products; off: exact fp32.")
+    a("--deterministic", action="store_true",
+      help="Deterministic kernels (torch.use_deterministic_algorithms; on CUDA also CUBLAS_WORKSPACE_CONFIG): "
+           "reruns on the same GPU give identical results, somewhat slower.")
 
 
 def finish_training_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -60,14 +60,18 @@ from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
+    autocast,
+    broadcast_from_main,
     build_optimizer,
     check_finite,
     evaluate_subnets,
     fit,
     flat_eval_results,
     format_subnet_table,
+    precision_name,
     set_seed,
     setup_device,
+    setup_numerics,
     subnet_key,
     train_metrics,
     trainer_state,
@@ -195,9 +199,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def predict(args: argparse.Namespace, model_dir: str) -> None:
     """--do_predict: the static subnet (--width_mult, --depth_mult) of the model in `model_dir` on the task's
-    test split(s); the files are written atomically into --output_dir."""
+    test split(s); the files are written atomically into --output_dir. Rank 0 alone predicts under torchrun,
+    so it joins no process group (the other ranks have left)."""
     spec = utils_glue.get_task(args.task_name)
-    device, _, _ = setup_device(args.cpu, args.num_threads)
+    device, _, _ = setup_device(args.cpu, args.num_threads, join_group=False)
+    setup_numerics(device, args.tf32, args.deterministic)
     model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     model.to(device).eval()
@@ -209,8 +215,9 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
         logits, rows = [], []
         for b, batch in enumerate(utils_glue.epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, fixed_width=args.width_mult,
-                                  depth_mult=args.depth_mult)
+            with autocast(precision_name(args), device.type):
+                out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, fixed_width=args.width_mult,
+                                      depth_mult=args.depth_mult)
             logits.append(out.logits.float().cpu())
             if args.save_predictions:
                 start = b * args.per_gpu_eval_batch_size
@@ -277,6 +284,7 @@ def train(args: argparse.Namespace) -> dict:
     is_main = rank == 0
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
+    setup_numerics(device, args.tf32, args.deterministic)
     output_dir = prepare_output_dir(args, RESULTS_FILE, create=False,  # created once all input is validated
                                     may_write_input=phase_name == "final_finetuning")
     if world > 1:  # every process checks the folder before rank 0 starts writing into it
@@ -316,9 +324,16 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     def importance() -> tuple[torch.Tensor, torch.Tensor]:
+        """Computed on rank 0 and broadcast: replicas that rewired or grafted on scores differing in a last bit
+        would stay different for the rest of the run (only gradients are averaged)."""
+        if not is_main:
+            config = model.config
+            return broadcast_from_main([
+                torch.zeros(config.num_hidden_layers, config.num_attention_heads, device=device),
+                torch.zeros(config.num_hidden_layers, config.intermediate_size, device=device)], world)
         batches = utils_glue.importance_batches(importance_set, args.per_gpu_eval_batch_size,
                                                 args.importance_max_examples, args.group_by_length)
-        return compute_importance(model, batches, device, args.importance_max_examples)
+        return broadcast_from_main(compute_importance(model, batches, device, args.importance_max_examples), world)
 
     try:
         schedule = Schedule.make(utils_glue.num_batches(train_set, args.per_gpu_train_batch_size, world),
@@ -358,7 +373,8 @@ def train(args: argparse.Namespace) -> dict:
     task_metrics = functools.partial(utils_glue.compute_metrics, args.task_name)
 
     def evaluate(state) -> tuple[float, dict]:
-        results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size, device)
+        results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size,
+                                   device, precision_name(args))
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
@@ -443,7 +459,7 @@ def train(args: argparse.Namespace) -> dict:
                 losses=batch_losses, hooks=hooks, resume=resume, world=world, is_main=is_main,
                 eval_every=args.logging_steps if args.evaluate_during_training and args.logging_steps > 0 else 0,
                 eval_on_start=args.eval_on_start,
-                precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32", device_type=device.type,
+                precision=precision_name(args), device_type=device.type,
                 writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True),
                 log_every=args.logging_steps, balance_losses=args.balance_subnet_gradients)
     elapsed = time.time() - train_start

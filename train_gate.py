@@ -82,10 +82,14 @@ from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
+    autocast,
     build_optimizer,
     fit,
+    precision_name,
     set_seed,
     setup_device,
+    setup_numerics,
+    tf32_enabled,
     train_metrics,
     trainer_state,
 )
@@ -155,9 +159,12 @@ def build_parser(description: str | None = __doc__) -> ArgumentParser:
       help="0-based layers followed by an off-ramp (default: last layer of each trained depth < 1, "
            "e.g. 5,8 for 12 layers; 2,3 for 6).")
     a("--record_gpu_time", action="store_true",
-      help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU.")
+      help="Record latency: CUDA events around each batch's forward on GPU, wall-clock on CPU. The timed region "
+           "is the routed forward (under --fp16/--bf16 autocast); MAC counting and copies are outside it.")
     a("--record_cpu_time", action="store_true", help="Record wall-clock latency per batch.")
-    a("--timing_warmup", type=STEPS, default=1, help="Batches run before timing starts (excluded).")
+    a("--timing_warmup", type=STEPS, default=None,
+      help="Batches run before timing starts (excluded; default 1 on CPU, 10 on CUDA, where the first batches "
+           "pay for kernel selection and allocator growth).")
     a("--config", default=None,
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
            "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
@@ -274,6 +281,9 @@ class GateInputs:
         self.correct = in_dataset_order(correct, indices, dim=1)
         self.targets = gate_targets(self.correct[:-1])
         self.states = in_dataset_order(states, indices, dim=2) if keep else None
+        if device.type == "cuda":  # page-locked: each batch's copy to the GPU runs asynchronously
+            self.targets = self.targets.pin_memory()
+            self.states = None if self.states is None else self.states.pin_memory()
 
     def _compute(self, batch, dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
         self.model.train(dropout)
@@ -290,9 +300,12 @@ class GateInputs:
         """(states `[C, G, B, h]`, targets `[B]`) on the device, for example indices `idx`."""
         if self.states is not None:
             states = self.states[:, :, idx]
+            states = states.pin_memory() if self.states.is_pinned() else states  # indexing un-pins
         else:
             states = self._compute([t[idx] for t in self.dataset.tensors], self.backbone_dropout)[0]
-        return states.to(self.device), self.targets[idx].to(self.device)
+        targets = self.targets[idx]
+        targets = targets.pin_memory() if self.targets.is_pinned() else targets
+        return states.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
 
 def gate_epoch_loss(model, states, targets, weights, temperature, generator=None, rule: str = "reference"
@@ -399,6 +412,10 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
 
     def validate() -> dict:
         model.gates.eval()
+        # The same Gumbel noise at every validation, from its own generator seeded by --seed: scores differ
+        # only by the gates, and validation draws nothing from the training stream (nor do reruns, resumes
+        # or another --logging_steps change which gates are kept).
+        noise = torch.Generator(device=device).manual_seed(args.seed)
         with torch.no_grad():
             totals, correct, count = [], torch.zeros(num_gates), 0
             for inputs in dev_inputs:
@@ -407,7 +424,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
                     idx = torch.arange(start, min(start + args.per_gpu_eval_batch_size, len(inputs)))
                     batch_states, batch_targets = inputs.batch(idx)
                     _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature,
-                                                   rule=args.gate_loss)
+                                                   noise, rule=args.gate_loss)
                     split_loss += torch.stack(per_width[::-1]).cpu()
                     n_batches += 1
                     # gate accuracy: each gate's argmax on the full-width states against the target
@@ -473,7 +490,7 @@ def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: 
         batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
                                                    start_batch=start),
         losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
-        is_main=is_main, precision="fp16" if args.fp16 else "bf16" if args.bf16 else "fp32",
+        is_main=is_main, precision=precision_name(args),
         device_type=device.type, writer=writer, desc=f"traingate {spec.name}", log_every=args.logging_steps)
     if writer is not None:
         writer.close()
@@ -654,6 +671,9 @@ class InferenceReport:
         dev_splits, self.test_splits = inference_splits(args, spec)
         self.report_splits = dev_splits or self.test_splits
         self.cuda_events = args.record_gpu_time and device.type == "cuda"
+        self.precision = precision_name(args)
+        # a GPU needs several batches to reach its steady clock and caches; a CPU one
+        self.warmup = args.timing_warmup if args.timing_warmup is not None else 10 if device.type == "cuda" else 1
         self.results, self.record = {}, {"heads": [], "exit": [], "classes": []}
         self.macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
         self.batch_times, self.n_examples_timed, self.n_total = [], 0, 0
@@ -676,7 +696,7 @@ class InferenceReport:
                 self.labels_all[-1], out, setting.class_to_width, setting.fixed_width))
         if split not in self.report_splits:
             return
-        if b >= args.timing_warmup or num_batches <= args.timing_warmup:
+        if b >= self.warmup or num_batches <= self.warmup:
             self.batch_times.append(elapsed)
             self.n_examples_timed += len(labels)
         for key in ("linear", "attention"):
@@ -735,6 +755,7 @@ class InferenceReport:
             "batch_size": args.per_gpu_eval_batch_size, "max_seq_length": args.max_seq_length,
             "device": str(self.device), "timing": ("cuda_events" if self.cuda_events else "wall_clock")
             if timed else None,
+            "precision": self.precision, "tf32": tf32_enabled(self.device),
             "model_dir": args.model_dir, "num_examples": self.n_total, "results": results,
         }
         print_report(report)
@@ -764,11 +785,12 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device,
         for b, batch in enumerate(progress(batches, desc=f"{setting.mode} {spec.name} {split}", leave=False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
             stopwatch.start()
-            out = dynamic_forward(
-                model, input_ids, attention_mask, token_type_ids, class_to_width=setting.class_to_width,
-                fixed_width=setting.fixed_width, depth_mult=setting.depth, early_exit=args.early_exit,
-                exit_threshold=args.exit_threshold, off_ramps=setting.off_ramps,
-            )
+            with autocast(report.precision, device.type):
+                out = dynamic_forward(
+                    model, input_ids, attention_mask, token_type_ids, class_to_width=setting.class_to_width,
+                    fixed_width=setting.fixed_width, depth_mult=setting.depth, early_exit=args.early_exit,
+                    exit_threshold=args.exit_threshold, off_ramps=setting.off_ramps,
+                )
             report.add(split, b, len(batches), labels, out, stopwatch.seconds(stopwatch.mark()))
         report.end_split(split)
     return report.finish()
@@ -803,6 +825,7 @@ def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, dev
     deepest = max(subnets.values(), key=lambda s: s.num_layers)
     model.to(device).eval()
     reports = {d: InferenceReport(args, spec, model, settings[d], device) for d, args in runs.items()}
+    precision = next(iter(reports.values())).precision
     stopwatch = Stopwatch(device, any_args.record_gpu_time and device.type == "cuda")
     for split, dataset in datasets.items():
         for report in reports.values():
@@ -812,10 +835,12 @@ def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, dev
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
             stopwatch.start()
             router = _LayerClock(deepest, stopwatch)
-            states = model.encode(input_ids, attention_mask, token_type_ids, router)
+            with autocast(precision, device.type):
+                states = model.encode(input_ids, attention_mask, token_type_ids, router)
             for d, subnet in subnets.items():
                 head_start = stopwatch.mark()
-                out = static_output(model, input_ids, attention_mask, states, subnet)
+                with autocast(precision, device.type):
+                    out = static_output(model, input_ids, attention_mask, states, subnet)
                 head = stopwatch.seconds(stopwatch.mark()) - stopwatch.seconds(head_start)
                 prefix = stopwatch.seconds(router.marks[subnet.num_layers - 1])
                 reports[d].add(split, b, len(batches), labels, out, prefix + head)
@@ -896,6 +921,7 @@ def main(argv: list[str] | None = None) -> None:
     device, rank, world = setup_device(args.cpu, args.num_threads)
     if args.fp16 and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
+    setup_numerics(device, args.tf32, args.deterministic)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     apply_saved_defaults(args, model)

@@ -723,15 +723,19 @@ def prediction_records(spec: TaskSpec, split: str, indices: Sequence[str], logit
     at (None: not run), heads per layer, layers executed, whether it left at an off-ramp, and its MACs and
     FLOPs (2 x (linear + attention) MACs, `flops.executed_macs`: the report's true_flops unit)."""
     predictions = prediction_values(spec, logits)
+    # every per-example tensor read to the host once (not element by element: one device sync each)
     heads, width_class = out.heads.tolist(), out.width_class.tolist()
+    exit_layer, exited = out.exit_layer.tolist(), out.exited.tolist()
+    linear_macs, attention_macs = out.linear_macs.tolist(), out.attention_macs.tolist()
+    labels = labels.tolist() if isinstance(labels, torch.Tensor) else labels
     records = []
     for i, index in enumerate(indices):
         widths = [None if h == 0 else (float(class_to_width[c]) if c >= 0 and class_to_width else fixed_width)
                   for h, c in zip(heads[i], width_class[i], strict=True)]
-        linear, attention = int(out.linear_macs[i]), int(out.attention_macs[i])
+        linear, attention = int(linear_macs[i]), int(attention_macs[i])
         records.append({"split": split, "index": index, "prediction": predictions[i],
                         "label": label_value(spec, labels[i]), "widths": widths, "heads": heads[i],
-                        "exit_layer": int(out.exit_layer[i]), "exited_early": bool(out.exited[i]),
+                        "exit_layer": int(exit_layer[i]), "exited_early": bool(exited[i]),
                         "linear_macs": linear, "attention_macs": attention, "flops": 2 * (linear + attention)})
     return records
 

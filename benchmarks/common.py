@@ -133,6 +133,12 @@ class Context:
 
 
 # ---- timing ------------------------------------------------------------------------------------------------
+def synchronize() -> None:
+    """Wait for queued CUDA work (a no-op without CUDA): wall-clock times then cover the work, not its launch."""
+    if torch.cuda.is_available() and torch.cuda.is_initialized():
+        torch.cuda.synchronize()
+
+
 def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: int = 1) -> dict[str, list[float]]:
     """Wall-clock seconds of each variant per round; every round runs all variants, in an order rotated by
     one each round. The first `warmup` rounds are run but not returned."""
@@ -142,8 +148,10 @@ def interleaved(variants: dict[str, Callable[[], object]], rounds: int, warmup: 
         shift = r % len(names)
         for name in names[shift:] + names[:shift]:
             gc.collect()
+            synchronize()
             start = time.perf_counter()
             variants[name]()
+            synchronize()
             elapsed = time.perf_counter() - start
             if r >= warmup:
                 times[name].append(elapsed)

@@ -195,8 +195,26 @@ def test_bad_inputs_are_clean_errors_without_output(models, rte_dir, tmp_path):
 def test_help_lists_every_flag():
     out = augment_data.build_parser().format_help()  # the parser itself: no interpreter just to read --help
     for flag in ("--task_name", "--data_dir", "--model_dir", "--glove_embs", "--N", "--p", "--M", "--max_examples",
-                 "--seed", "--output"):
+                 "--seed", "--output", "--cpu"):
         assert flag in out
+
+
+@pytest.mark.parametrize(("cuda", "flags", "device"), [(True, (), "cuda"), (True, ("--cpu",), "cpu"),
+                                                        (False, (), "cpu")])
+def test_masked_lm_runs_on_the_gpu_when_there_is_one(models, rte_dir, tmp_path, monkeypatch, cuda, flags, device):
+    """The model goes to CUDA when available (not --cpu); the masked LM's inputs follow the model's device."""
+    load = augment_data.load_model
+    moved = []
+
+    def recording_load(model_dir):
+        tokenizer, model, has_mlm = load(model_dir)
+        monkeypatch.setattr(model, "to", lambda target: moved.append(str(target)) or model)  # stays on the CPU
+        return tokenizer, model, has_mlm
+
+    monkeypatch.setattr(augment_data, "load_model", recording_load)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    assert run(rte_dir, models["mlm"], "--max_examples", "2", "--output", str(tmp_path / "aug.tsv"), *flags) == 0
+    assert moved == [device]
 
 
 def test_embedded_model(tmp_path, minilm_dir):

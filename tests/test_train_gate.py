@@ -677,3 +677,45 @@ def test_gate_inputs_are_computed_in_length_order_and_returned_in_dataset_order(
     assert torch.equal(inputs.targets, gate_targets(inputs.correct[:-1]))
     states, targets = inputs.batch(torch.tensor([3, 0]))
     torch.testing.assert_close(states, torch.cat([single[3][0], single[0][0]], dim=2), rtol=0, atol=1e-5)
+
+
+def test_inference_honours_bf16_and_records_the_precision(env, mixed):
+    """--bf16 runs the routed forward under autocast (logits close to fp32's, not equal) and
+    inference_results.json says so; fp32 runs say fp32; TF32 is a CUDA mode, off on CPU. --deterministic
+    runs every inference op (an op without a deterministic kernel would raise)."""
+    flags = dict(width_mult_list="0.25,0.5,0.75,1.0", exit_threshold=0.5)
+    full, full_out = _infer(env, mixed, env["root"] / "fp32", "--wd_dynamic", "--early_exit", **flags)
+    try:
+        low, low_out = _infer(env, mixed, env["root"] / "bf16", "--wd_dynamic", "--early_exit", "--bf16",
+                              "--deterministic", **flags)
+    finally:
+        torch.use_deterministic_algorithms(False)
+    assert (full["precision"], full["tf32"]) == ("fp32", False)
+    assert (low["precision"], low["tf32"]) == ("bf16", False)
+    assert low_out.logits.dtype == torch.float32 and not torch.equal(low_out.logits, full_out.logits)
+    torch.testing.assert_close(low_out.logits, full_out.logits, atol=0.1, rtol=0)
+    assert low["results"]["acc"] == pytest.approx(full["results"]["acc"], abs=2 / N_TRAIN)
+
+
+def test_precision_flags_are_documented(capsys):
+    with pytest.raises(SystemExit):
+        train_gate.parse_args(["--help"])
+    text = " ".join(capsys.readouterr().out.split())
+    for flag in ("--fp16", "--bf16", "--tf32", "--deterministic"):
+        assert flag in text
+    assert "CUBLAS_WORKSPACE_CONFIG" in text and "default 1 on CPU, 10 on CUDA" in text
+
+
+def test_validation_noise_is_seeded_and_apart_from_training(env, tmp_path):
+    """Validation draws its Gumbel noise from its own generator seeded by --seed, the same at every
+    validation: validating every update or every other one trains the same gates (the training noise is
+    not consumed by validation) and scores them alike at the steps both validate."""
+    from safetensors.torch import load_file
+
+    every = _train(env, env["bert"], tmp_path / "every", logging_steps=1)
+    other = _train(env, env["bert"], tmp_path / "other", logging_steps=2)
+    assert [h["step"] for h in every["history"]] == [1, 2, 3, 4] and [h["step"] for h in other["history"]] == [2, 4]
+    assert [every["history"][i] for i in (1, 3)] == other["history"]
+    a, b = (load_file(str(tmp_path / run / "checkpoint-4" / "model.safetensors")) for run in ("every", "other"))
+    gate_keys = [k for k in a if k.startswith("gates.")]
+    assert gate_keys and all(torch.equal(a[k], b[k]) for k in gate_keys)

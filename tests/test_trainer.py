@@ -73,3 +73,46 @@ def test_all_reduce_gradients_averages_over_processes(monkeypatch):
     monkeypatch.setattr(dist, "all_reduce", all_reduce)
     all_reduce_gradients([a, frozen, b], world=2)
     assert a.grad.tolist() == [2.0, 1.0] and b.grad.tolist() == [1.0, 3.0, 7.0] and frozen.grad is None
+
+
+def _count_host_reads(monkeypatch) -> list[str]:
+    """Records every read of a tensor's value to the host (item, tolist, bool, float): each is a device sync."""
+    reads = []
+    for name in ("item", "tolist", "__bool__", "__float__"):
+        original = getattr(torch.Tensor, name)
+        monkeypatch.setattr(torch.Tensor, name, lambda self, *a, _n=name, _f=original: reads.append(_n) or _f(self, *a))
+    return reads
+
+
+@pytest.mark.parametrize("balance", [False, True])
+def test_fit_reads_the_losses_to_the_host_once_per_batch(monkeypatch, balance):
+    """Two losses per batch, four batches: one read of the batch's losses each (not a finite check and an
+    item() per loss, nor a norm per loss when balancing); the logged losses are still the exact values."""
+    shared, own = torch.nn.Parameter(torch.zeros(2)), torch.nn.Parameter(torch.zeros(2))
+    optimizer = torch.optim.SGD([shared, own], lr=1e-3)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+    reads = _count_host_reads(monkeypatch)
+    state = fit(params=[("shared", shared), ("own", own)], optimizer=optimizer, scheduler=scheduler,
+                schedule=Schedule(1, 2, 2, accumulation=2), batches=lambda epoch, start: [None] * 4,
+                losses=lambda batch, state: _losses(shared, own), hooks=Hooks(), balance_losses=balance, log_every=1)
+    monkeypatch.undo()
+    assert reads == ["tolist"] * 4
+    assert state.global_step == 2 and state.log_history[0]["loss"] == 0.0  # the parameters start at 0
+    assert state.log_history[1]["loss"] < 0  # the first update moved them against the gradient
+
+
+def test_fit_stops_on_a_non_finite_loss_before_the_update():
+    weight = torch.nn.Parameter(torch.ones(2))
+    optimizer = torch.optim.SGD([weight], lr=1.0)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: 1.0)
+
+    def losses(batch, state):
+        yield "fine", weight.sum()
+        yield "broken", weight.sum() * float("nan")
+
+    from transformers_ext.errors import InputError
+
+    with pytest.raises(InputError, match="non-finite loss .* on subnet broken"):
+        fit(params=[("w", weight)], optimizer=optimizer, scheduler=scheduler, schedule=Schedule(1, 1, 1),
+            batches=lambda epoch, start: [None], losses=losses, hooks=Hooks())
+    assert torch.equal(weight.detach(), torch.ones(2))  # no optimizer step

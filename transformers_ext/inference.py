@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 
@@ -54,7 +55,8 @@ class PathRecord:
     gates_run: torch.Tensor  # [B]
     off_ramps_run: torch.Tensor  # [B]
     exited: torch.Tensor  # [B] bool: left at an off-ramp (so no final head ran)
-    logits: torch.Tensor  # [B, num_labels]: off-ramp logits of exited examples, then the final head's
+    logits: torch.Tensor  # [B, num_labels] in the classifier's dtype (fp32 under autocast too): off-ramp
+    #                       logits of exited examples, then the final head's
     active: torch.Tensor  # [B_active]
     num_gate_classes: int = 0
 
@@ -72,15 +74,14 @@ class PathRecord:
     def ran(self, layer_index: int, heads: int | torch.Tensor) -> None:
         self.heads[self.active, layer_index] = heads
 
-    def leave(self, leaving: torch.Tensor, layer_index: int, logits: torch.Tensor) -> torch.Tensor:
-        """Examples `leaving` (bool over the active ones) exit after layer `layer_index` with `logits`;
-        returns the bool mask of those that stay."""
-        self.logits[self.active[leaving]] = logits[leaving]
-        self.exit_layer[self.active[leaving]] = layer_index + 1
-        self.exited[self.active[leaving]] = True
-        stay = ~leaving
+    def leave(self, gone: torch.Tensor, stay: torch.Tensor, layer_index: int, logits: torch.Tensor) -> None:
+        """The active examples at positions `gone` exit after layer `layer_index` with `logits`; those at
+        `stay` go on. Index tensors, not masks: a boolean mask index reads its count to the host each time."""
+        leaving = self.active[gone]
+        self.logits[leaving] = logits[gone].to(self.logits.dtype)  # autocast: half-precision logits
+        self.exit_layer[leaving] = layer_index + 1
+        self.exited[leaving] = True
         self.active = self.active[stay]
-        return stay
 
 
 class GateRouter:
@@ -145,12 +146,16 @@ class EarlyExit:
             leaving = torch.zeros_like(prediction, dtype=torch.bool)
             if self.previous_prediction is not None:
                 leaving = (prediction - self.previous_prediction).abs() < self.threshold
-            self.previous_prediction = prediction[~leaving]
         else:
             leaving = prediction_entropy(logits) < self.threshold
-        if not leaving.any():
+        gone = leaving.nonzero().view(-1)  # the one host sync of an off-ramp where nobody leaves
+        if gone.numel() == 0:
+            self.previous_prediction = prediction if self.regression else None
             return None
-        stay = self.record.leave(leaving, layer_index, logits)
+        stay = (~leaving).nonzero().view(-1)
+        if self.regression:
+            self.previous_prediction = prediction[stay]
+        self.record.leave(gone, stay, layer_index, logits)
         if isinstance(self.inner, GateRouter):
             self.inner.keep(stay)
         return stay
@@ -158,13 +163,29 @@ class EarlyExit:
 
 @dataclass
 class RoutedOutput:
+    """Logits and path record of a routed batch. The executed MACs (`linear_macs`, `attention_macs`: `[B]`)
+    are counted on first access, not in the forward: counting reads the widths to the host, which would
+    otherwise stall the device inside a timed forward."""
+
     logits: torch.Tensor  # [B, num_labels]
     record: PathRecord
-    linear_macs: torch.Tensor  # [B]
-    attention_macs: torch.Tensor  # [B]
+    config: object
+    seq_len: int
+
+    @cached_property
+    def executed_macs(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return executed_macs(self.config, self.seq_len, self.record)
+
+    @property
+    def linear_macs(self) -> torch.Tensor:
+        return self.executed_macs[0]
+
+    @property
+    def attention_macs(self) -> torch.Tensor:
+        return self.executed_macs[1]
 
     def __getattr__(self, name: str):  # the record's fields (heads, width_class, exit_layer, ...) directly
-        if name == "record":
+        if name in ("record", "__setstate__"):
             raise AttributeError(name)
         return getattr(self.record, name)
 
@@ -173,7 +194,7 @@ class RoutedOutput:
 def routed_forward(model: FlexBertForSequenceClassification, input_ids: torch.Tensor, attention_mask: torch.Tensor,
                    token_type_ids: torch.Tensor, router: Router, record: PathRecord) -> RoutedOutput:
     """One batch through the encoder loop under `router`; examples still running after the last layer get
-    the final head. Returns the logits, the path record and each example's executed-path MACs."""
+    the final head. Returns the logits and the path record (and, on access, each example's executed MACs)."""
     states = model.encode(input_ids, attention_mask, token_type_ids, router)
     return _finish_paths(model, input_ids.shape[1], attention_mask, states[-1], record)
 
@@ -183,11 +204,10 @@ def _finish_paths(model: FlexBertForSequenceClassification, seq_len: int, attent
     """The final head for the examples still running (their last hidden state `last_hidden`), then the MACs."""
     if record.active.numel():
         active_mask = None if attention_mask is None else attention_mask[record.active]
-        record.logits[record.active] = model.classify(last_hidden, active_mask)
-    # a gate sets a whole layer group; layers cut off by depth or an exit did not run
-    record.width_class[record.heads == 0] = -1
-    linear, attention = executed_macs(model.config, seq_len, record)
-    return RoutedOutput(record.logits, record, linear, attention)
+        record.logits[record.active] = model.classify(last_hidden, active_mask).to(record.logits.dtype)
+    # a gate sets a whole layer group; layers cut off by depth or an exit did not run (masked_fill_: no sync)
+    record.width_class.masked_fill_(record.heads == 0, -1)
+    return RoutedOutput(record.logits, record, model.config, seq_len)
 
 
 def static_output(model: FlexBertForSequenceClassification, input_ids: torch.Tensor, attention_mask: torch.Tensor,

@@ -136,7 +136,7 @@ class FlexSelfOutput(nn.Module):
 
     def forward(self, context: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = F.linear(context, self.dense.weight[:, : context.shape[-1]], self.dense.bias)
-        return self.LayerNorm(self.dropout(out).add_(input_tensor))  # residual in place: one [B, T, h] less
+        return self.LayerNorm(self.dropout(out) + input_tensor)  # out of place: see FlexOutput
 
 
 class FlexAttention(nn.Module):
@@ -167,7 +167,9 @@ class FlexOutput(nn.Module):
 
     def forward(self, intermediate: torch.Tensor, input_tensor: torch.Tensor) -> torch.Tensor:
         out = F.linear(intermediate, self.dense.weight[:, : intermediate.shape[-1]], self.dense.bias)
-        return self.LayerNorm(self.dropout(out).add_(input_tensor))
+        # Out of place, as Hugging Face's BERT: under autocast `out` is half precision and the fp32 residual
+        # promotes the sum to fp32; an in-place add would round it to half precision before LayerNorm.
+        return self.LayerNorm(self.dropout(out) + input_tensor)
 
 
 class FlexLayer(nn.Module):
@@ -197,7 +199,8 @@ class Router(Protocol):
 
     `num_layers`: layers to run. `heads(i, hidden, mask)`: the heads layer i runs at, one int for every active
     example or a `[B_active]` tensor (examples are then grouped by width). `after_layer(i, hidden, mask)`:
-    None, or a `[B_active]` bool tensor of the examples that stay (the others left at an off-ramp). `hidden`
+    None, or the examples that stay (the others left at an off-ramp): a `[B_active]` bool mask or their
+    indices (which index without a host sync). `hidden`
     and the additive `mask` hold the active examples only."""
 
     num_layers: int
@@ -205,6 +208,15 @@ class Router(Protocol):
     def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int | torch.Tensor: ...
 
     def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> torch.Tensor | None: ...
+
+
+def width_groups(heads: torch.Tensor) -> list[tuple[int, torch.Tensor | None]]:
+    """(heads, example indices) per distinct width of a `[B]` heads tensor; one width: [(k, None)], all rows.
+    Reads the widths to the host (a device sync): the encoder calls it once per distinct heads tensor."""
+    widths = heads.unique().tolist()
+    if len(widths) == 1:
+        return [(widths[0], None)]
+    return [(k, (heads == k).nonzero().view(-1)) for k in widths]
 
 
 class FlexEncoder(nn.Module):
@@ -223,17 +235,22 @@ class FlexEncoder(nn.Module):
         """The only loop over layers. Returns the hidden states: the input plus each executed layer's output,
         each holding the examples still active after it (all of them unless the router lets some exit)."""
         states = [hidden]
+        grouped: tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]] | None = None
         for i in range(router.num_layers):
             heads = router.heads(i, hidden, mask)
             layer, layer_head_mask = self.layer[i], None if head_mask is None else head_mask[i]
-            groups = [heads] if isinstance(heads, int) else heads.unique().tolist()
+            if isinstance(heads, int):
+                groups = [(heads, None)]
+            else:  # a router returns the same tensor for the layers of one gate group: group it once
+                if grouped is None or grouped[0] is not heads:
+                    grouped = (heads, width_groups(heads))
+                groups = grouped[1]
             if len(groups) == 1:
-                k = groups[0]
+                k = groups[0][0]
                 hidden = layer(hidden, mask, k, neurons_kept(self.config, k), layer_head_mask)
             else:  # per-example widths: each width group runs once, results scattered back
                 out = torch.empty_like(hidden)
-                for k in groups:
-                    sel = (heads == k).nonzero().view(-1)
+                for k, sel in groups:
                     out[sel] = layer(hidden[sel], mask[sel], k, neurons_kept(self.config, k), layer_head_mask)
                 hidden = out
             stay = router.after_layer(i, hidden, mask)

@@ -37,20 +37,62 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def setup_device(cpu: bool = False, num_threads: int | None = None) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU)."""
+def setup_device(cpu: bool = False, num_threads: int | None = None, join_group: bool = True
+                 ) -> tuple[torch.device, int, int]:
+    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU) unless
+    `join_group` is False: work that only rank 0 does (predictions) must not wait for the other ranks."""
     if num_threads:
         torch.set_num_threads(num_threads)
     use_cuda = torch.cuda.is_available() and not cpu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and not dist.is_initialized():
+    if world > 1 and join_group and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local_rank)
         return torch.device("cuda", local_rank), rank, world
     return torch.device("cpu"), rank, world
+
+
+def setup_numerics(device: torch.device, tf32: bool = False, deterministic: bool = False) -> None:
+    """--tf32: TF32 matmuls on CUDA (Ampere and later; 10 bits of mantissa in the products, about 2-3x faster
+    fp32 training and inference). Off by default, so that fp32 means fp32 on every GPU, as torch's own
+    default. --deterministic: torch's deterministic kernels (an error names any op that has none) and, on
+    CUDA, cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set before any matmul)."""
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+        torch.backends.cudnn.allow_tf32 = tf32
+    if deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
+        torch.use_deterministic_algorithms(True)
+        torch.backends.cudnn.benchmark = False
+
+
+def tf32_enabled(device: torch.device) -> bool:
+    """Whether fp32 matmuls on `device` run in TF32 (what inference_results.json records)."""
+    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
+
+
+def precision_name(args) -> str:
+    """"fp16", "bf16" or "fp32", from a script's --fp16 / --bf16."""
+    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
+
+
+def autocast(precision: str, device_type: str):
+    """The autocast context of a precision name ("fp32": none), for training, evaluation and inference alike."""
+    if precision == "fp32":
+        return nullcontext()
+    return torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
+
+
+def broadcast_from_main(tensors: Sequence[torch.Tensor], world: int) -> list[torch.Tensor]:
+    """Rank 0's values of `tensors` on every rank (in place; the other ranks pass buffers of the same shape):
+    a result every replica must share exactly (importance scores) is computed once, not once per rank."""
+    if world > 1:
+        for tensor in tensors:
+            dist.broadcast(tensor, src=0)
+    return list(tensors)
 
 
 def all_reduce_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
@@ -168,10 +210,10 @@ class GradientBalancer:
             return
         norm = torch.nn.utils.get_total_norm(present)  # the norm clip_grad_norm_ measures
         self.norms.append(norm)
-        scale = 1.0 / max(float(norm), 1e-12)
+        scale = 1.0 / norm.clamp_min(1e-12)  # a device tensor: no host sync per loss
         for i, (p, g) in enumerate(zip(self.params, grads, strict=True)):
             if g is not None:
-                self.sum[i] = g * scale if self.sum[i] is None else self.sum[i].add_(g, alpha=scale)
+                self.sum[i] = g * scale if self.sum[i] is None else self.sum[i].add_(g * scale)
                 p.grad = None
 
     def restore(self) -> None:
@@ -229,8 +271,7 @@ def fit(
         if hooks.load_extra_state is not None:
             hooks.load_extra_state(resume)
     scaler = torch.amp.GradScaler("cuda") if precision == "fp16" else None
-    autocast = (torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-                if precision != "fp32" else nullcontext())
+    mixed_precision = autocast(precision, device_type)
     zero_grad = zero_grad or (lambda: optimizer.zero_grad(set_to_none=True))
 
     def evaluate(epoch: int, batch_in_epoch: int, checkpoint: bool = True) -> None:
@@ -281,15 +322,20 @@ def fit(
                 hooks.before_batch(state)
             if batch_idx % accumulation == 0:
                 update_loss = 0.0
-            logged = {}
-            with autocast:
+            pending = {}
+            with mixed_precision:
                 for name, loss in losses(batch, state):
-                    check_finite(loss, state.global_step, name)
                     loss = loss / accumulation
                     (scaler.scale(loss) if scaler else loss).backward()
-                    logged[name] = loss.item()
+                    pending[name] = loss.detach().float()
                     if balancer is not None:
                         balancer.take()
+            # the batch's losses read to the host at once (one device sync, not two per loss), checked before
+            # any optimizer step: a non-finite loss stops the run with nothing saved for this step
+            logged = dict(zip(pending, torch.stack(list(pending.values())).tolist(), strict=True))
+            for name, value in logged.items():
+                if not math.isfinite(value):
+                    check_finite(torch.tensor(value * accumulation), state.global_step, name)
             update_loss += sum(logged.values())  # each already divided by `accumulation`: the mean over batches
             if (batch_idx + 1) % accumulation:
                 continue
@@ -340,11 +386,12 @@ def subnet_key(width: float, depth: float) -> str:
 
 @torch.no_grad()
 def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
-                   device: torch.device, width_mult: float, depth_mults: Sequence[float]
+                   device: torch.device, width_mult: float, depth_mults: Sequence[float], precision: str = "fp32"
                    ) -> tuple[dict[float, np.ndarray], np.ndarray, dict[float, float]]:
     """Logits and mean loss of every depth at one width from ONE forward per batch: depth subnets are
     prefixes, so the deepest run's hidden state after layer rnd(d*L) is exactly the depth-d subnet's, and
-    the head applied there gives its logits bit for bit. Returns ({depth: logits}, labels, {depth: loss})."""
+    the head applied there gives its logits bit for bit. Returns ({depth: logits}, labels, {depth: loss});
+    `precision` "fp16"/"bf16" runs the forwards under autocast (the logits are returned in fp32)."""
     was_training = model.training
     model.eval()
     subnets = {d: model.subnet(width_mult, d) for d in depth_mults}
@@ -354,9 +401,11 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
     labels, indices = [], []
     for idx, batch in length_sorted_batches(dataset, batch_size):
         input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in batch)
-        out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
+        with autocast(precision, device.type):
+            out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
         for d, subnet in subnets.items():
-            depth_logits = model.classify(out.hidden_states[subnet.num_layers], attention_mask)
+            with autocast(precision, device.type):
+                depth_logits = model.classify(out.hidden_states[subnet.num_layers], attention_mask).float()
             loss_sum[d] += model.compute_loss(depth_logits, label).item() * len(label)
             logits[d].append(depth_logits.float().cpu())
         labels.append(label.cpu())
@@ -367,10 +416,10 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
 
 
 def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
-            device: torch.device, width_mult: float = 1.0, depth_mult: float = 1.0
+            device: torch.device, width_mult: float = 1.0, depth_mult: float = 1.0, precision: str = "fp32"
             ) -> tuple[np.ndarray, np.ndarray, float]:
     """(logits, labels, mean loss) of one subnet on a dataset."""
-    logits, labels, loss = predict_depths(model, dataset, batch_size, device, width_mult, [depth_mult])
+    logits, labels, loss = predict_depths(model, dataset, batch_size, device, width_mult, [depth_mult], precision)
     return logits[depth_mult], labels, loss[depth_mult]
 
 
@@ -382,16 +431,18 @@ def evaluate_subnets(
     depth_mult_list: Sequence[float],
     batch_size: int,
     device: torch.device,
+    precision: str = "fp32",
 ) -> dict[str, dict[str, float]]:
     """Metrics of every (depth, width) sub-network, depth descending then width descending, one forward per
-    width and batch. Keys are `d{depth}_w{width}`; MNLI's mismatched accuracy is added as `acc_mm`.
-    `compute_metrics(logits, labels)` gives the task's metrics of one dev set."""
+    width and batch, under autocast for `precision` "fp16"/"bf16". Keys are `d{depth}_w{width}`; MNLI's
+    mismatched accuracy is added as `acc_mm`. `compute_metrics(logits, labels)` gives the task's metrics of one
+    dev set."""
     depths = sorted(depth_mult_list, reverse=True)
     per_width = {}
     for w in progress_bar(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
                   disable=len(width_mult_list) * len(depths) < 3):
-        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths)
-        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths)
+        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths, precision)
+        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths, precision)
                       if "dev_mm" in dev_sets else None)
         for d in depths:
             metrics = compute_metrics(logits[d], labels)
