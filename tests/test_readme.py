@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import functools
 import importlib
+import inspect
 import re
 import shlex
 from pathlib import Path
@@ -37,17 +38,18 @@ def script_parsers(script: str) -> tuple[argparse.ArgumentParser, ...]:
     """The parser(s) a script builds, without running it: its `*_parser()` functions, then whatever its
     `parse_args()` (else `main()`) builds, caught at the moment it would parse the command line."""
     module = importlib.import_module(script)
-    parsers = [fn() for name, fn in vars(module).items()
-               if name.endswith("parser") and callable(fn) and not isinstance(fn, type)]
+    builders = [fn for name, fn in vars(module).items()
+                if name.endswith("parser") and inspect.isfunction(fn)
+                and all(p.default is not p.empty for p in inspect.signature(fn).parameters.values())]
+    parsers = [build() for build in builders]
     parsers = [p for p in parsers if isinstance(p, argparse.ArgumentParser)]
-    entry = getattr(module, "parse_args", None) if callable(getattr(module, "parse_args", None)) else None
-    if entry is None and not parsers:
-        entry = module.main
-    if entry is not None:
+    parse_args = getattr(module, "parse_args", None)
+    build_and_parse = (lambda: parse_args([])) if callable(parse_args) else None if parsers else module.main
+    if build_and_parse is not None:
         original = argparse.ArgumentParser.parse_known_args
-        argparse.ArgumentParser.parse_known_args = _capture
+        argparse.ArgumentParser.parse_known_args = _capture  # parse_args() calls it: stop there, keep the parser
         try:
-            entry([]) if entry is not module.__dict__.get("main") else entry()
+            build_and_parse()
         except _Captured as captured:
             parsers.append(captured.parser)
         finally:
