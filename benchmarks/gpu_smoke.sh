@@ -177,8 +177,12 @@ run_model() {
   fi
 }
 
-without_last_checkpoint() {  # SOURCE DEST: a copy of a run folder that lacks its latest checkpoint
-  rm -rf "$2" && cp -r "$1" "$2" && rm -rf "$(ls -d "$2"/checkpoint-* | sort -t- -k2 -n | tail -n 1)"
+without_last_checkpoint() {  # SOURCE DEST: a copy of a run folder; its latest checkpoint is removed when an
+  # earlier one is kept (a run keeps only its latest: then the resume restores it and ends, a load check)
+  rm -rf "$2" && cp -r "$1" "$2" || return
+  local kept=("$2"/checkpoint-*)
+  [ "${#kept[@]}" -gt 1 ] && rm -rf "$(ls -d "$2"/checkpoint-* | sort -t- -k2 -n | tail -n 1)"
+  return 0
 }
 
 same_history() {
