@@ -704,7 +704,7 @@ def test_bad_input_table(outcomes):
 def test_interrupt_is_one_line_and_exit_130(script, world, monkeypatch):
     """KeyboardInterrupt inside a script (here: while it parses its flags) ends it with `error: interrupted`
     and exit status 130, as a shell reports Ctrl-C; no traceback."""
-    from transformers_ext import cli
+    import cli
 
     def interrupted(self, args=None, namespace=None):
         raise KeyboardInterrupt

@@ -41,4 +41,4 @@ def test_the_default_exit_threshold_is_written_once():
     places = [f"{p.relative_to(REPO)}:{n}" for p in sources if ".venv" not in p.parts and "tests" not in p.parts
               for n, line in enumerate(p.read_text(encoding="utf-8", errors="replace").splitlines(), 1)
               if re.search(r"(?<![\d.])0\.57(?!\d)", line)]
-    assert places == ["transformers_ext/inference.py:32"]
+    assert len(places) == 1 and places[0].startswith("transformers_ext/inference.py:"), places
