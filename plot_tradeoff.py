@@ -12,7 +12,7 @@ from cli import ArgumentParser, CLIError, run_cli
 from run_folder import check_writable
 from transformers_ext.errors import reading
 from transformers_ext.files import atomic_write, write_text
-from utils_glue import DataError, get_task, primary_metric
+from utils_glue import DataError, primary_metric
 
 COLUMNS = ["run", "batch", "score", "metric", "rel_flops", "flops_ref", "ms_per_example", "examples_per_s",
            "mean_layers"]
@@ -22,8 +22,9 @@ def _is_number(value) -> bool:
     return isinstance(value, int | float) and not isinstance(value, bool)
 
 
-def _row(path: Path, report) -> dict:
-    """One table row from one report, whose shape is checked: a wrong one is one error line naming the file."""
+def _row(path: Path, report, metric: str | None = None) -> dict:
+    """One table row from one report, whose shape is checked: a wrong one is one error line naming the file.
+    `metric`: the score's results key (default: the report's GLUE task's metric)."""
     def bad(why: str) -> CLIError:
         return CLIError(f"{path}: not a valid inference_results.json ({why})")
 
@@ -32,8 +33,7 @@ def _row(path: Path, report) -> dict:
     if not isinstance(report.get("task"), str):
         raise bad("no task name")
     try:
-        get_task(report["task"])
-        metric = primary_metric(report["task"])
+        metric = metric or primary_metric(report["task"])
     except (DataError, KeyError) as err:
         raise bad(str(err).strip("'\"")) from None
     results = report.get("results")
@@ -59,12 +59,12 @@ def _row(path: Path, report) -> dict:
     }
 
 
-def load_rows(inference_dir: Path) -> list[dict]:
+def load_rows(inference_dir: Path, metric: str | None = None) -> list[dict]:
     rows = []
     for path in sorted(inference_dir.glob("*/inference_results.json")):
         with reading(path):
             report = json.loads(path.read_text(encoding="utf-8"))
-        rows.append(_row(path, report))
+        rows.append(_row(path, report, metric))
     if not rows:
         raise CLIError(f"no */inference_results.json under {inference_dir}")
     return rows
@@ -144,12 +144,17 @@ def main() -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--inference_dir", required=True, help="Folder of <run>_b<batch>/inference_results.json.")
     parser.add_argument("--output_dir", required=True, help="Where tradeoff.csv and tradeoff.png are written.")
+    parser.add_argument("--metric", default=None,
+                        help="The score: a key of the reports' results (default: the GLUE task's metric). Needed "
+                             "for a task of your own files, whose name this script does not know: acc, or pearson "
+                             "for regression (gate_inference.sh passes it).")
     args = parser.parse_args()
     inference_dir, output_dir = Path(args.inference_dir), Path(args.output_dir)
     if not inference_dir.is_dir():
         raise CLIError(f"--inference_dir {inference_dir} does not exist")
     check_writable(output_dir)  # before the work, not after it
-    rows = sorted(load_rows(inference_dir), key=lambda r: (r["batch"], r["mode"] != "static", -r["rel_flops"]))
+    rows = sorted(load_rows(inference_dir, args.metric),
+                  key=lambda r: (r["batch"], r["mode"] != "static", -r["rel_flops"]))
     output_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")

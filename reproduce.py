@@ -6,9 +6,11 @@ reused when it already finished, so a killed run continues where it stopped), th
                       the quick profile's 1-epoch width stage never grafts)
   baselines           plain fine-tuning of the full model (the pipeline's own teacher stage) and of its first
                       rnd(d*L) layers for every trained depth d < 1, with the teacher's recipe and budget
-and writes docs/reproduce/<task>_<profile>.{json,md,png}: mean +- std over seeds of every subnet after every
-stage, of every inference mode (score, relative FLOPs, latency), the static frontier and the dynamic points
-with error bars, the gap of each dynamic point above the static frontier at its FLOPs, and the baselines.
+and writes <output_root>/<task>_<profile>.{json,md,png} (outputs/reproduce by default; the shipped results
+in docs/reproduce are replaced only when asked, with --docs_dir docs/reproduce): mean +- std over seeds of
+every subnet after every stage, of every inference mode (score, relative FLOPs, latency), the static frontier
+and the dynamic points with error bars, the gap of each dynamic point above the static frontier at its FLOPs,
+and the baselines.
 
 Extra arguments after `--` go to every run_glue.py call (e.g. `-- --pooling mean`); --gate_args to
 train_gate.py's gate training.
@@ -48,7 +50,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--data_dir", default=None, help="Task folder (default: data/<task> as the shell scripts).")
     a("--model_dir", default=None, help="Pretrained BERT (default: the embedded model, as the shell scripts).")
     a("--output_root", default="outputs/reproduce", help="Where the runs go (<root>/<task>_<profile>/...).")
-    a("--docs_dir", default="docs/reproduce", help="Where the JSON, Markdown and PNG summaries go.")
+    a("--docs_dir", default=None,
+      help="Where the JSON, Markdown and PNG summaries go (default: --output_root, next to the runs; pass "
+           "docs/reproduce to replace the shipped results).")
     a("--tag", default="", help="Suffix of the run folders and summary names, to keep variants apart.")
     a("--no_ablations", action="store_true",
       help="Skip the no-grafting ablation (the quick profile never runs it: its 1-epoch width stage does not graft).")
@@ -385,7 +389,7 @@ def main(argv: list[str] | None = None) -> None:
     if not args.summarize_only:
         run_all(args)
     summary = summarize(args)
-    docs = ROOT / args.docs_dir
+    docs = ROOT / (args.docs_dir or args.output_root)
     docs.mkdir(parents=True, exist_ok=True)
     name = f"{args.task_name}_{args.profile}{args.tag}"
     write_json(docs / f"{name}.json", summary)

@@ -4,13 +4,15 @@
 # Environment: TASK, BERT_DIR, DATA_DIR, OUT_DIR (and TEACHER_DIR, W_BERT, WD_BERT), PROFILE=quick|full|paper
 # (configs/<PROFILE>.json; QUICK=1 is PROFILE=quick), FORCE=1, GRAFT=0|1 (width stage without/with neural
 # grafting; default: the profile's), STAGES (default "teacher width depth final": the stages to run).
+# Your own data instead of DATA_DIR: TRAIN_FILE, VALIDATION_FILE, TEST_FILE and the column variables
+# (pipeline_env.sh); with the paper profile the augmented copy is made beside TRAIN_FILE.
 # A TEACHER_DIR given in the environment that holds a model this script did not train (a downloaded
 # task-fine-tuned BERT) is used as the teacher: the teacher stage is skipped.
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh
 
-COMMON=(--model_type bert --task_name "$TASK" --do_train --data_dir "$DATA_DIR" --max_seq_length "$MAX_SEQ_LENGTH"
+COMMON=(--model_type bert --task_name "$TASK" --do_train "${DATA_ARGS[@]}" --max_seq_length "$MAX_SEQ_LENGTH"
         --per_gpu_train_batch_size "$PROFILE_TRAIN_BATCH_SIZE" --per_gpu_eval_batch_size 32)
 PRECISION=()
 if [ "$PROFILE_BF16" = 1 ] || { [ "$PROFILE_BF16" = auto ] && $PY run_profile.py --bf16_supported; }; then
@@ -20,10 +22,19 @@ GRAFT_ARGS=(); [ "${GRAFT:-$GRAFT_DEFAULT}" = 0 ] || GRAFT_ARGS=(--graft_during_
 STAGES=" ${STAGES:-teacher width depth final} "
 wanted() { [[ "$STAGES" == *" $1 "* ]]; }
 
-if [ "$PROFILE_AUGMENT" = 1 ] && { wanted width || wanted depth; } && [ ! -f "$DATA_DIR/train_aug.tsv" ] \
-   && [ ! -f "$DATA_DIR/train_${TASK}_aug_with_logits.tsv" ]; then
-  say "[0/4] augmented training data for --data_aug -> $DATA_DIR/train_aug.tsv"
-  $PY augment_data.py --task_name "$TASK" --data_dir "$DATA_DIR" --model_dir "$BERT_DIR"
+if [ -n "$OWN_DATA" ]; then  # augment_data.py writes <stem>_aug<suffix> beside your TRAIN_FILE
+  TRAIN=${TRAIN_FILE:-}
+  AUG_FILES=("${TRAIN%.*}_aug.${TRAIN##*.}")
+  AUG_ARGS=(--train_file "$TRAIN" ${TEXT_COLUMN:+--text_column "$TEXT_COLUMN"}
+            ${TEXT_PAIR_COLUMN:+--text_pair_column "$TEXT_PAIR_COLUMN"})
+else
+  AUG_FILES=("$DATA_DIR/train_aug.tsv" "$DATA_DIR/train_${TASK}_aug_with_logits.tsv")
+  AUG_ARGS=(--task_name "$TASK" --data_dir "$DATA_DIR")
+fi
+augmented() { for f in "${AUG_FILES[@]}"; do [ -f "$f" ] && return 0; done; return 1; }
+if [ "$PROFILE_AUGMENT" = 1 ] && { wanted width || wanted depth; } && ! augmented; then
+  say "[0/4] augmented training data for --data_aug -> ${AUG_FILES[0]}"
+  $PY augment_data.py "${AUG_ARGS[@]}" --model_dir "$BERT_DIR"
 fi
 
 if wanted teacher; then

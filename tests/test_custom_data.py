@@ -293,3 +293,47 @@ def test_augment_own_csv_and_train_on_it(tmp_path, three_class):
                                        text_pair_column="hypothesis"))
     n_train = len(utils_glue.get_examples("custom", "x", "train"))
     assert len(utils_glue.get_examples("custom", "x", "aug")) == n_train + len(rows)
+
+
+# ---- the shell scripts on your own files ---------------------------------------------------------------------
+def test_shell_scripts_on_own_csv(tmp_path):
+    """run_glue.sh -> train_glue.sh -> gate_inference.sh with TRAIN_FILE / VALIDATION_FILE / TEST_FILE and the
+    column variables (no GLUE folder anywhere): teacher, width, depth, final, gates, then every inference
+    setting with its test predictions in the files' label names."""
+    import os
+    import subprocess
+    import sys
+
+    files = write_three_class(tmp_path / "data")
+    root = Path(__file__).resolve().parent.parent
+    env = {**os.environ, "PYTHON": sys.executable, "PROFILE": "quick", "TASK": "fruit",
+           "OUT_DIR": str(tmp_path / "out"), "BERT_DIR": str(_model(tmp_path / "bert", 3)),
+           "DATA_DIR": str(tmp_path / "no_glue_folder"), "TRAIN_FILE": str(files["train"]),
+           "VALIDATION_FILE": str(files["dev"]), "TEST_FILE": str(files["test"]), "TEXT_COLUMN": "premise",
+           "TEXT_PAIR_COLUMN": "hypothesis", "LABEL_COLUMN": "label", "MAX_SEQ_LENGTH": str(MAX_LEN),
+           "BATCH_SIZES": "8", "THRESHOLDS": "0.5", "FLEXBERT_CACHE": str(tmp_path / "cache"),
+           "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
+    for script in ("run_glue.sh", "train_glue.sh", "gate_inference.sh"):
+        proc = subprocess.run(["bash", str(root / script), "--num_threads", "1"], env=env, cwd=root,
+                              capture_output=True, text=True)
+        assert proc.returncode == 0, f"{script}: {proc.stderr[-3000:]}"
+    out = tmp_path / "out"
+    assert {p.name for p in out.rglob(".done-*")} == {".done-finetuning", ".done-dynabertw", ".done-dynabert",
+                                                       ".done-final_finetuning", ".done-traingate"}
+    for stage in ("teacher", "w_bert", "wd_bert", "wd_bert_gates"):
+        config = json.loads((out / stage / "config.json").read_text())
+        assert config["finetuning_task"] == "fruit", stage
+        assert [config["id2label"][str(i)] for i in range(3)] == ["apple", "mango", "zebra"], stage
+    settings = sorted(p.name for p in (out / "inference").iterdir() if p.is_dir())
+    assert settings == sorted([f"static_w{w}_d{d}_b8" for w in ("1.0", "0.75", "0.5", "0.25")
+                               for d in ("1.0", "0.75", "0.5")] + ["w_dynamic_b8", "wd_dynamic_t0.5_b8"])
+    assert not (out / "inference" / "calibrated").exists()  # no calibration by default on your own files
+    for name in settings:
+        report = json.loads((out / "inference" / name / "inference_results.json").read_text())
+        assert report["num_examples"] == 12, name  # dev is VALIDATION_FILE
+        lines = (out / "inference" / name / "predict_results_fruit.txt").read_text().splitlines()
+        assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == \
+            [f"t{i}" for i in range(7)], name
+        assert {line.split("\t")[1] for line in lines[1:]} <= {"apple", "mango", "zebra"}, name
+    table = (out / "tradeoff.csv").read_text().splitlines()  # the trade-off table reads the own task's accuracy
+    assert len(table) == 1 + len(settings) and all(",acc," in row for row in table[1:])

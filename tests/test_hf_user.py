@@ -198,6 +198,46 @@ def test_export_gated_routes_like_dynamic_inference(tmp_path):
     torch.testing.assert_close(_logits(loaded, inputs), expected.logits, atol=1e-5, rtol=0)
 
 
+@pytest.mark.parametrize("flags", [("--gated", "--early_exit", "--depth_mult", "0.5"), ("--width_mult", "0.5")])
+def test_export_in_text_classification_pipeline(tmp_path, caplog, flags):
+    """A gated or a narrowed export in `pipeline("text-classification", trust_remote_code=True)`: no error
+    logged (the stock check knows only the library's own classes), the label names and the model's own
+    probabilities back, for single texts and for pairs."""
+    import logging
+
+    from transformers import pipeline
+
+    folder = tmp_path / "src"
+    folder.mkdir()
+    (folder / "vocab.txt").write_text("\n".join(TINY_VOCAB) + "\n")
+    BertTokenizer.from_pretrained(str(folder)).save_pretrained(str(folder))
+    model = make_model(make_config(**SMALL, num_labels=3, id2label={0: "neg", 1: "neutral", 2: "pos"},
+                                   label2id={"neg": 0, "neutral": 1, "pos": 2}))
+    model.add_gates([0.25, 0.5, 0.75, 1.0], num_gates=4)
+    with torch.no_grad():
+        model.classifier.weight.normal_(0, 2.0)  # confident, different answers for different texts
+    model.save_pretrained(folder)
+    _export(folder, tmp_path / "out", *flags)
+    transformers_logger = logging.getLogger("transformers")  # it does not propagate to the root logger
+    transformers_logger.addHandler(caplog.handler)
+    try:
+        classify = pipeline("text-classification", model=str(tmp_path / "out"), trust_remote_code=True)
+        texts = ["the cat sat on the mat", "a very bad movie", {"text": "the dog ran home", "text_pair": "a cat"}]
+        answers = classify(texts)
+    finally:
+        transformers_logger.removeHandler(caplog.handler)
+    assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path / "out", trust_remote_code=True).eval()
+    tokenizer = BertTokenizer.from_pretrained(str(tmp_path / "out"))
+    for text, answer in zip(texts, answers, strict=True):
+        pair = (text["text"], text["text_pair"]) if isinstance(text, dict) else (text,)
+        encoded = tokenizer(*pair, return_tensors="pt")
+        with torch.no_grad():
+            probs = loaded(**encoded).logits.softmax(-1)[0]
+        assert answer["label"] == ["neg", "neutral", "pos"][int(probs.argmax())]
+        assert answer["score"] == pytest.approx(float(probs.max()), abs=1e-5)
+
+
 @pytest.mark.parametrize("flags, message", [
     (("--width_mult", "0.05"), "keeps no attention head"),
     (("--depth_mult", "0.1"), "keeps no layer"),

@@ -57,6 +57,21 @@ def test_summary_over_seeds(tmp_path, monkeypatch):
     assert "| final | 0.5 | - | - | 0.610 ± 0.014 | - |" in text
 
 
+@pytest.mark.parametrize("docs_dir", [None, "docs/reproduce"])
+def test_summaries_land_next_to_the_runs_unless_asked(tmp_path, monkeypatch, docs_dir):
+    """A user's run writes its summaries under outputs/; the shipped docs/reproduce moves only when named."""
+    monkeypatch.setattr(reproduce, "ROOT", tmp_path)
+    argv = ["--seeds", "1", "--summarize_only"] + (["--docs_dir", docs_dir] if docs_dir else [])
+    root = reproduce.run_folder(reproduce.parse_args(argv))
+    _write_run(root, 1, {"w1_d1": 0.80}, {"static_w1.0_d1.0_b32": (0.80, 1.0)})
+    monkeypatch.setattr(reproduce, "plot", lambda summary, path: path.write_bytes(b"png"))
+    reproduce.main(argv)
+    written = sorted(p.relative_to(tmp_path).as_posix() for p in tmp_path.rglob("SST-2_quick.*"))
+    folder = docs_dir or "outputs/reproduce"
+    assert written == [f"{folder}/SST-2_quick.{ext}" for ext in ("json", "md", "png")]
+    assert json.loads((tmp_path / folder / "SST-2_quick.json").read_text())["seeds"] == [1]
+
+
 def test_calibration_summary_against_both_static_comparisons(tmp_path):
     """Per objective on the reporting half: minus the best static at >= its FLOPs (issue 20) and minus the
     static frontier interpolated at its FLOPs (issue 17), paired per seed."""

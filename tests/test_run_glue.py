@@ -846,6 +846,32 @@ def test_quick_profile_stage_data_and_epochs(tmp_path):
     assert "--graft_during_training" in full["dynabertw"]
 
 
+def test_own_files_reach_every_stage(tmp_path):
+    """TRAIN_FILE / VALIDATION_FILE / TEST_FILE and the column variables become the matching flags of every
+    run_glue.py call, instead of --data_dir; the run is named custom unless TASK says otherwise; the paper
+    profile augments the training file itself (augment_data.py writes <stem>_aug<suffix> beside it)."""
+    own = {"TRAIN_FILE": "mine/train.csv", "VALIDATION_FILE": "mine/dev.csv", "TEST_FILE": "mine/test.csv",
+           "TEXT_COLUMN": "review", "TEXT_PAIR_COLUMN": "title", "LABEL_COLUMN": "stars", "IS_REGRESSION": "1"}
+    calls = _stage_calls(tmp_path, "1", **own)
+    assert list(calls) == ["finetuning", "dynabertw", "dynabert", "final_finetuning"]
+    for flags in calls.values():
+        assert {flag: flags[f"--{flag}"] for flag in ("train_file", "validation_file", "test_file", "text_column",
+                                                         "text_pair_column", "label_column")} == \
+            {name.lower(): value for name, value in own.items() if name != "IS_REGRESSION"}
+        assert "--is_regression" in flags and "--data_dir" not in flags and flags["--task_name"] == "custom"
+    (tmp_path / "paper").mkdir()
+    paper = _stage_calls(tmp_path / "paper", "0", PROFILE="paper", TASK="reviews", TRAIN_FILE="mine/train.csv",
+                         TEXT_COLUMN="review")
+    assert paper["augment_data.py"] == {"--train_file": "mine/train.csv", "--text_column": "review",
+                                        "--model_dir": "bert"}
+    assert paper["dynabertw"]["--task_name"] == "reviews" and "--data_aug" in paper["dynabertw"]
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "train_aug.csv").write_text("review,label\n")  # already augmented: not made again
+    (tmp_path / "again").mkdir()
+    again = _stage_calls(tmp_path / "again", "0", PROFILE="paper", TRAIN_FILE=str(tmp_path / "mine" / "train.csv"))
+    assert "augment_data.py" not in again
+
+
 def test_paper_profile_stages(tmp_path):
     """PROFILE=paper: augmented data made first, then every stage at lr 2e-5 for 3 epochs on all data with batch
     32, --data_aug in the width and depth stages, grafting with importance on dev; QUICK=1 does not override an

@@ -21,9 +21,13 @@ from .saving import stock_loadable
 
 # The modules a remote-code folder needs (the routed class imports the others with relative imports, which
 # transformers resolves inside the folder).
-REMOTE_CODE_FILES = ("modeling_flexbert.py", "flops.py", "inference.py", "modeling_routed.py")
+REMOTE_CODE_FILES = ("modeling_flexbert.py", "flops.py", "inference.py", "modeling_routed.py", "pipeline_flexbert.py")
 STATIC_CLASS = "modeling_flexbert.FlexBertForSequenceClassification"
 ROUTED_CLASS = "modeling_routed.RoutedFlexBertForSequenceClassification"
+# `pipeline("text-classification", model=folder, trust_remote_code=True)` builds this pipeline class (the stock
+# one logs an error for any class outside the library's own table); `pipeline(model=folder, ...)` infers the task.
+TEXT_CLASSIFICATION_PIPELINE = {"text-classification": {
+    "impl": "pipeline_flexbert.FlexBertTextClassificationPipeline", "pt": ["AutoModelForSequenceClassification"]}}
 
 
 @torch.no_grad()
@@ -110,10 +114,12 @@ def remote_code_files(folder: Path) -> None:
 
 
 def deploy_config_keys(config, routed: bool) -> dict:
-    """config.json keys of an exported folder: `auto_map` to the shipped class unless stock code computes
-    it (then `architectures` is stock BERT's and no code is shipped). Returns the keys to set."""
+    """config.json keys of an exported folder: `auto_map` to the shipped class and `custom_pipelines` to the
+    shipped text-classification pipeline unless stock code computes it (then `architectures` is stock BERT's and
+    no code is shipped). Returns the keys to set."""
     if not routed and stock_loadable(config):
         return {"architectures": ["BertForSequenceClassification"]}
     target = ROUTED_CLASS if routed else STATIC_CLASS
     return {"architectures": [target.rsplit(".", 1)[1]],
-            "auto_map": {"AutoModelForSequenceClassification": target}}
+            "auto_map": {"AutoModelForSequenceClassification": target},
+            "custom_pipelines": TEXT_CLASSIFICATION_PIPELINE}

@@ -92,7 +92,8 @@ def model_card(*, task: str, phase: str, base_model: str | None, config, results
     """README.md for a saved model folder: Hugging Face metadata, what it is (base model, task, phase,
     labels, size), how it was made (the command line), how to load it and its dev results per subnet
     (`results`: {"d{depth}_w{width}": {metric: value}}, as `trainer.evaluate_subnets`)."""
-    loadable = stock_loadable(config)
+    # a gated export ships its routed class (auto_map): stock code would drop the routing
+    loadable = stock_loadable(config) and not getattr(config, "auto_map", None)
     meta = ["---", "library_name: transformers", "pipeline_tag: text-classification",
             "tags:", "- flexbert", "- dynabert", "- text-classification"]
     if _hub_id(base_model):
@@ -123,6 +124,11 @@ def model_card(*, task: str, phase: str, base_model: str | None, config, results
         lines += ["```python", "from transformers import AutoModelForSequenceClassification",
                   "model = AutoModelForSequenceClassification.from_pretrained(FOLDER, trust_remote_code=True)",
                   "```", ""]
+        if getattr(config, "custom_pipelines", None):
+            lines += ["or as a pipeline (label names back; pairs as `{\"text\": ..., \"text_pair\": ...}`):", "",
+                      "```python", "from transformers import pipeline",
+                      "classify = pipeline(\"text-classification\", model=FOLDER, trust_remote_code=True)",
+                      "classify(\"a sentence\")", "```", ""]
     lines += ["Any subnet with this repository's class: `FlexBertForSequenceClassification.from_pretrained(FOLDER)`, "
               "then `model(..., subnet=model.subnet(width, depth))`; `export_subnet.py` writes one subnet as a "
               "smaller folder that stock transformers (or `trust_remote_code=True`) loads.", ""]
