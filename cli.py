@@ -11,6 +11,7 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch.distributed as dist
 import transformers
 from tqdm.auto import tqdm
 
@@ -34,12 +35,22 @@ def run_cli(main: Callable[[], None]) -> None:
     interrupt exit 130. The library's loaders and writers name the file in their errors."""
     try:
         main()
+        _leave_process_group()
     except InputError as err:
         _fail(err, 2)
     except OSError as err:  # unreadable input, unwritable output folder, full disk, ...
         _fail(describe_os_error(err), 1)
     except KeyboardInterrupt:
         _fail("interrupted", 130)
+
+
+def _leave_process_group() -> None:
+    """torchrun: after a successful run every rank waits for the others and leaves the process group. A gloo
+    group left to the interpreter's exit can abort a finished rank ("terminate called without an active
+    exception", exit -6), which torchrun reports as a failure."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
 
 
 def describe_os_error(err: OSError) -> str:
