@@ -22,7 +22,7 @@ demo: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests
+	$(PY) -m pytest tests --durations=15
 
 lint: venv
 	$(PY) -m ruff check .
