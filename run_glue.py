@@ -54,24 +54,19 @@ from transformers_ext import compute_importance, dynamic_forward, graft, rewire
 from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
+from transformers_ext.environment import autocast, precision_name, set_seed, setup_device, setup_numerics
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
-    autocast,
-    broadcast_from_main,
     build_optimizer,
     check_finite,
     evaluate_subnets,
     fit,
     flat_eval_results,
     format_subnet_table,
-    precision_name,
-    set_seed,
-    setup_device,
-    setup_numerics,
     subnet_key,
     train_metrics,
     trainer_state,
@@ -215,7 +210,7 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
         logits, rows = [], []
         for b, batch in enumerate(utils_glue.epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            with autocast(precision_name(args), device.type):
+            with autocast(precision_name(args.fp16, args.bf16), device.type):
                 out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, fixed_width=args.width_mult,
                                       depth_mult=args.depth_mult)
             logits.append(out.logits.float().cpu())
@@ -242,7 +237,8 @@ def phase_subnets(args: argparse.Namespace) -> tuple[list[float], list[float]]:
 
 
 def graft_schedule(num_examples: int, batch_size: int, epochs: int) -> tuple[int, int]:
-    """(graft_step, graft_stop): about 3 grafts per epoch, none in the last (SPEC §3)."""
+    """(graft_step, graft_stop): about 3 grafts per epoch, none in the last (SPEC §3). `batch_size`: the global
+    batch (per process x processes), so that under torchrun the grafts land at the same fractions of training."""
     steps_per_epoch = num_examples / batch_size
     return max(1, int(steps_per_epoch / 3)), int(steps_per_epoch * (epochs - 1))
 
@@ -324,16 +320,12 @@ def train(args: argparse.Namespace) -> dict:
         )
 
     def importance() -> tuple[torch.Tensor, torch.Tensor]:
-        """Computed on rank 0 and broadcast: replicas that rewired or grafted on scores differing in a last bit
-        would stay different for the rest of the run (only gradients are averaged)."""
-        if not is_main:
-            config = model.config
-            return broadcast_from_main([
-                torch.zeros(config.num_hidden_layers, config.num_attention_heads, device=device),
-                torch.zeros(config.num_hidden_layers, config.intermediate_size, device=device)], world)
+        """Under torchrun each rank scores a share of the batches and every rank sums all of them in one order:
+        replicas that rewired or grafted on scores differing in a last bit would stay different for the rest
+        of the run (only gradients are averaged)."""
         batches = utils_glue.importance_batches(importance_set, args.per_gpu_eval_batch_size,
                                                 args.importance_max_examples, args.group_by_length)
-        return broadcast_from_main(compute_importance(model, batches, device, args.importance_max_examples), world)
+        return compute_importance(model, batches, device, args.importance_max_examples, rank, world)
 
     try:
         schedule = Schedule.make(utils_glue.num_batches(train_set, args.per_gpu_train_batch_size, world),
@@ -344,7 +336,7 @@ def train(args: argparse.Namespace) -> dict:
     params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     optimizer, scheduler = build_optimizer(params, args.learning_rate, args.weight_decay, args.warmup_steps,
                                            schedule.total_updates)
-    graft_step, graft_stop = graft_schedule(len(train_set), args.per_gpu_train_batch_size, schedule.epochs)
+    graft_step, graft_stop = graft_schedule(len(train_set), args.per_gpu_train_batch_size * world, schedule.epochs)
 
     resume = None
     if args.resume_from_checkpoint:
@@ -374,7 +366,7 @@ def train(args: argparse.Namespace) -> dict:
 
     def evaluate(state) -> tuple[float, dict]:
         results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size,
-                                   device, precision_name(args))
+                                   device, precision_name(args.fp16, args.bf16))
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
@@ -459,7 +451,7 @@ def train(args: argparse.Namespace) -> dict:
                 losses=batch_losses, hooks=hooks, resume=resume, world=world, is_main=is_main,
                 eval_every=args.logging_steps if args.evaluate_during_training and args.logging_steps > 0 else 0,
                 eval_on_start=args.eval_on_start,
-                precision=precision_name(args), device_type=device.type,
+                precision=precision_name(args.fp16, args.bf16), device_type=device.type,
                 writer=writer, desc=f"{phase_name} {spec.name}", zero_grad=lambda: model.zero_grad(set_to_none=True),
                 log_every=args.logging_steps, balance_losses=args.balance_subnet_gradients)
     elapsed = time.time() - train_start

@@ -53,51 +53,29 @@ from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import (
     DEFAULT_EXIT_THRESHOLD,
     StaticRouter,
-    default_off_ramps,
     dynamic_forward,
     heads_kept,
     layers_kept,
     path_macs,
     static_output,
 )
-from transformers_ext.batching import in_dataset_order, length_sorted_batches, trim_padding
-from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
-from transformers_ext.files import write_json, write_text
-from transformers_ext.flops import flops_summary
-from transformers_ext.gates import (
-    REFERENCE_CLASS_WEIGHTS,
-    every_width_gate_loss,
-    gate_inputs_and_correctness,
-    gate_loss,
-    gate_targets,
-    gates_on,
-    gumbel_softmax_probs,
-    histogram_class_weights,
-    layers_per_gate,
-    temperature_at,
-)
-from transformers_ext.loading import load_model
-from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
-from transformers_ext.saving import model_card, save_model
-from transformers_ext.trainer import (
-    Hooks,
-    Schedule,
+from transformers_ext.environment import (
     autocast,
-    build_optimizer,
-    fit,
     precision_name,
     set_seed,
     setup_device,
     setup_numerics,
     tf32_enabled,
-    train_metrics,
-    trainer_state,
 )
-from utils_glue import epoch_batches, num_batches
+from transformers_ext.files import write_json, write_text
+from transformers_ext.flops import flops_summary
+from transformers_ext.gate_training import RESULTS_FILE, GateTrainingConfig, RunRecord, check_config, train_gates
+from transformers_ext.loading import load_model
+from transformers_ext.routing import routing_defaults
+from utils_glue import epoch_batches
 
 logger = logging.getLogger("flexbert")
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
-RESULTS_FILE = "gate_results.json"
 
 
 def build_parser(description: str | None = __doc__) -> ArgumentParser:
@@ -254,296 +232,56 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
     args.early_exit = early_exit
 
 
-# ---- gate training -----------------------------------------------------------------------------------------
-# Gate inputs are kept in memory when they fit; larger sets (MNLI, QQP, augmented data) recompute per batch.
-GATE_CACHE_BYTES = 4 * 2**30
-
-
-class GateInputs:
-    """The [CLS] vectors the gates read at every gate-setting width, `[C, G, B, h]` for a batch of example
-    indices, and each width's correctness `[C, N]` (hence the targets). With the backbone frozen and in eval
-    mode these are fixed, so they are computed once when they fit in GATE_CACHE_BYTES; otherwise, and with
-    `backbone_dropout` (fresh dropout noise per batch, as the reference), they are recomputed per batch."""
-
-    def __init__(self, model, dataset, args, device, backbone_dropout: bool = False):
-        self.model, self.dataset, self.args, self.device = model, dataset, args, device
-        self.backbone_dropout = backbone_dropout
-        size = len(args.gate_setting) * model.config.num_gates * len(dataset) * model.config.hidden_size * 4
-        keep = size <= GATE_CACHE_BYTES and not backbone_dropout
-        states, correct, indices = [], [], []
-        for idx, batch in progress(list(length_sorted_batches(dataset, args.per_gpu_eval_batch_size)),
-                                   desc="gate inputs and targets", leave=False):
-            s, c = self._compute(batch, dropout=False)
-            correct.append(c.cpu())
-            indices.append(idx)
-            if keep:
-                states.append(s.cpu())
-        self.correct = in_dataset_order(correct, indices, dim=1)
-        self.targets = gate_targets(self.correct[:-1])
-        self.states = in_dataset_order(states, indices, dim=2) if keep else None
-        if device.type == "cuda":  # page-locked: each batch's copy to the GPU runs asynchronously
-            self.targets = self.targets.pin_memory()
-            self.states = None if self.states is None else self.states.pin_memory()
-
-    def _compute(self, batch, dropout: bool) -> tuple[torch.Tensor, torch.Tensor]:
-        self.model.train(dropout)
-        try:
-            return gate_inputs_and_correctness(self.model, [t.to(self.device) for t in trim_padding(batch)],
-                                               self.args.gate_setting, self.args.regression_threshold)
-        finally:
-            self.model.eval()
-
-    def __len__(self) -> int:
-        return len(self.targets)
-
-    def batch(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """(states `[C, G, B, h]`, targets `[B]`) on the device, for example indices `idx`."""
-        if self.states is not None:
-            states = self.states[:, :, idx]
-            states = states.pin_memory() if self.states.is_pinned() else states  # indexing un-pins
-        else:
-            states = self._compute([t[idx] for t in self.dataset.tensors], self.backbone_dropout)[0]
-        targets = self.targets[idx]
-        targets = targets.pin_memory() if self.targets.is_pinned() else targets
-        return states.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
-
-
-def gate_epoch_loss(model, states, targets, weights, temperature, generator=None, rule: str = "reference"
-                    ) -> tuple[torch.Tensor, list]:
-    """Summed weighted loss over widths (descending) for one batch of precomputed gate inputs, plus the
-    per-width losses. `states`: [C, G, B, h]; `rule`: --gate_loss."""
-    per_width = []
-    weight_tensor = torch.tensor(weights, device=states.device)
-    for k in reversed(range(states.shape[0])):
-        probs = gumbel_softmax_probs(gates_on(model.gates, states[k]), temperature, generator)
-        if rule == "every_width":
-            per_width.append(every_width_gate_loss(probs, targets, weight_tensor))
-        else:
-            per_width.append(gate_loss(probs, targets, k, weights[k]))
-    return sum(per_width), per_width
-
-
-def class_weights(args: argparse.Namespace, spec, targets: torch.Tensor | None, num_classes: int
-                  ) -> list[float] | None:
-    """--gate_class_weights for `num_classes` gate classes. Called by main() without targets to validate the
-    flag before any work (None for 'histogram', which needs the targets)."""
-    if args.gate_class_weights == "histogram":
-        if targets is None:
-            return None
-        return clip_weights(histogram_class_weights(targets, num_classes), args.max_class_weight)
-    if args.gate_class_weights == "reference":
-        if spec.name not in REFERENCE_CLASS_WEIGHTS or num_classes != 4:
-            raise CLIError(f"--gate_class_weights reference has no row for {spec.name} with {num_classes} classes")
-        return clip_weights(REFERENCE_CLASS_WEIGHTS[spec.name], args.max_class_weight)
-    try:
-        weights = [NON_NEGATIVE(x) for x in args.gate_class_weights.split(",")]
-    except argparse.ArgumentTypeError as err:
-        raise CLIError(f"--gate_class_weights '{args.gate_class_weights}' is not histogram, reference or "
-                       f"a comma list of numbers >= 0 ({err})") from None
-    if len(weights) != num_classes:
-        raise CLIError(f"--gate_class_weights has {len(weights)} values for {num_classes} classes")
-    if not sum(weights) > 0:
-        raise CLIError(f"--gate_class_weights {args.gate_class_weights}: every weight is 0")
-    return clip_weights(weights, args.max_class_weight)
-
-
-def clip_weights(weights: list[float], cap: float | None) -> list[float]:
-    """--max_class_weight: each weight at most `cap` (None: unchanged)."""
-    return list(weights) if cap is None else [min(float(w), cap) for w in weights]
-
-
-def train_gates(args: argparse.Namespace, spec, model, tokenizer, device, rank: int = 0, world: int = 1) -> None:
+# ---- gate training (transformers_ext.gate_training) ---------------------------------------------------------
+def gate_training_config(args: argparse.Namespace, spec: utils_glue.TaskSpec, num_layers: int
+                         ) -> GateTrainingConfig:
+    """The gate-training options of the flags, checked before any work."""
     if [round(w, 6) for w in args.width_mult_list] != [round(w, 6) for w in args.gate_setting]:
         raise CLIError(
             f"--gate_setting {args.gate_setting} must equal --width_mult_list {args.width_mult_list} when "
             "training gates (same length and values)"
         )
-    if len(args.gate_setting) < 2:
-        raise CLIError("--gate_setting needs at least two widths for gates to choose between")
-    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once input is validated
-    num_layers = model.config.num_hidden_layers
-    num_gates = args.num_gates or num_layers
-    if num_gates < 1 or num_layers % num_gates:
-        raise CLIError(f"--num_gates {num_gates} must divide the model's {num_layers} layers")
-    model.add_gates(args.gate_setting, num_gates)
-    model.to(device)
-    for name, p in model.named_parameters():
-        p.requires_grad_(name.startswith("gates."))
-    model.eval()
-    is_main = rank == 0
+    config = GateTrainingConfig(
+        task=spec.name, gate_setting=list(args.gate_setting), num_gates=args.num_gates,
+        class_weights=parse_class_weights(args.gate_class_weights), max_class_weight=args.max_class_weight,
+        regression_threshold=args.regression_threshold, gate_loss=args.gate_loss,
+        backbone_dropout=args.backbone_dropout, train_batch_size=args.per_gpu_train_batch_size,
+        eval_batch_size=args.per_gpu_eval_batch_size, learning_rate=args.learning_rate,
+        weight_decay=args.weight_decay, warmup_steps=args.warmup_steps, epochs=args.num_train_epochs,
+        accumulation=args.gradient_accumulation_steps, logging_steps=args.logging_steps, seed=args.seed,
+        precision=precision_name(args.fp16, args.bf16), exit_threshold=args.exit_threshold,
+        off_ramps=args.off_ramps)
+    check_config(config, num_layers)
+    return config
 
+
+def parse_class_weights(text: str) -> str | list[float]:
+    """--gate_class_weights: "histogram", "reference" or a comma list of weights >= 0, not all 0."""
+    if text in ("histogram", "reference"):
+        return text
+    try:
+        weights = [NON_NEGATIVE(x) for x in text.split(",")]
+    except argparse.ArgumentTypeError as err:
+        raise CLIError(f"--gate_class_weights '{text}' is not histogram, reference or a comma list of numbers "
+                       f">= 0 ({err})") from None
+    if not sum(weights) > 0:
+        raise CLIError(f"--gate_class_weights {text}: every weight is 0")
+    return weights
+
+
+def run_gate_training(args: argparse.Namespace, config: GateTrainingConfig, spec: utils_glue.TaskSpec, model,
+                      tokenizer, device: torch.device, rank: int = 0, world: int = 1) -> None:
+    """Gate training on the flags' data, into --output_dir."""
+    output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once input is validated
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
     train_set = utils_glue.load_dataset(args.task_name, args.data_dir, "aug" if args.data_aug else "train",
                                         max_examples=args.max_train_samples, **load)
     dev_splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
     dev_sets = [utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples, **load)
                 for s in dev_splits]
-    num_classes = len(args.gate_setting)
-    schedule = Schedule.make(num_batches(train_set, args.per_gpu_train_batch_size, world),  # checked before the
-                             args.gradient_accumulation_steps, args.num_train_epochs)  # gate inputs are computed
-
-    logger.info("computing gate targets: %d widths x %d train + %d dev examples", num_classes, len(train_set),
-                sum(len(d) for d in dev_sets))
-    train_inputs = GateInputs(model, train_set, args, device, backbone_dropout=args.backbone_dropout)
-    dev_inputs = [GateInputs(model, d, args, device) for d in dev_sets]
-    train_targets = train_inputs.targets
-    hist = torch.bincount(train_targets, minlength=num_classes).tolist()
-    logger.info("train target histogram (class: count): %s", dict(zip(args.gate_setting, hist, strict=True)))
-    weights = class_weights(args, spec, train_targets, num_classes)
-    logger.info("class weights: %s", [round(w, 3) for w in weights])
-
-    set_seed(args.seed)
-    batch_size = args.per_gpu_train_batch_size
-    n_train = len(train_targets)
-    params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
-    optimizer, scheduler = build_optimizer(params, args.learning_rate, args.weight_decay, args.warmup_steps,
-                                           schedule.total_updates)
-    resume = None
-    if args.resume_from_checkpoint:
-        ckpt, resume = resume_checkpoint(output_dir, args.resume_from_checkpoint, model, device, vars(args), optimizer)
-        logger.info("resumed from %s at step %d", ckpt, resume["global_step"])
-    output_dir.mkdir(parents=True, exist_ok=True)
-    # one run folder per phase (and run), as run_glue.py: runs of different phases never overlay
-    writer = SummaryWriter(str(output_dir / "runs" / f"traingate_{time.strftime('%Y%m%d-%H%M%S')}")) \
-        if is_main else None
-    temperature = 1.0
-    # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
-    index_set = torch.utils.data.TensorDataset(torch.arange(n_train))
-
-    def validate() -> dict:
-        model.gates.eval()
-        # The same Gumbel noise at every validation, from its own generator seeded by --seed: scores differ
-        # only by the gates, and validation draws nothing from the training stream (nor do reruns, resumes
-        # or another --logging_steps change which gates are kept).
-        noise = torch.Generator(device=device).manual_seed(args.seed)
-        with torch.no_grad():
-            totals, correct, count = [], torch.zeros(num_gates), 0
-            for inputs in dev_inputs:
-                split_loss, n_batches = torch.zeros(num_classes), 0
-                for start in range(0, len(inputs), args.per_gpu_eval_batch_size):
-                    idx = torch.arange(start, min(start + args.per_gpu_eval_batch_size, len(inputs)))
-                    batch_states, batch_targets = inputs.batch(idx)
-                    _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature,
-                                                   noise, rule=args.gate_loss)
-                    split_loss += torch.stack(per_width[::-1]).cpu()
-                    n_batches += 1
-                    # gate accuracy: each gate's argmax on the full-width states against the target
-                    logits = gates_on(model.gates, batch_states[-1])
-                    correct += (logits.argmax(-1) == batch_targets).float().sum(1).cpu()
-                    count += len(batch_targets)
-                totals.append(split_loss.mean() / n_batches)
-        model.gates.train()
-        return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
-
-    def evaluate(state) -> tuple[float, dict]:
-        val = validate()
-        if writer is not None:
-            writer.add_scalar("eval/loss", val["loss"], state.global_step)
-            for g, acc in enumerate(val["gate_acc"]):
-                writer.add_scalar(f"eval/gate_acc/{g}", acc, state.global_step)
-        logger.info("step %d: dev gate loss %.4f%s; gate accuracy per gate %s", state.global_step, val["loss"],
-                    " (best)" if -val["loss"] > state.best_score else "", [round(a, 3) for a in val["gate_acc"]])
-        return -val["loss"], {"step": state.global_step, **val}
-
-    best_gates: dict[str, torch.Tensor] = {}
-
-    def on_best(state, record) -> None:
-        best_gates.update({k: v.detach().clone() for k, v in model.gates.state_dict().items()})
-        save_gated_model(args, model, tokenizer, output_dir)
-
-    def write_results(state, record=None, improved=False, extra: dict | None = None) -> None:
-        write_json(output_dir / RESULTS_FILE, {
-            "task": spec.name, "gate_setting": args.gate_setting, "num_gates": num_gates, "class_weights": weights,
-            "gate_loss": args.gate_loss, "train_target_histogram": hist, "best_dev_loss": -state.best_score,
-            "history": state.history, **(extra or {}),
-        })
-        # Hugging Face's result files beside ours (train_* once training ended), as run_glue.py writes them
-        best = max(state.history, key=lambda r: -r["loss"])
-        train = None if record is not None else train_metrics(state, schedule, n_train, time.time() - train_start)
-        write_json(output_dir / "all_results.json", {**gate_eval_results(best), **(train or {})})
-        write_json(output_dir / "trainer_state.json", trainer_state(state, schedule, gate_eval_results,
-                                                                    args.logging_steps, best["step"], train))
-
-    def before_batch(state) -> None:
-        nonlocal temperature
-        temperature = temperature_at(state.global_step, n_train, batch_size, schedule.epochs, temperature)
-
-    def batch_losses(batch, state):
-        states, targets = train_inputs.batch(batch[0])
-        yield "gates", gate_epoch_loss(model, states, targets, weights, temperature, rule=args.gate_loss)[0]
-        if writer is not None:
-            writer.add_scalar("train/temperature", temperature, state.global_step + 1)
-
-    def load_extra_state(saved: dict) -> None:
-        nonlocal temperature
-        temperature = saved["temperature"]
-
-    hooks = Hooks(
-        before_batch=before_batch, evaluate=evaluate, after_evaluate=write_results,
-        on_best=on_best,
-        save_checkpoint=lambda state: save_checkpoint(output_dir, model, tokenizer, {**state, "args": vars(args)}),
-        extra_state=lambda: {"temperature": temperature}, load_extra_state=load_extra_state,
-    )
-    model.gates.train()
-    train_start = time.time()
-    state = fit(params=params, optimizer=optimizer, scheduler=scheduler, schedule=schedule,
-        batches=lambda epoch, start: epoch_batches(index_set, batch_size, args.seed, epoch, rank=rank, world=world,
-                                                   start_batch=start),
-        losses=batch_losses, hooks=hooks, eval_every=args.logging_steps, resume=resume, world=world,
-        is_main=is_main, precision=precision_name(args),
-        device_type=device.type, writer=writer, desc=f"traingate {spec.name}", log_every=args.logging_steps)
-    if writer is not None:
-        writer.close()
-    if is_main and best_gates:  # how the best gates route dev examples at inference (states of chosen widths)
-        model.gates.load_state_dict(best_gates)
-        routed = routed_gate_report(model, dev_sets[0], dev_inputs[0].targets, args, device)
-        logger.info("best gates on dev, routed as at inference: accuracy per gate %s, routing entropy per gate "
-                    "%s (nats; 0 = every input gets the same width)", [round(a, 3) for a in routed["gate_acc"]],
-                    [round(e, 3) for e in routed["routing_entropy"]])
-        write_results(state, extra={"routed_dev": routed})
-    logger.info("gates saved with the backbone to %s", output_dir)
-
-
-@torch.no_grad()
-def routed_gate_report(model, dataset, targets: torch.Tensor, args, device) -> dict:
-    """Dev examples routed by the gates as at inference (each gate reads the state its predecessors' choices
-    produced): per gate, the accuracy of the chosen class against the target, the histogram of chosen
-    classes and its entropy."""
-    chosen, indices = [], []
-    for idx, batch in length_sorted_batches(dataset, args.per_gpu_eval_batch_size):
-        ids, mask, types = (t.to(device) for t in batch[:3])
-        out = dynamic_forward(model, ids, mask, types, class_to_width=args.gate_setting)
-        chosen.append(out.width_class[:, :: layers_per_gate(model)].cpu())
-        indices.append(idx)
-    chosen = in_dataset_order(chosen, indices)  # [N, G]
-    num_classes = len(args.gate_setting)
-    counts = torch.stack([torch.bincount(chosen[:, g], minlength=num_classes) for g in range(chosen.shape[1])])
-    probs = counts.float() / counts.sum(1, keepdim=True)
-    entropy = -(probs * probs.clamp_min(1e-12).log()).sum(1)
-    return {"gate_acc": (chosen == targets.view(-1, 1)).float().mean(0).tolist(),
-            "class_histogram_per_gate": counts.tolist(), "routing_entropy": entropy.tolist(),
-            "target_histogram": torch.bincount(targets, minlength=num_classes).tolist()}
-
-
-def save_gated_model(args, model, tokenizer, output_dir: Path) -> None:
-    """The backbone + gates, with the trained class -> width map and the off-ramps in config.json: inference
-    reads them as defaults."""
-    config = model.config
-    config.gate_class_to_width = list(args.gate_setting)
-    if args.exit_threshold is not None:
-        config.exit_threshold = args.exit_threshold
-    config.off_ramps = args.off_ramps or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
-    card = model_card(task=utils_glue.get_task(args.task_name).name, phase="traingate", base_model=args.model_dir,
-                      config=config, command=parsed_command(),
-                      notes=["gated inference: train_gate.py --do_eval --model_dir FOLDER --w_dynamic or "
-                             "--wd_dynamic --early_exit; a static setting: export_subnet.py"])
-    save_model(model, tokenizer, output_dir, {"training_args.json": json.dumps(vars(args), indent=2, default=str),
-                                              "README.md": card})
-
-
-def gate_eval_results(record: dict) -> dict:
-    """One gate evaluation as flat eval_* values (HF's all_results.json / log_history)."""
-    return {"eval_loss": record["loss"], **{f"eval_gate_acc_{g}": a for g, a in enumerate(record["gate_acc"])}}
+    record = RunRecord(flags=vars(args), base_model=args.model_dir, command=parsed_command())
+    train_gates(config, model, tokenizer, train_set, dev_sets, output_dir, record, device, rank, world,
+                args.resume_from_checkpoint, SummaryWriter)
 
 
 # ---- inference ---------------------------------------------------------------------------------------------
@@ -671,7 +409,7 @@ class InferenceReport:
         dev_splits, self.test_splits = inference_splits(args, spec)
         self.report_splits = dev_splits or self.test_splits
         self.cuda_events = args.record_gpu_time and device.type == "cuda"
-        self.precision = precision_name(args)
+        self.precision = precision_name(args.fp16, args.bf16)
         # a GPU needs several batches to reach its steady clock and caches; a CPU one
         self.warmup = args.timing_warmup if args.timing_warmup is not None else 10 if device.type == "cuda" else 1
         self.results, self.record = {}, {"heads": [], "exit": [], "classes": []}
@@ -929,15 +667,14 @@ def main(argv: list[str] | None = None) -> None:
     if args.fixed_gate is not None:
         widths["--fixed_gate"] = [args.fixed_gate]
     validate_subnets(model.config, widths, {"--depth_mult_list": args.depth_mult_list})
-    if args.do_train:
-        class_weights(args, spec, None, len(args.gate_setting))
+    gate_config = gate_training_config(args, spec, model.config.num_hidden_layers) if args.do_train else None
     layers = model.config.num_hidden_layers
     if args.off_ramps is not None and max(args.off_ramps) >= layers:  # saved into the gate folder's config
         raise CLIError(f"--off_ramps {','.join(map(str, args.off_ramps))} must be layers 0..{layers - 1} of "
                        f"--model_dir {args.model_dir}")
     with clean_up_on_failure(args.output_dir):
         if args.do_train:
-            train_gates(args, spec, model, tokenizer, device, rank, world)
+            run_gate_training(args, gate_config, spec, model, tokenizer, device, rank, world)
         else:
             run_inference(args, spec, model, tokenizer, device)
 

@@ -18,7 +18,13 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from transformers_ext.batching import length_sorted_batches, trim_padding
+from transformers_ext.batching import (  # noqa: F401  (LENGTH_GROUP, num_batches: the data layer's batching API)
+    LENGTH_GROUP,
+    epoch_batches,
+    length_sorted_batches,
+    num_batches,
+    trim_padding,
+)
 from transformers_ext.errors import InputError
 from transformers_ext.files import torch_save
 
@@ -590,9 +596,6 @@ def load_dataset(
 
 
 # ---- batching -------------------------------------------------------------------------------------------
-LENGTH_GROUP = 50  # global batches sorted together by --group_by_length (Hugging Face's megabatch size)
-
-
 def importance_batches(dataset: TensorDataset, batch_size: int, max_examples: int | None, by_length: bool
                        ) -> Iterator[list[torch.Tensor]]:
     """Padding-trimmed batches for head/neuron importance: whole batches in file order until `max_examples`
@@ -603,45 +606,6 @@ def importance_batches(dataset: TensorDataset, batch_size: int, max_examples: in
     if by_length:
         return (batch for _, batch in length_sorted_batches(kept, batch_size))
     return (trim_padding(batch) for batch in epoch_batches(kept, batch_size, 0, 0, False))
-
-
-def epoch_batches(
-    dataset: TensorDataset,
-    batch_size: int,
-    seed: int,
-    epoch: int,
-    shuffle: bool = True,
-    rank: int = 0,
-    world: int = 1,
-    start_batch: int = 0,
-    lengths: torch.Tensor | None = None,
-) -> Iterator[list[torch.Tensor]]:
-    """Deterministic batches of one epoch: the order depends only on (seed, epoch), so a resumed run skips
-    `start_batch` batches and sees exactly the data it would have seen. Under torchrun each process takes
-    its share of every global batch (batch_size per process).
-
-    With `lengths` (tokens per example) and shuffling, each run of LENGTH_GROUP global batches of the shuffled
-    order is sorted longest first (Hugging Face's group_by_length): batches then hold examples of similar
-    length, so trimming their padding saves most of the padded compute while the epoch stays a shuffle."""
-    n = len(dataset)
-    global_batch = batch_size * world
-    if shuffle:
-        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
-        if lengths is not None:
-            order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)]
-                               for group in order.split(global_batch * LENGTH_GROUP)])
-    else:
-        order = torch.arange(n)
-    for b in range(start_batch, (n + global_batch - 1) // global_batch):
-        global_chunk = order[b * global_batch : (b + 1) * global_batch]
-        if len(global_chunk) < world:
-            break  # a last batch too small to give every process an example is dropped (all ranks alike)
-        chunk = global_chunk[rank::world]
-        yield [t[chunk] for t in dataset.tensors]
-
-
-def num_batches(dataset: TensorDataset, batch_size: int, world: int = 1) -> int:
-    return (len(dataset) + batch_size * world - 1) // (batch_size * world)
 
 
 # ---- metrics ------------------------------------------------------------------------------------------

@@ -6,6 +6,7 @@ early-exit extremes, the best-trade-off config, inference_results.json, and plot
 from __future__ import annotations
 
 import csv
+import dataclasses
 import functools
 import json
 import math
@@ -27,7 +28,8 @@ import plot_tradeoff
 import train_gate
 import utils_glue
 from cli import CLIError, run_cli
-from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, heads_kept, subnet_macs
+from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, gate_training, heads_kept, subnet_macs
+from transformers_ext.gate_training import GateInputs, GateTrainingConfig, class_weights
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
 from transformers_ext.loading import load_model
 from transformers_ext.trainer import evaluate_subnets, predict
@@ -275,18 +277,14 @@ def test_histogram_class_weights_formula():
 
 
 def test_max_class_weight_clips_every_rule():
-    from types import SimpleNamespace
-
-    from train_gate import class_weights
-    from utils_glue import get_task
-
     targets = torch.tensor([0] * 97 + [1, 2, 3])  # histogram: [100/388, 25, 25, 25]
-    args = SimpleNamespace(gate_class_weights="histogram", max_class_weight=5.0)
-    assert class_weights(args, get_task("RTE"), targets, 4) == pytest.approx([100 / 388, 5.0, 5.0, 5.0])
-    args.gate_class_weights = "reference"
-    assert class_weights(args, get_task("RTE"), None, 4) == pytest.approx([0.3, 5.0, 5.0, 5.0])
-    args.gate_class_weights, args.max_class_weight = "1,2,30,4", None
-    assert class_weights(args, get_task("RTE"), None, 4) == [1.0, 2.0, 30.0, 4.0]
+    config = GateTrainingConfig(task="RTE", gate_setting=[0.25, 0.5, 0.75, 1.0], max_class_weight=5.0)
+    assert class_weights(config, targets) == pytest.approx([100 / 388, 5.0, 5.0, 5.0])
+    config = dataclasses.replace(config, class_weights="reference")
+    assert class_weights(config, None) == pytest.approx([0.3, 5.0, 5.0, 5.0])
+    config = dataclasses.replace(config, class_weights=train_gate.parse_class_weights("1,2,30,4"),
+                                 max_class_weight=None)
+    assert class_weights(config, None) == [1.0, 2.0, 30.0, 4.0]
 
 
 def test_reference_class_weights(env, capsys):
@@ -315,14 +313,14 @@ def test_gradient_accumulation_steps(env):
 def test_gradient_accumulation_skips_the_leftover_batch(env, monkeypatch):
     """3 batches of 12 per epoch (32 examples), 2 per update: the third makes no update and must not run,
     or its gradient would be added to the next epoch's first update."""
-    batch_sizes, original = [], train_gate.gate_epoch_loss
+    batch_sizes, original = [], gate_training.gate_epoch_loss
 
     def gate_epoch_loss(model, states, targets, *rest, **kwargs):
         if torch.is_grad_enabled():  # training, not validation
             batch_sizes.append(len(targets))
         return original(model, states, targets, *rest, **kwargs)
 
-    monkeypatch.setattr(train_gate, "gate_epoch_loss", gate_epoch_loss)
+    monkeypatch.setattr(gate_training, "gate_epoch_loss", gate_epoch_loss)
     results = _train(env, env["bert"], env["root"] / "accum_leftover", num_train_epochs=2, logging_steps=1,
                      gradient_accumulation_steps=2, per_gpu_train_batch_size=12)
     assert batch_sizes == [12, 12, 12, 12]
@@ -663,12 +661,12 @@ def test_gate_inputs_are_computed_in_length_order_and_returned_in_dataset_order(
     from transformers_ext.gates import gate_inputs_and_correctness
 
     model, dataset = _dev_set(env, env["bert"])
-    args = SimpleNamespace(gate_setting=[1.0, 0.75, 0.5, 0.25], per_gpu_eval_batch_size=5, regression_threshold=0.5)
+    args = GateTrainingConfig(task="RTE", gate_setting=[1.0, 0.75, 0.5, 0.25], eval_batch_size=5)
     model.add_gates(args.gate_setting, model.config.num_hidden_layers)
     model.eval()
     lengths = dataset.tensors[1].sum(1)
     assert len(set(lengths.tolist())) > 3  # the order really changes
-    inputs = train_gate.GateInputs(model, dataset, args, torch.device("cpu"))
+    inputs = GateInputs(model, dataset, args, torch.device("cpu"))
     with torch.no_grad():
         single = [gate_inputs_and_correctness(model, [t[i:i + 1] for t in dataset.tensors], args.gate_setting, 0.5)
                   for i in range(len(dataset))]

@@ -1,6 +1,6 @@
-"""Batches of a TensorDataset (input_ids, attention_mask, token_type_ids, labels) for passes whose
-per-example results do not depend on the batch: sorted by length, padding trimmed, results put back in
-dataset order."""
+"""Batches of a TensorDataset (input_ids, attention_mask, token_type_ids, labels): training epochs in a seeded
+(resumable) order, split between torchrun's processes; and, for passes whose per-example results do not
+depend on the batch, sorted by length, padding trimmed, results put back in dataset order."""
 
 from __future__ import annotations
 
@@ -37,3 +37,45 @@ def in_dataset_order(chunks: Sequence[torch.Tensor], indices: Sequence[torch.Ten
     for chunk, idx in zip(chunks, indices, strict=True):
         out.index_copy_(dim, idx.to(out.device), chunk)
     return out
+
+
+LENGTH_GROUP = 50  # global batches sorted together by --group_by_length (Hugging Face's megabatch size)
+
+
+def epoch_batches(
+    dataset: TensorDataset,
+    batch_size: int,
+    seed: int,
+    epoch: int,
+    shuffle: bool = True,
+    rank: int = 0,
+    world: int = 1,
+    start_batch: int = 0,
+    lengths: torch.Tensor | None = None,
+) -> Iterator[list[torch.Tensor]]:
+    """Deterministic batches of one epoch: the order depends only on (seed, epoch), so a resumed run skips
+    `start_batch` batches and sees exactly the data it would have seen. Under torchrun each process takes
+    its share of every global batch (batch_size per process).
+
+    With `lengths` (tokens per example) and shuffling, each run of LENGTH_GROUP global batches of the shuffled
+    order is sorted longest first (Hugging Face's group_by_length): batches then hold examples of similar
+    length, so trimming their padding saves most of the padded compute while the epoch stays a shuffle."""
+    n = len(dataset)
+    global_batch = batch_size * world
+    if shuffle:
+        order = torch.randperm(n, generator=torch.Generator().manual_seed(seed * 1000 + epoch))
+        if lengths is not None:
+            order = torch.cat([group[lengths[group].argsort(descending=True, stable=True)]
+                               for group in order.split(global_batch * LENGTH_GROUP)])
+    else:
+        order = torch.arange(n)
+    for b in range(start_batch, (n + global_batch - 1) // global_batch):
+        global_chunk = order[b * global_batch : (b + 1) * global_batch]
+        if len(global_chunk) < world:
+            break  # a last batch too small to give every process an example is dropped (all ranks alike)
+        chunk = global_chunk[rank::world]
+        yield [t[chunk] for t in dataset.tensors]
+
+
+def num_batches(dataset: TensorDataset, batch_size: int, world: int = 1) -> int:
+    return (len(dataset) + batch_size * world - 1) // (batch_size * world)

@@ -2,11 +2,12 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 
 import torch
 from torch import nn
 
+from .distributed import map_shared
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size
 from .progress import progress_bar
 
@@ -16,44 +17,66 @@ def compute_importance(
     batches: Iterable[tuple[torch.Tensor, ...]],
     device: torch.device | str = "cpu",
     max_examples: int | None = None,
+    rank: int = 0,
+    world: int = 1,
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Head importance `[L, H]` (|dloss/dhead_mask|, Michel et al.) and FFN-neuron importance `[L, I]`
     (first-order Taylor), summed over batches with gradients zeroed per batch (`sum_b |g_b|`).
 
     Runs the full-width, full-depth model in eval mode on gold labels; leaves no gradients behind and
-    restores the model's train/eval mode.
+    restores the model's train/eval mode. Under torchrun (`world` > 1, every rank calling with the same
+    batches and an identical model) each rank computes every `world`-th batch and every rank sums all the
+    batches' scores in batch order: the scores are one process's, identical on every replica.
     """
     config = model.config
     num_layers, num_heads = config.num_hidden_layers, config.num_attention_heads
     was_training = model.training
     model.eval()
     head_mask = torch.ones(num_layers, num_heads, device=device, requires_grad=True)
-    head_importance = torch.zeros(num_layers, num_heads, device=device)
-    neuron_importance = torch.zeros(num_layers, config.intermediate_size, device=device)
+
+    def zeros() -> tuple[torch.Tensor, torch.Tensor]:
+        return (torch.zeros(num_layers, num_heads, device=device),
+                torch.zeros(num_layers, config.intermediate_size, device=device))
+
+    head_importance, neuron_importance = zeros()
     layers = model.bert.encoder.layer
-    seen = 0
-    bar = progress_bar(total=max_examples, desc="importance", unit="ex", leave=False)
+
+    def batch_importance(batch: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, torch.Tensor]:
+        input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch[:4])
+        model.zero_grad(set_to_none=True)
+        head_mask.grad = None
+        loss = model(input_ids, attention_mask, token_type_ids, labels=labels, head_mask=head_mask).loss
+        loss.backward()
+        neurons = []
+        for layer in layers:
+            w1, w2 = layer.intermediate.dense, layer.output.dense
+            taylor_in = (w1.weight * w1.weight.grad).sum(dim=1) + w1.bias * w1.bias.grad
+            taylor_out = (w2.weight * w2.weight.grad).sum(dim=0)
+            neurons.append((taylor_in.abs() + taylor_out.abs()).detach())
+        return head_mask.grad.abs().detach(), torch.stack(neurons)
+
+    bar = progress_bar(total=max_examples, desc="importance", unit="ex", leave=False, disable=rank != 0)
     with torch.enable_grad():
-        for batch in batches:
-            if max_examples is not None and seen >= max_examples:
-                break
-            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch[:4])
-            model.zero_grad(set_to_none=True)
-            head_mask.grad = None
-            loss = model(input_ids, attention_mask, token_type_ids, labels=labels, head_mask=head_mask).loss
-            loss.backward()
-            head_importance += head_mask.grad.abs().detach()
-            for i, layer in enumerate(layers):
-                w1, w2 = layer.intermediate.dense, layer.output.dense
-                taylor_in = (w1.weight * w1.weight.grad).sum(dim=1) + w1.bias * w1.bias.grad
-                taylor_out = (w2.weight * w2.weight.grad).sum(dim=0)
-                neuron_importance[i] += (taylor_in.abs() + taylor_out.abs()).detach()
-            seen += input_ids.shape[0]
-            bar.update(input_ids.shape[0])
+        for batch, (heads, neurons) in map_shared(_first_examples(batches, max_examples), batch_importance, zeros,
+                                                  rank, world):
+            head_importance += heads
+            neuron_importance += neurons
+            bar.update(batch[0].shape[0])
     bar.close()
     model.zero_grad(set_to_none=True)
     model.train(was_training)
     return head_importance, neuron_importance
+
+
+def _first_examples(batches: Iterable[tuple[torch.Tensor, ...]], max_examples: int | None
+                    ) -> Iterator[tuple[torch.Tensor, ...]]:
+    """The batches until `max_examples` examples are covered (the last one whole; None: all)."""
+    seen = 0
+    for batch in batches:
+        if max_examples is not None and seen >= max_examples:
+            return
+        yield batch
+        seen += batch[0].shape[0]
 
 
 def _head_rows(head_order: torch.Tensor, dh: int) -> torch.Tensor:

@@ -1,5 +1,6 @@
-"""The one training loop (`fit`) behind run_glue.py and train_gate.py, with what it needs around it: seeding,
-devices and torchrun, the optimizer and schedule, the non-finite-loss guard, and subnet evaluation.
+"""The one training loop (`fit`) behind run_glue.py and train_gate.py, with what it needs around it: the
+optimizer and schedule, the non-finite-loss guard, and subnet evaluation (seeding, devices and precision:
+environment.py; the all-reduce under torchrun: distributed.py).
 
 `fit` owns: epochs of deterministic (resumable) batches, gradient accumulation, AMP, the all-reduce under
 torchrun, clipping, the optimizer/scheduler step, evaluation every `eval_every` updates and at the end
@@ -10,105 +11,24 @@ script supplies what differs: the batches, the losses of one batch, the evaluati
 from __future__ import annotations
 
 import math
-import os
-import random
 from collections.abc import Callable, Iterable, Iterator, Sequence
-from contextlib import nullcontext
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.distributed as dist
 from torch.utils.data import TensorDataset
 from transformers import get_linear_schedule_with_warmup
 
 from .batching import in_dataset_order, length_sorted_batches
 from .checkpoints import rng_state, set_rng_state
+from .distributed import all_reduce_gradients
+from .environment import autocast, set_seed, setup_device  # noqa: F401  (two scripts import the last two here)
 from .errors import InputError
 from .modeling_flexbert import FlexBertForSequenceClassification
 from .progress import progress_bar
 
 
-# ---- environment -----------------------------------------------------------------------------------------
-def set_seed(seed: int) -> None:
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    torch.cuda.manual_seed_all(seed)
-
-
-def setup_device(cpu: bool = False, num_threads: int | None = None, join_group: bool = True
-                 ) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU) unless
-    `join_group` is False: work that only rank 0 does (predictions) must not wait for the other ranks."""
-    if num_threads:
-        torch.set_num_threads(num_threads)
-    use_cuda = torch.cuda.is_available() and not cpu
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and join_group and not dist.is_initialized():
-        dist.init_process_group("nccl" if use_cuda else "gloo")
-    if use_cuda:
-        local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-        torch.cuda.set_device(local_rank)
-        return torch.device("cuda", local_rank), rank, world
-    return torch.device("cpu"), rank, world
-
-
-def setup_numerics(device: torch.device, tf32: bool = False, deterministic: bool = False) -> None:
-    """--tf32: TF32 matmuls on CUDA (Ampere and later; 10 bits of mantissa in the products, about 2-3x faster
-    fp32 training and inference). Off by default, so that fp32 means fp32 on every GPU, as torch's own
-    default. --deterministic: torch's deterministic kernels (an error names any op that has none) and, on
-    CUDA, cuBLAS's fixed workspace (CUBLAS_WORKSPACE_CONFIG, read when cuBLAS starts: set before any matmul)."""
-    if device.type == "cuda":
-        torch.backends.cuda.matmul.allow_tf32 = tf32
-        torch.backends.cudnn.allow_tf32 = tf32
-    if deterministic:
-        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")
-        torch.use_deterministic_algorithms(True)
-        torch.backends.cudnn.benchmark = False
-
-
-def tf32_enabled(device: torch.device) -> bool:
-    """Whether fp32 matmuls on `device` run in TF32 (what inference_results.json records)."""
-    return device.type == "cuda" and bool(torch.backends.cuda.matmul.allow_tf32)
-
-
-def precision_name(args) -> str:
-    """"fp16", "bf16" or "fp32", from a script's --fp16 / --bf16."""
-    return "fp16" if getattr(args, "fp16", False) else "bf16" if getattr(args, "bf16", False) else "fp32"
-
-
-def autocast(precision: str, device_type: str):
-    """The autocast context of a precision name ("fp32": none), for training, evaluation and inference alike."""
-    if precision == "fp32":
-        return nullcontext()
-    return torch.autocast(device_type, dtype=torch.float16 if precision == "fp16" else torch.bfloat16)
-
-
-def broadcast_from_main(tensors: Sequence[torch.Tensor], world: int) -> list[torch.Tensor]:
-    """Rank 0's values of `tensors` on every rank (in place; the other ranks pass buffers of the same shape):
-    a result every replica must share exactly (importance scores) is computed once, not once per rank."""
-    if world > 1:
-        for tensor in tensors:
-            dist.broadcast(tensor, src=0)
-    return list(tensors)
-
-
-def all_reduce_gradients(params: Sequence[torch.nn.Parameter], world: int) -> None:
-    """Average gradients over processes once per update (DDP semantics; done once for all subnets)."""
-    if world == 1:
-        return
-    grads = [p.grad for p in params if p.grad is not None]
-    flat = torch.cat([g.reshape(-1) for g in grads])
-    dist.all_reduce(flat)
-    flat /= world
-    offset = 0
-    for g in grads:
-        g.copy_(flat[offset : offset + g.numel()].view_as(g))
-        offset += g.numel()
-
-
+# ---- optimisation ----------------------------------------------------------------------------------------
 def build_optimizer(params: Sequence[tuple[str, torch.nn.Parameter]], lr: float, weight_decay: float,
                     warmup_steps: int, total_steps: int):
     """AdamW (eps 1e-8, decoupled decay except biases/LayerNorm weights) and a linear warm-up/decay."""
