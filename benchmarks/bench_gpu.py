@@ -78,7 +78,7 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr)
         return 2
     from transformers_ext import dynamic_forward
-    from transformers_ext.trainer import autocast
+    from transformers_ext.environment import autocast
 
     ctx = Context(args)
     gated, threshold, off_ramps = make_gated(ctx)  # calibrated on the CPU, then moved

@@ -1,6 +1,6 @@
 """torchrun on gloo (2 processes): prediction alone ends (rank 0 predicts without waiting for ranks that
-have left), and head/neuron importance is computed once and broadcast, so replicas whose own importance
-scores would differ still rewire and graft identically."""
+have left); head/neuron importance and gate inputs are computed in shares and gathered, so they equal one
+process's and replicas whose own importance scores would differ still rewire and graft identically."""
 
 from __future__ import annotations
 
@@ -12,7 +12,13 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_run_glue import ROOT, _argv, _free_port, make_env
+import torch
+from test_run_glue import MAX_LEN, ROOT, _argv, _free_port, make_env
+
+from transformers_ext import compute_importance
+from transformers_ext.gate_training import GateInputs, GateTrainingConfig
+from transformers_ext.loading import load_model
+from utils_glue import get_task, importance_batches, load_dataset
 
 
 @pytest.fixture(scope="module")
@@ -57,17 +63,20 @@ sys.path.insert(0, {root!r})
 import torch
 import torch.distributed as dist
 import run_glue
+from transformers_ext import rewiring
 
-compute_importance, fit = run_glue.compute_importance, run_glue.fit
-calls = []
+fit, map_shared = run_glue.fit, rewiring.map_shared
+scored = []
 
 
-def perturbed_importance(*args, **kwargs):
-    heads, neurons = compute_importance(*args, **kwargs)
-    calls.append(1)
-    if os.environ["RANK"] == "1":  # this rank's scores differ: alone, it would rewire and graft otherwise
-        heads, neurons = heads.flip(-1) + 1e-3, neurons.flip(-1) + 1e-3
-    return heads, neurons
+def perturbed_map_shared(items, compute, placeholder, rank, world):
+    def perturbed(batch):  # this rank's scores of its own batches
+        heads, neurons = compute(batch)
+        scored.append(1)
+        if rank == 1:  # differ: had each rank summed its own, the replicas would rewire and graft otherwise
+            heads, neurons = heads.flip(-1) + 1e-3, neurons.flip(-1) + 1e-3
+        return heads, neurons
+    return map_shared(items, perturbed, placeholder, rank, world)
 
 
 def checked_fit(**kwargs):
@@ -79,28 +88,92 @@ def checked_fit(**kwargs):
         with open({report!r}, "w") as f:
             f.write(str(all(torch.equal(copies[0], c) for c in copies[1:])))
     with open({report!r} + "." + os.environ["RANK"], "w") as f:
-        f.write(str(len(calls)))
+        f.write(str(len(scored)))
     return state
 
 
-run_glue.compute_importance, run_glue.fit = perturbed_importance, checked_fit
+rewiring.map_shared, run_glue.fit = perturbed_map_shared, checked_fit
 run_glue.run_cli(run_glue.main)
 """
 
 
 def test_torchrun_replicas_stay_identical_after_rewiring_and_grafting(env, tmp_path):
-    """Rank 1's own importance scores are reversed; the replicas' weights are still bit-identical at the end
-    of a width stage that rewires and grafts, because importance comes from rank 0 alone."""
+    """Each rank scores half of the importance batches, and rank 1's scores are off; the replicas' weights
+    are still bit-identical at the end of a width stage that rewires and grafts, because every rank sums
+    the same gathered scores."""
     report = tmp_path / "identical.txt"
     launcher = tmp_path / "launch.py"
     launcher.write_text(PERTURBED_RANK_LAUNCHER.format(root=str(ROOT), report=str(report)))
+    # 32 training examples in importance batches of 5: 7 batches, the last round with one batch for two ranks
     argv = _argv(env, env["bert"], tmp_path / "width", "dynabertw", "--graft_during_training",
-                 per_gpu_train_batch_size=4, num_train_epochs=2, logging_steps=0, width_mult_list="0.5,1.0")
+                 per_gpu_train_batch_size=2, per_gpu_eval_batch_size=5, num_train_epochs=2, logging_steps=0,
+                 width_mult_list="0.5,1.0")
     proc = _torchrun(launcher, argv)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    # grafts on the global batch (2 x 2): 32 / 4 = 8 updates per epoch, a graft every 2 up to update 8
+    assert "grafting every 2 updates until update 8" in proc.stderr
     grafts = proc.stderr.count("grafted at step")
-    assert grafts >= 2
+    assert grafts == 4
     assert report.read_text() == "True"
-    # rank 0 computed the scores of the rewiring and of every graft; rank 1 computed none of them
-    assert [Path(f"{report}.{rank}").read_text() for rank in (0, 1)] == [str(1 + grafts), "0"]
+    # the rewiring and every graft scored 7 batches: rank 0 the 1st, 3rd, 5th and 7th, rank 1 the others
+    assert [Path(f"{report}.{rank}").read_text() for rank in (0, 1)] == [str(4 * (1 + grafts)), str(3 * (1 + grafts))]
     assert json.loads((tmp_path / "width" / "eval_results.json").read_text())["phase"] == "dynabertw"
+
+
+SHARED_WORK_LAUNCHER = """\
+import sys
+sys.path[:0] = [{root!r}, {tests!r}]
+import torch
+import torch.distributed as dist
+from test_distributed import importance_and_gate_inputs
+from transformers_ext.environment import setup_device
+
+device, rank, world = setup_device(cpu=True)
+result = importance_and_gate_inputs({bert!r}, {data!r}, {cache!r}, rank, world)
+if rank == 0:
+    torch.save(result, {result!r})
+dist.destroy_process_group()
+"""
+
+
+def importance_and_gate_inputs(bert: str, data: str, cache: str, rank: int = 0, world: int = 1
+                               ) -> dict[str, torch.Tensor]:
+    """Head/neuron importance over the 32 training examples (7 batches of 5) and the gate inputs and targets
+    of the same examples (7 batches, the last of 2), computed by this process's share under torchrun."""
+    torch.manual_seed(0)
+    model, tokenizer = load_model(bert, get_task("RTE"))
+    dataset = load_dataset("RTE", data, "train", tokenizer, MAX_LEN, cache_dir=cache)
+    heads, neurons = compute_importance(model, importance_batches(dataset, 5, None, False), rank=rank, world=world)
+    config = GateTrainingConfig(task="RTE", gate_setting=[0.25, 0.5, 1.0], eval_batch_size=5)
+    model.add_gates(config.gate_setting, model.config.num_hidden_layers)
+    model.eval()
+    inputs = GateInputs(model, dataset, config, torch.device("cpu"), rank=rank, world=world)
+    return {"heads": heads, "neurons": neurons, "states": inputs.states, "correct": inputs.correct,
+            "targets": inputs.targets}
+
+
+def test_torchrun_importance_and_gate_inputs_equal_one_process(env, tmp_path):
+    """Under 2-process torchrun each rank computes half of the batches of head/neuron importance and of the
+    gate inputs; every rank gathers all of them and combines them in one process's order. The results equal
+    one process's: the gate targets exactly, the float results within 1e-6 relative (measured: bit-identical;
+    only a kernel that rounds otherwise with torchrun's one thread per process could differ)."""
+    result = tmp_path / "shared.pt"
+    launcher = tmp_path / "launch_shared.py"
+    launcher.write_text(SHARED_WORK_LAUNCHER.format(
+        root=str(ROOT), tests=str(Path(__file__).parent), bert=str(env["bert"]), data=str(env["data"]),
+        cache=str(env["cache"]), result=str(result)))
+    proc = _torchrun(launcher, [])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    shared = torch.load(result, weights_only=True)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1)
+    try:
+        alone = importance_and_gate_inputs(str(env["bert"]), str(env["data"]), str(env["cache"]))
+    finally:
+        torch.set_num_threads(threads)
+    assert alone["heads"].abs().sum() > 0 and alone["states"].shape == (3, 4, 32, alone["states"].shape[-1])
+    for name in ("heads", "neurons", "states"):
+        diff = float((shared[name] - alone[name]).abs().max())
+        print(f"{name}: max |2 processes - 1 process| = {diff:.3g}")
+        torch.testing.assert_close(shared[name], alone[name], rtol=1e-6, atol=0)
+    assert torch.equal(shared["correct"], alone["correct"]) and torch.equal(shared["targets"], alone["targets"])

@@ -166,7 +166,7 @@ def test_subnet_evaluation_honours_bf16():
 
 
 def test_deterministic_and_tf32_settings(monkeypatch):
-    from transformers_ext.trainer import setup_numerics, tf32_enabled
+    from transformers_ext.environment import setup_numerics, tf32_enabled
 
     monkeypatch.delenv("CUBLAS_WORKSPACE_CONFIG", raising=False)
     before = torch.are_deterministic_algorithms_enabled()

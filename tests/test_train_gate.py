@@ -635,14 +635,14 @@ def test_gate_training_resumes_bit_identically(env, tmp_path, monkeypatch):
     class Stop(Exception):
         pass
 
-    real = train_gate.save_checkpoint
+    real = gate_training.save_checkpoint
 
     def save_then_stop(*args, **kwargs):
         real(*args, **kwargs)
         raise Stop
 
     out = tmp_path / "resumed"
-    monkeypatch.setattr(train_gate, "save_checkpoint", save_then_stop)
+    monkeypatch.setattr(gate_training, "save_checkpoint", save_then_stop)
     with pytest.raises(Stop):
         _train(env, env["bert"], out, **flags)
     monkeypatch.undo()

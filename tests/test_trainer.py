@@ -61,7 +61,7 @@ def test_all_reduce_gradients_averages_over_processes(monkeypatch):
     process is simulated: all_reduce adds its gradients."""
     import torch.distributed as dist
 
-    from transformers_ext.trainer import all_reduce_gradients
+    from transformers_ext.distributed import all_reduce_gradients
 
     a, b, frozen = (torch.nn.Parameter(torch.zeros(n)) for n in (2, 3, 1))
     a.grad, b.grad = torch.tensor([1.0, 2.0]), torch.tensor([3.0, 4.0, 5.0])
