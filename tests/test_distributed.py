@@ -73,7 +73,7 @@ def perturbed_map_shared(items, compute, placeholder, rank, world):
     def perturbed(batch):  # this rank's scores of its own batches
         heads, neurons = compute(batch)
         scored.append(1)
-        if rank == 1:  # differ: had each rank summed its own, the replicas would rewire and graft otherwise
+        if os.environ["RANK"] == "1":  # differ: had each rank summed its own, the replicas would part
             heads, neurons = heads.flip(-1) + 1e-3, neurons.flip(-1) + 1e-3
         return heads, neurons
     return map_shared(items, perturbed, placeholder, rank, world)
