@@ -896,11 +896,12 @@ def write_then_stop(model, tokenizer, folder, *args, **kwargs):
 checkpoints.write_model_folder = write_then_stop
 """
 STOP_AFTER_FIRST_CHECKPOINT = """\
-save = script.save_checkpoint
+from transformers_ext import gate_training
+save = gate_training.save_checkpoint
 def save_then_stop(*args, **kwargs):
     save(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGSTOP)
-script.save_checkpoint = save_then_stop
+gate_training.save_checkpoint = save_then_stop
 """
 
 
