@@ -36,6 +36,7 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
+from routed_inference import load_inference_data, run_inference, static_depth_reports
 from run_folder import check_writable, clean_up_on_failure
 from transformers_ext.errors import reading
 from transformers_ext.files import write_text
@@ -155,7 +156,7 @@ def main(argv: list[str] | None = None) -> None:
                          {"--depth_mult_list": run_args.depth_mult_list})
         check_writable(out)
         runs.append((name, run_args))
-    datasets = train_gate.load_inference_data(args, spec, tokenizer)
+    datasets = load_inference_data(args, spec, tokenizer)
     _run_all(runs, spec, model, tokenizer, device, datasets)
     if calibration is not None:
         print(f"-- calibration for FLOPs budgets {' '.join(args.flops_budget)}")
@@ -187,14 +188,13 @@ def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, tokenizer,
             group = {j: a for j, (_, a) in enumerate(runs) if a.static and j not in done
                      and (a.width_mult_list, a.per_gpu_eval_batch_size) == (run_args.width_mult_list,
                                                                            run_args.per_gpu_eval_batch_size)}
-            reports = train_gate.static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec,
-                                                      model, device, datasets)
+            reports = static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec, model,
+                                           device, datasets)
             for j, a in group.items():
                 _finish(runs[j][0], a, reports[a.depth_mult_list[0]].finish)
             done.update(group)
         else:
-            _finish(name, run_args, lambda a=run_args: train_gate.run_inference(a, spec, model, tokenizer, device,
-                                                                                 datasets))
+            _finish(name, run_args, lambda a=run_args: run_inference(a, spec, model, tokenizer, device, datasets))
 
 
 def _finish(name: str, run_args: argparse.Namespace, run) -> None:

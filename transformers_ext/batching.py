@@ -37,3 +37,8 @@ def in_dataset_order(chunks: Sequence[torch.Tensor], indices: Sequence[torch.Ten
     for chunk, idx in zip(chunks, indices, strict=True):
         out.index_copy_(dim, idx.to(out.device), chunk)
     return out
+
+
+def file_order_batches(dataset: TensorDataset, batch_size: int) -> list[list[torch.Tensor]]:
+    """Inference batches: file order, padded to the features' length (the FLOPs unit), as the reference."""
+    return [[t[idx] for t in dataset.tensors] for idx in torch.arange(len(dataset)).split(batch_size)]
