@@ -27,9 +27,8 @@ import plot_tradeoff
 import train_gate
 import utils_glue
 from cli import CLIError, run_cli
-from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, heads_kept, subnet_macs
+from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, evaluation, heads_kept, subnet_macs
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
-from transformers_ext import evaluation
 from transformers_ext.loading import load_model
 from transformers_ext.trainer import evaluate_subnets, predict
 
