@@ -36,7 +36,7 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
-from routed_inference import load_inference_data, run_inference, static_depth_reports
+from routed_inference import apply_saved_defaults, load_inference_data, run_inference, static_depth_reports
 from run_folder import check_writable, clean_up_on_failure
 from transformers_ext.errors import reading
 from transformers_ext.files import write_text
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for name, bs, out, flags in todo:
         run_args = _setting_args(args, out, bs, flags)
-        train_gate.apply_saved_defaults(run_args, model)
+        apply_saved_defaults(run_args, model)
         validate_subnets(model.config, {"--width_mult_list": run_args.width_mult_list},
                          {"--depth_mult_list": run_args.depth_mult_list})
         check_writable(out)

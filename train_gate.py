@@ -46,6 +46,8 @@ from cli import (
     validate_task_args,
 )
 from routed_inference import (  # load_inference_data and static_depth_reports: for train_gate_new.py
+    apply_config_file,
+    apply_saved_defaults,
     load_inference_data,  # noqa: F401
     run_inference,
     static_depth_reports,  # noqa: F401
@@ -72,7 +74,7 @@ from transformers_ext.gates import (
     temperature_at,
 )
 from transformers_ext.loading import load_model
-from transformers_ext.routing import MODES, TRAINED_DEPTHS, routing_defaults
+from transformers_ext.routing import MODES, TRAINED_DEPTHS  # noqa: F401 (MODES: for train_gate_new.py)
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
@@ -166,84 +168,6 @@ def build_parser(description: str | None = __doc__) -> ArgumentParser:
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return utils_glue.setup_custom_task(finish_training_args(build_parser().parse_args(argv)))
-
-
-def apply_saved_defaults(args: argparse.Namespace, model) -> None:
-    """Flags left at None take the gate folder's saved settings (validated when the folder was loaded): the
-    trained class -> width map (dynamic modes; static runs default to full width) and the exit threshold."""
-    config = model.config
-    if args.width_mult_list is None:
-        dynamic = (args.w_dynamic or args.wd_dynamic) and args.fixed_gate is None
-        saved = getattr(config, "gate_class_to_width", None) or getattr(config, "gate_setting", None)
-        args.width_mult_list = list(saved) if dynamic and saved and not args.do_train else [1.0]
-    args.exit_threshold, _ = routing_defaults(config, args.exit_threshold)
-
-
-CONFIG_KEYS = ("width_mult_list", "exit_threshold", "mode", "early_exit")
-
-
-def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> None:
-    """The task's entry of --config, type-checked (numbers are numbers, early_exit a JSON boolean), applied
-    to the flags the command line left unset; a flag set to a different value than the file's is refused."""
-    where = f"--config {args.config}"
-    try:
-        text = Path(args.config).read_text(encoding="utf-8")
-        # The reference's file has a trailing comma; tolerate it.
-        entries = json.loads(text.replace(",\n}", "\n}").replace(",}", "}"))
-    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CLIError(f"{where}: cannot read JSON ({type(err).__name__}: {err})") from None
-    entry = entries.get(spec.name) if isinstance(entries, dict) else None
-    if not isinstance(entry, dict):
-        raise CLIError(f"{where} has no entry for task {spec.name}")
-    unknown = sorted(set(entry) - set(CONFIG_KEYS))
-    if unknown:
-        raise CLIError(f"{where}: unknown key(s) {', '.join(unknown)} for {spec.name} "
-                       f"(known: {', '.join(CONFIG_KEYS)})")
-
-    def bad(key: str, why: str) -> CLIError:
-        return CLIError(f"{where}: {spec.name}.{key} {why}, got {json.dumps(entry.get(key))}")
-
-    widths = entry.get("width_mult_list")
-    if not isinstance(widths, list) or not all(isinstance(w, int | float) and not isinstance(w, bool) for w in widths):
-        raise bad("width_mult_list", "must be a list of numbers")
-    threshold = entry.get("exit_threshold")
-    if threshold is not None and (isinstance(threshold, bool) or not isinstance(threshold, int | float)):
-        raise bad("exit_threshold", "must be a number")
-    for key, check in (("width_mult_list", multiplier_list), ("exit_threshold", NON_NEGATIVE)):
-        try:  # the flags' own types: the same ranges as on the command line
-            if entry.get(key) is not None:
-                check(entry[key])
-        except argparse.ArgumentTypeError as err:
-            raise CLIError(f"{where}: {spec.name}.{key}: {err}") from None
-    widths = multiplier_list(widths)
-    threshold = None if threshold is None else NON_NEGATIVE(threshold)
-    mode = entry.get("mode", "wd_dynamic")
-    if mode not in MODES:
-        raise CLIError(f"{where}: unknown mode {json.dumps(mode)} for {spec.name} (one of {', '.join(MODES)})")
-    early_exit = entry.get("early_exit", mode in ("wd_dynamic", "d_dynamic"))
-    if not isinstance(early_exit, bool):
-        raise bad("early_exit", "must be true or false (a JSON boolean)")
-
-    def refuse(given: str, saved: str) -> CLIError:
-        return CLIError(f"{given} contradicts {where}, which gives {saved} for {spec.name}; drop one")
-
-    flagged = [m for m in MODES if getattr(args, m)]
-    if flagged and flagged != [mode]:
-        raise refuse(" ".join("--" + m for m in flagged), f"mode {mode}")
-    given = args.width_mult_list
-    if given is not None and [round(w, 6) for w in given] != [round(w, 6) for w in widths]:
-        raise refuse(f"--width_mult_list {','.join(f'{w:g}' for w in given)}",
-                     f"width_mult_list {','.join(f'{w:g}' for w in widths)}")
-    if threshold is not None and args.exit_threshold is not None and args.exit_threshold != threshold:
-        raise refuse(f"--exit_threshold {args.exit_threshold:g}", f"exit_threshold {threshold:g}")
-    if args.early_exit and not early_exit:
-        raise refuse("--early_exit", "early_exit false")
-    args.width_mult_list = widths
-    if threshold is not None:
-        args.exit_threshold = threshold
-    for m in MODES:
-        setattr(args, m, m == mode)
-    args.early_exit = early_exit
 
 
 # ---- gate training -----------------------------------------------------------------------------------------
