@@ -21,7 +21,9 @@ from cli import NON_NEGATIVE, CLIError, multiplier_list
 from transformers_ext import layers_kept
 from transformers_ext.evaluation import (
     Evaluation,
+    EvaluationOptions,
     Timing,
+    evaluate_exit_rules,
     evaluate_routed,
     evaluate_static_depths,
     print_report,
@@ -211,16 +213,16 @@ class PredictionRecords:
 
 
 def evaluation_options(args: argparse.Namespace, spec, device: torch.device, datasets: dict[str, TensorDataset],
-                       setting: RoutingSetting) -> dict:
-    """evaluate_routed's keyword arguments from the flags: batch size, precision, timing, which splits are
-    scored and reported, the task's metrics and (--save_predictions) the per-example records."""
+                       setting: RoutingSetting) -> EvaluationOptions:
+    """How the flags evaluate a setting: batch size, precision, timing, which splits are scored and reported,
+    the task's metrics and (--save_predictions) the per-example records."""
     dev_splits, test_splits = inference_splits(args, spec)
-    return dict(batch_size=args.per_gpu_eval_batch_size, precision=precision_name(args),
-                timing=Timing.on(device, args.record_gpu_time, args.record_cpu_time, args.timing_warmup),
-                scored=dev_splits, reported=dev_splits or test_splits, desc=f"{spec.name} ",
-                compute_metrics=functools.partial(utils_glue.compute_metrics, args.task_name),
-                example_records=PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting)
-                if args.save_predictions else None)
+    return EvaluationOptions(
+        args.per_gpu_eval_batch_size, precision_name(args),
+        Timing.on(device, args.record_gpu_time, args.record_cpu_time, args.timing_warmup), dev_splits,
+        dev_splits or test_splits, functools.partial(utils_glue.compute_metrics, args.task_name),
+        PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting) if args.save_predictions else None,
+        f"{spec.name} ")
 
 
 class InferenceRun:
@@ -253,8 +255,8 @@ def run_inference(args: argparse.Namespace, spec, model, tokenizer, device,
     """One setting's inference, reported (`datasets`: the splits' features when already loaded)."""
     setting = resolve_setting(args, model)
     datasets = load_inference_data(args, spec, tokenizer) if datasets is None else datasets
-    evaluation = evaluate_routed(model, datasets, setting, device, **evaluation_options(args, spec, device,
-                                                                                       datasets, setting))
+    evaluation = evaluate_routed(model, datasets, setting, device,
+                                 evaluation_options(args, spec, device, datasets, setting))
     return InferenceRun(args, spec, evaluation, device).finish()
 
 
@@ -263,8 +265,20 @@ def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, dev
     """Static inference of one width at several depths ({depth: its flags}, same width, batch size and data)
     from one encoder pass per batch (`evaluate_static_depths`): each depth's report equals its own
     run_inference's, except the latency. The runs are complete but not yet reported (`finish`)."""
-    settings = {d: resolve_setting(args, model) for d, args in runs.items()}
-    any_args, any_setting = next(iter(runs.values())), next(iter(settings.values()))
-    evaluations = evaluate_static_depths(model, datasets, settings, device,
-                                         **evaluation_options(any_args, spec, device, datasets, any_setting))
-    return {d: InferenceRun(args, spec, evaluations[d], device) for d, args in runs.items()}
+    return _shared_runs(evaluate_static_depths, runs, spec, model, device, datasets)
+
+
+def exit_rule_reports(runs: dict, spec, model, device, datasets: dict[str, TensorDataset]) -> dict:
+    """Gated inference with one class -> width map and batch size under several exit rules ({key: its flags}:
+    none, or early exit at a threshold), the layers before the first off-ramp run once per batch
+    (`evaluate_exit_rules`): each report equals its own run_inference's, except the latency. The runs are
+    complete but not yet reported (`finish`)."""
+    return _shared_runs(evaluate_exit_rules, runs, spec, model, device, datasets)
+
+
+def _shared_runs(evaluate, runs: dict, spec, model, device, datasets: dict[str, TensorDataset]) -> dict:
+    settings = {key: resolve_setting(args, model) for key, args in runs.items()}
+    first = next(iter(runs))  # the settings share everything evaluation_options reads
+    evaluations = evaluate(model, datasets, settings, device,
+                           evaluation_options(runs[first], spec, device, datasets, settings[first]))
+    return {key: InferenceRun(args, spec, evaluations[key], device) for key, args in runs.items()}

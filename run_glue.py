@@ -54,7 +54,7 @@ from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.evaluation import evaluate_routed
+from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
 from transformers_ext.routing import RoutingSetting
@@ -212,8 +212,8 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
                 for split in utils_glue.split_names(args.task_name, "test")}
     setting = RoutingSetting([args.width_mult], args.width_mult, args.depth_mult)
     records = PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting)
-    evaluation = evaluate_routed(model, datasets, setting, device, args.per_gpu_eval_batch_size, precision_name(args),
-                                 example_records=records if args.save_predictions else None)
+    evaluation = evaluate_routed(model, datasets, setting, device, EvaluationOptions(
+        args.per_gpu_eval_batch_size, precision_name(args), example_records=records if args.save_predictions else None))
     test_logits = {split: (records.indices[split], evaluation.logits[split]) for split in datasets}
     for line in utils_glue.write_predictions(spec, args.task_name, Path(args.output_dir), test_logits,
                                              evaluation.records):

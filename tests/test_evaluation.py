@@ -10,7 +10,13 @@ from conftest import make_config, make_inputs, make_model
 from torch.utils.data import TensorDataset
 
 from transformers_ext import default_off_ramps, path_macs
-from transformers_ext.evaluation import evaluate_routed, evaluate_static_depths, routed_report
+from transformers_ext.evaluation import (
+    EvaluationOptions,
+    evaluate_exit_rules,
+    evaluate_routed,
+    evaluate_static_depths,
+    routed_report,
+)
 from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults, trained_depths
 
 N = 11  # three batches of 4: the last one short
@@ -26,16 +32,18 @@ def _accuracy(logits: np.ndarray, labels: np.ndarray) -> dict:
     return {"acc": float((logits.argmax(-1) == labels).mean())}
 
 
+def _options(**options) -> EvaluationOptions:
+    return EvaluationOptions(4, scored=["dev"], reported=["dev"], compute_metrics=_accuracy, **options)
+
+
 def _evaluate(model, setting: RoutingSetting, **options):
-    return evaluate_routed(model, _data(), setting, torch.device("cpu"), 4, scored=["dev"], reported=["dev"],
-                           compute_metrics=_accuracy, **options)
+    return evaluate_routed(model, _data(), setting, torch.device("cpu"), _options(**options))
 
 
 def test_static_depths_from_one_pass_equal_one_run_per_depth():
     model = make_model(make_config(num_hidden_layers=4))
     settings = {d: RoutingSetting([0.5] * 4, 0.5, d) for d in (1.0, 0.75, 0.5)}
-    shared = evaluate_static_depths(model, _data(), settings, torch.device("cpu"), 4, scored=["dev"],
-                                    reported=["dev"], compute_metrics=_accuracy)
+    shared = evaluate_static_depths(model, _data(), settings, torch.device("cpu"), _options())
     for depth, setting in settings.items():
         alone = _evaluate(model, setting)
         assert torch.equal(shared[depth].logits["dev"], alone.logits["dev"])
@@ -82,3 +90,27 @@ def test_off_ramps_default_to_the_saved_trained_depths():
     assert routing_defaults(config)[1] == default_off_ramps(4, [0.25, 1.0]) == [0]
     config.off_ramps = [2]  # a gate folder's saved off-ramps come first
     assert routing_defaults(config)[1] == [2]
+
+
+def test_exit_rules_from_one_shared_prefix_equal_one_run_each():
+    model = make_model(make_config(num_hidden_layers=4, num_labels=3))
+    torch.manual_seed(3)
+    model.add_gates([0.25, 0.5, 1.0], num_gates=2)  # two layers per gate: layer 1 keeps layer 0's choice
+    for gate in model.gates:
+        torch.nn.init.normal_(gate.classifier.weight, std=2.0)  # random gates that do choose different widths
+    with torch.no_grad():
+        model.classifier.weight.mul_(300)  # confident predictions: entropies spread over [0, ln 3]
+    widths = [0.25, 0.5, 1.0]
+    settings = {"none": RoutingSetting(widths, None, 1.0, False, 0.0, [0, 2], "w_dynamic")}
+    settings.update({(t, *ramps): RoutingSetting(widths, None, 1.0, True, t, ramps, "wd_dynamic")
+                     for t, ramps in ((0.1, [0, 2]), (0.3, [0, 2]), (0.1, [1, 2]), (10.0, [2]))})
+    shared = evaluate_exit_rules(model, _data(), settings, torch.device("cpu"), _options())
+    exits = set()
+    for key, setting in settings.items():
+        alone = _evaluate(model, setting)
+        assert torch.equal(shared[key].logits["dev"], alone.logits["dev"]), key
+        assert shared[key].results(12) == alone.results(12), key
+        exits.add(tuple(sorted(alone.results(12)["exit_layer_histogram"].items())))
+    assert len(exits) >= 3  # the thresholds do route differently
+    heads = torch.cat(shared["none"].heads)
+    assert len(heads.unique()) >= 2 and torch.equal(heads[:, 0], heads[:, 1])

@@ -21,7 +21,7 @@ from torch.utils.data import TensorDataset
 
 from .batching import file_order_batches
 from .flops import flops_summary, path_macs
-from .inference import RoutedOutput, StaticRouter, dynamic_forward, static_output
+from .inference import RoutedOutput, StaticRouter, dynamic_forward, shared_prefix_forwards, static_output
 from .modeling_flexbert import heads_kept
 from .progress import progress_bar
 from .routing import RoutingSetting
@@ -79,16 +79,31 @@ class Stopwatch:
         return mark
 
 
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How settings are evaluated: the batch size, autocast `precision`, `timing`, the splits `scored` (metrics
+    and loss) and `reported` (paths, FLOPs, latency), the task's `compute_metrics(logits, labels)` and the
+    per-example `example_records` (each optional), and the progress bar's `desc`."""
+
+    batch_size: int
+    precision: str = "fp32"
+    timing: Timing = Timing()
+    scored: Sequence[str] = ()
+    reported: Sequence[str] = ()
+    compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
+    example_records: ExampleRecords | None = None
+    desc: str = ""
+
+
 class Evaluation:
     """One setting's results gathered batch by batch (`add`), split by split (`end_split`). Every split keeps
     its logits (`logits[split]`); the scored splits (dev; MNLI's dev_mm adds `acc_mm`) their metrics and loss;
     the reported ones the FLOPs, paths and latency that `results` summarises."""
 
-    def __init__(self, model, setting: RoutingSetting, timing: Timing, reported: Sequence[str],
-                 compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-                 example_records: ExampleRecords | None = None, batch_size: int = 1):
-        self.model, self.setting, self.timing, self.reported = model, setting, timing, set(reported)
-        self.compute_metrics, self.example_records, self.batch_size = compute_metrics, example_records, batch_size
+    def __init__(self, model, setting: RoutingSetting, options: EvaluationOptions):
+        self.model, self.setting, self.options = model, setting, options
+        self.timing, self.reported = options.timing, set(options.reported)
+        self.example_records = options.example_records
         self.scores, self.logits, self.records = {}, {}, {}
         self.heads, self.exits = [], []
         self.macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
@@ -102,7 +117,7 @@ class Evaluation:
         self.split_labels.append(labels.cpu())
         if self.example_records is not None:
             self.records.setdefault(self.split, []).extend(self.example_records(
-                self.split, b * self.batch_size, self.split_logits[-1], self.split_labels[-1], out))
+                self.split, b * self.options.batch_size, self.split_logits[-1], self.split_labels[-1], out))
         if self.split not in self.reported:
             return
         if b >= self.timing.warmup or num_batches <= self.timing.warmup:
@@ -115,13 +130,13 @@ class Evaluation:
         self.exits.append(out.exit_layer.cpu())
         self.n_total += len(labels)
 
-    def end_split(self, scored: bool) -> None:
+    def end_split(self) -> None:
         """The split's logits; a scored split's metrics (the first scored split's, then `acc_mm`) and loss."""
         logits, labels = torch.cat(self.split_logits), torch.cat(self.split_labels)
         self.logits[self.split] = logits
-        if not scored:
+        if self.split not in self.options.scored:
             return
-        metrics = self.compute_metrics(logits.numpy(), labels.numpy())
+        metrics = self.options.compute_metrics(logits.numpy(), labels.numpy())
         loss = self.model.compute_loss(logits, labels).item()
         if not self.scores:
             self.scores.update(metrics)
@@ -174,28 +189,38 @@ def routed_report(evaluation: Evaluation, task: str, batch_size: int, max_seq_le
     }
 
 
-def evaluate_routed(model, datasets: dict[str, TensorDataset], setting: RoutingSetting, device: torch.device,
-                    batch_size: int, precision: str = "fp32", timing: Timing = Timing(),
-                    scored: Sequence[str] = (), reported: Sequence[str] = (), desc: str = "",
-                    compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-                    example_records: ExampleRecords | None = None) -> Evaluation:
-    """`setting` on every split of `datasets` (in order): the `scored` splits get metrics and loss, the
-    `reported` ones path statistics and latency (the timed region is the routed forward under autocast for
-    `precision`; MAC counting and copies are outside it)."""
+def _evaluate(model, datasets: dict[str, TensorDataset], settings: dict, device: torch.device,
+              options: EvaluationOptions, desc: str, forward: Callable) -> dict:
+    """The one batch loop: `forward(input_ids, attention_mask, token_type_ids, stopwatch)` gives each
+    setting's (routed output, latency) of a batch."""
     model.to(device).eval()
-    evaluation = Evaluation(model, setting, timing, reported, compute_metrics, example_records, batch_size)
-    stopwatch = Stopwatch(device, timing.cuda_events)
+    evaluations = {key: Evaluation(model, setting, options) for key, setting in settings.items()}
+    stopwatch = Stopwatch(device, options.timing.cuda_events)
     for split, dataset in datasets.items():
-        evaluation.begin_split(split)
-        batches = file_order_batches(dataset, batch_size)
-        for b, batch in enumerate(progress_bar(batches, desc=f"{setting.mode} {desc}{split}", leave=False)):
+        for evaluation in evaluations.values():
+            evaluation.begin_split(split)
+        batches = file_order_batches(dataset, options.batch_size)
+        for b, batch in enumerate(progress_bar(batches, desc=f"{desc} {options.desc}{split}", leave=False)):
             input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            stopwatch.start()
-            with autocast(precision, device.type):
-                out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
-            evaluation.add(b, len(batches), labels, out, stopwatch.seconds(stopwatch.mark()))
-        evaluation.end_split(split in scored)
-    return evaluation
+            outputs = forward(input_ids, attention_mask, token_type_ids, stopwatch)
+            for key, (out, elapsed) in outputs.items():
+                evaluations[key].add(b, len(batches), labels, out, elapsed)
+        for evaluation in evaluations.values():
+            evaluation.end_split()
+    return evaluations
+
+
+def evaluate_routed(model, datasets: dict[str, TensorDataset], setting: RoutingSetting, device: torch.device,
+                    options: EvaluationOptions) -> Evaluation:
+    """`setting` on every split of `datasets` (in order), one `dynamic_forward` per batch: the timed region is
+    the routed forward under autocast; MAC counting and copies are outside it."""
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        stopwatch.start()
+        with autocast(options.precision, device.type):
+            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
+        return {None: (out, stopwatch.seconds(stopwatch.mark()))}
+
+    return _evaluate(model, datasets, {None: setting}, device, options, setting.mode, forward)[None]
 
 
 class _LayerClock:
@@ -214,10 +239,7 @@ class _LayerClock:
 
 @torch.no_grad()
 def evaluate_static_depths(model, datasets: dict[str, TensorDataset], settings: dict[float, RoutingSetting],
-                           device: torch.device, batch_size: int, precision: str = "fp32",
-                           timing: Timing = Timing(), scored: Sequence[str] = (), reported: Sequence[str] = (),
-                           desc: str = "", compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None,
-                           example_records: ExampleRecords | None = None) -> dict[float, Evaluation]:
+                           device: torch.device, options: EvaluationOptions) -> dict[float, Evaluation]:
     """Static settings of one width at several depths ({depth: setting}) from one encoder pass per batch
     (`static_output`): each depth's evaluation equals its own `evaluate_routed`, except the latency, which is
     the pass up to that depth's last layer plus its head."""
@@ -225,30 +247,44 @@ def evaluate_static_depths(model, datasets: dict[str, TensorDataset], settings: 
         raise ValueError("evaluate_static_depths takes static settings of one width")
     subnets = {d: model.subnet(s.fixed_width, d) for d, s in settings.items()}
     deepest = max(subnets.values(), key=lambda s: s.num_layers)
-    model.to(device).eval()
-    evaluations = {d: Evaluation(model, s, timing, reported, compute_metrics, example_records, batch_size)
-                   for d, s in settings.items()}
-    stopwatch = Stopwatch(device, timing.cuda_events)
-    for split, dataset in datasets.items():
-        for evaluation in evaluations.values():
-            evaluation.begin_split(split)
-        batches = file_order_batches(dataset, batch_size)
-        for b, batch in enumerate(progress_bar(batches, desc=f"static {desc}{split}", leave=False)):
-            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            stopwatch.start()
-            router = _LayerClock(deepest, stopwatch)
-            with autocast(precision, device.type):
-                states = model.encode(input_ids, attention_mask, token_type_ids, router)
-            for d, subnet in subnets.items():
-                head_start = stopwatch.mark()
-                with autocast(precision, device.type):
-                    out = static_output(model, input_ids, attention_mask, states, subnet)
-                head = stopwatch.seconds(stopwatch.mark()) - stopwatch.seconds(head_start)
-                prefix = stopwatch.seconds(router.marks[subnet.num_layers - 1])
-                evaluations[d].add(b, len(batches), labels, out, prefix + head)
-        for evaluation in evaluations.values():
-            evaluation.end_split(split in scored)
-    return evaluations
+
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        stopwatch.start()
+        router = _LayerClock(deepest, stopwatch)
+        with autocast(options.precision, device.type):
+            states = model.encode(input_ids, attention_mask, token_type_ids, router)
+        outputs = {}
+        for d, subnet in subnets.items():
+            head_start = stopwatch.mark()
+            with autocast(options.precision, device.type):
+                out = static_output(model, input_ids, attention_mask, states, subnet)
+            head = stopwatch.seconds(stopwatch.mark()) - stopwatch.seconds(head_start)
+            outputs[d] = (out, stopwatch.seconds(router.marks[subnet.num_layers - 1]) + head)
+        return outputs
+
+    return _evaluate(model, datasets, settings, device, options, "static", forward)
+
+
+def evaluate_exit_rules(model, datasets: dict[str, TensorDataset], settings: dict, device: torch.device,
+                        options: EvaluationOptions) -> dict:
+    """Gated settings of one class -> width map and depth that differ in the exit rule ({key: setting}), the
+    layers before the first off-ramp run once per batch (`shared_prefix_forwards`): each evaluation equals its
+    own `evaluate_routed`, except the latency, which is the shared layers' plus the setting's own remainder."""
+    keys = list(settings)
+
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        marks = []
+        stopwatch.start()
+        with autocast(options.precision, device.type):
+            outs = shared_prefix_forwards(model, input_ids, attention_mask, token_type_ids,
+                                          [settings[k].forward_kwargs() for k in keys],
+                                          lambda: marks.append(stopwatch.mark()),
+                                          lambda: marks.append(stopwatch.mark()))
+        seconds = [stopwatch.seconds(m) for m in marks]  # the shared layers, then each setting's end
+        return {k: (out, seconds[0] + seconds[i + 1] - seconds[i])
+                for i, (k, out) in enumerate(zip(keys, outs, strict=True))}
+
+    return _evaluate(model, datasets, settings, device, options, "dynamic", forward)
 
 
 def print_report(report: dict) -> None:
