@@ -2,10 +2,12 @@
 batch, into an `Evaluation` (each split's logits; for the reported splits the metrics, the FLOPs of the path
 each example took, width/exit histograms and latency), summarised by `routed_report`.
 
-`evaluate_routed` runs one setting through `dynamic_forward`; `evaluate_static_depths` runs the static
-subnets of one width at several depths from one encoder pass per batch (depth subnets are prefixes of each
-other), each depth's evaluation equal to its own `evaluate_routed` except the latency. Inference batches are
-in file order, padded to the maximum sequence length (the FLOPs unit), as the reference.
+`evaluate_routed` runs one setting through `dynamic_forward`. Settings that share work run together, each
+evaluation equal to its own `evaluate_routed` except the latency: `evaluate_static_depths` (the static
+subnets of one width at several depths from one encoder pass per batch: depth subnets are prefixes of each
+other) and `evaluate_exit_rules` (gated settings of one width map under several exit rules, the layers before
+the first off-ramp run once). Inference batches are in file order, padded to the maximum sequence length
+(the FLOPs unit), as the reference. No command-line objects: the scripts build the setting and options.
 """
 
 from __future__ import annotations
