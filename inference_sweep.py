@@ -3,8 +3,10 @@
 At each batch size of --batch_sizes: every static subnet (--static_widths x --static_depths; the depths of one
 width from one encoder pass, as depth subnets are prefixes of each other), width-dynamic inference with the
 task's class -> width map from --dynamic_config, and width+depth-dynamic inference with early exit at each
-of --thresholds. Each setting's report is the one `train_gate.py --do_eval` writes for the same flags (same
-numbers; a static subnet's latency is the shared pass up to its last layer plus its head), in
+of --thresholds (these gated settings run their gates and layers up to the first off-ramp once per batch:
+until an example can exit, their paths are the same). Each setting's report is the one `train_gate.py
+--do_eval` writes for the same flags (same numbers; the latency of a setting that shares layers is the
+shared part's plus its own), in
 <inference_dir>/<setting>_b<batch>/inference_results.json, its printout in <setting>_b<batch>.log beside it.
 With --flops_budget, then train_gate_new.py --calibrate's calibration for those budgets at the first batch
 size, on the same loaded model, into <inference_dir>/calibrated/. All other flags are train_gate.py's
@@ -36,11 +38,12 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
+from routed_inference import apply_saved_defaults, exit_rule_reports, load_inference_data, static_depth_reports
 from run_folder import check_writable, clean_up_on_failure
+from transformers_ext.environment import set_seed, setup_device
 from transformers_ext.errors import reading
 from transformers_ext.files import write_text
 from transformers_ext.loading import load_model
-from transformers_ext.trainer import set_seed, setup_device
 
 FALLBACK_DYNAMIC_WIDTHS = "0.5,0.75,0.75,0.75"  # the README's example map, for a task the config file lacks
 
@@ -150,13 +153,13 @@ def main(argv: list[str] | None = None) -> None:
     runs = []
     for name, bs, out, flags in todo:
         run_args = _setting_args(args, out, bs, flags)
-        train_gate.apply_saved_defaults(run_args, model)
+        apply_saved_defaults(run_args, model)
         validate_subnets(model.config, {"--width_mult_list": run_args.width_mult_list},
                          {"--depth_mult_list": run_args.depth_mult_list})
         check_writable(out)
         runs.append((name, run_args))
-    datasets = train_gate.load_inference_data(args, spec, tokenizer)
-    _run_all(runs, spec, model, tokenizer, device, datasets)
+    datasets = load_inference_data(args, spec, tokenizer)
+    _run_all(runs, spec, model, device, datasets)
     if calibration is not None:
         print(f"-- calibration for FLOPs budgets {' '.join(args.flops_budget)}")
         log = io.StringIO()
@@ -177,24 +180,29 @@ def _setting_args(args: argparse.Namespace, out: Path, batch_size: int, flags: d
     return run_args
 
 
-def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, tokenizer, device, datasets: dict) -> None:
-    """Every setting; static subnets of one width and batch size share their encoder passes."""
+def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, device, datasets: dict) -> None:
+    """Every setting, in order; at one batch size, the static subnets of one width share their encoder passes
+    (prefix sharing) and the gated settings of one width map their layers before the first off-ramp."""
     done = set()
-    for i, (name, run_args) in enumerate(runs):
+    for i, (_, run_args) in enumerate(runs):
         if i in done:
             continue
-        if run_args.static:  # this width's other depths at this batch size run along
-            group = {j: a for j, (_, a) in enumerate(runs) if a.static and j not in done
-                     and (a.width_mult_list, a.per_gpu_eval_batch_size) == (run_args.width_mult_list,
-                                                                           run_args.per_gpu_eval_batch_size)}
-            reports = train_gate.static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec,
-                                                      model, device, datasets)
-            for j, a in group.items():
-                _finish(runs[j][0], a, reports[a.depth_mult_list[0]].finish)
-            done.update(group)
+        kind = _shared_kind(run_args)
+        group = {j: a for j, (_, a) in enumerate(runs) if j not in done and _shared_kind(a) == kind}
+        if run_args.static:
+            reports = static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec, model, device,
+                                           datasets)
+            finished = {j: reports[a.depth_mult_list[0]] for j, a in group.items()}
         else:
-            _finish(name, run_args, lambda a=run_args: train_gate.run_inference(a, spec, model, tokenizer, device,
-                                                                                 datasets))
+            finished = exit_rule_reports({j: a for j, a in group.items()}, spec, model, device, datasets)
+        for j, a in group.items():
+            _finish(runs[j][0], a, finished[j].finish)
+        done.update(group)
+
+
+def _shared_kind(run_args: argparse.Namespace) -> tuple:
+    """Settings that share work: static ones of one width, or gated ones of one width map, at one batch size."""
+    return run_args.static, run_args.width_mult_list, run_args.per_gpu_eval_batch_size
 
 
 def _finish(name: str, run_args: argparse.Namespace, run) -> None:

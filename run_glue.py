@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import functools
-import json
 import logging
 import os
 import time
@@ -49,14 +48,17 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
+from routed_inference import PredictionRecords
 from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
-from transformers_ext import compute_importance, dynamic_forward, graft, rewire
+from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.environment import autocast, precision_name, set_seed, setup_device, setup_numerics
+from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
+from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
+from transformers_ext.routing import RoutingSetting
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
@@ -201,31 +203,18 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     setup_numerics(device, args.tf32, args.deterministic)
     model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
-    model.to(device).eval()
-    out_dir = Path(args.output_dir)
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
-    for split in utils_glue.split_names(args.task_name, "test"):
-        dataset = utils_glue.load_dataset(args.task_name, args.data_dir, split, **load)
-        indices = [e.index for e in utils_glue.get_examples(args.task_name, args.data_dir, split)]
-        logits, rows = [], []
-        for b, batch in enumerate(utils_glue.epoch_batches(dataset, args.per_gpu_eval_batch_size, 0, 0, False)):
-            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            with autocast(precision_name(args.fp16, args.bf16), device.type):
-                out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, fixed_width=args.width_mult,
-                                      depth_mult=args.depth_mult)
-            logits.append(out.logits.float().cpu())
-            if args.save_predictions:
-                start = b * args.per_gpu_eval_batch_size
-                rows += utils_glue.prediction_records(spec, split, indices[start : start + len(labels)], logits[-1],
-                                                      labels.cpu(), out, None, args.width_mult)
-        out_dir.mkdir(parents=True, exist_ok=True)
-        path = out_dir / utils_glue.predictions_file_name(args.task_name, split)
-        write_text(path, utils_glue.predictions_text(spec, indices, utils_glue.prediction_values(
-            spec, torch.cat(logits))))
-        logger.info("test predictions of subnet w%g d%g (%s, %d examples): %s", args.width_mult, args.depth_mult,
-                    split, len(indices), path)
-        if args.save_predictions:
-            write_text(out_dir / f"predictions_{split}.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    datasets = {split: utils_glue.load_dataset(args.task_name, args.data_dir, split, **load)
+                for split in utils_glue.split_names(args.task_name, "test")}
+    setting = RoutingSetting([args.width_mult], args.width_mult, args.depth_mult)
+    records = PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting)
+    evaluation = evaluate_routed(model, datasets, setting, device, EvaluationOptions(
+        args.per_gpu_eval_batch_size, precision_name(args.fp16, args.bf16),
+        example_records=records if args.save_predictions else None))
+    test_logits = {split: (records.indices[split], evaluation.logits[split]) for split in datasets}
+    for line in utils_glue.write_predictions(spec, args.task_name, Path(args.output_dir), test_logits,
+                                             evaluation.records):
+        logger.info("subnet w%g d%g: %s", args.width_mult, args.depth_mult, line)
 
 
 def phase_subnets(args: argparse.Namespace) -> tuple[list[float], list[float]]:

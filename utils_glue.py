@@ -26,7 +26,7 @@ from transformers_ext.batching import (  # noqa: F401  (LENGTH_GROUP, num_batche
     trim_padding,
 )
 from transformers_ext.errors import InputError
-from transformers_ext.files import torch_save
+from transformers_ext.files import torch_save, write_text
 
 
 class DataError(InputError, ValueError):
@@ -669,6 +669,24 @@ def predictions_file_name(task_name: str, split: str) -> str:
     """`predict_results_<task>.txt` (MNLI's mismatched test set: `predict_results_mnli-mm.txt`, as run_glue)."""
     name = get_task(task_name).name.lower()
     return f"predict_results_{name}{'-mm' if split.endswith('_mm') else ''}.txt"
+
+
+def write_predictions(spec: TaskSpec, task_name: str, out_dir: Path, test_logits: dict[str, tuple],
+                      example_records: dict[str, list[dict]]) -> list[str]:
+    """predict_results_<task>.txt per test split ({split: (indices, logits)}; Hugging Face run_glue's format)
+    and predictions_<split>.jsonl per split of `example_records` (one JSON object per example), each written
+    atomically into `out_dir`. Returns what was written, one line per file, for the caller to show."""
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for split, (indices, logits) in test_logits.items():
+        path = out_dir / predictions_file_name(task_name, split)
+        write_text(path, predictions_text(spec, indices, prediction_values(spec, logits)))
+        written.append(f"test predictions ({split}, {len(indices)} examples): {path}")
+    for split, rows in example_records.items():
+        path = out_dir / f"predictions_{split}.jsonl"
+        write_text(path, "".join(json.dumps(r) + "\n" for r in rows))
+        written.append(f"per-example predictions ({split}): {path}")
+    return written
 
 
 def label_value(spec: TaskSpec, label: float | int) -> str | float | None:

@@ -18,6 +18,7 @@ from transformers import BertConfig
 import run_glue
 import train_gate
 import utils_glue
+from transformers_ext import evaluation
 from transformers_ext.loading import load_model
 from transformers_ext.saving import save_model
 
@@ -123,13 +124,13 @@ def test_train_gate_do_predict_every_mode(env, mode, tmp_path):
         extra = {"config": path}
     out = tmp_path / "out"
     outputs = []
-    real = train_gate.dynamic_forward
+    real = evaluation.dynamic_forward
 
     def spy(*args, **kwargs):
         outputs.append(real(*args, **kwargs))
         return outputs[-1]
 
-    with mock.patch.object(train_gate, "dynamic_forward", spy):
+    with mock.patch.object(evaluation, "dynamic_forward", spy):
         train_gate.main(cli_argv(_flags(env, "SST-2", env["models"]["gated"], out, **extra), switches=(
             "--cpu", "--do_predict", "--save_predictions", *switches)))
     rows = _predict_lines(out / "predict_results_sst-2.txt")

@@ -28,7 +28,14 @@ import plot_tradeoff
 import train_gate
 import utils_glue
 from cli import CLIError, run_cli
-from transformers_ext import FlexBertForSequenceClassification, dynamic_forward, gate_training, heads_kept, subnet_macs
+from transformers_ext import (
+    FlexBertForSequenceClassification,
+    dynamic_forward,
+    evaluation,
+    gate_training,
+    heads_kept,
+    subnet_macs,
+)
 from transformers_ext.gate_training import GateInputs, GateTrainingConfig, class_weights
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
 from transformers_ext.loading import load_model
@@ -110,14 +117,14 @@ def _infer(env, model_dir, output_dir, *extra, **flags) -> tuple[dict, SimpleNam
     """Run inference in-process; returns inference_results.json and what dynamic_forward returned
     (concatenated over batches: logits, heads, exit_layer, width_class)."""
     outputs = []
-    real = train_gate.dynamic_forward
+    real = evaluation.dynamic_forward
 
     def spy(*args, **kwargs):
         out = real(*args, **kwargs)
         outputs.append(out)
         return out
 
-    with mock.patch.object(train_gate, "dynamic_forward", spy):
+    with mock.patch.object(evaluation, "dynamic_forward", spy):
         train_gate.main(_argv(env, model_dir, output_dir, "--do_eval", *extra, **flags))
     report = json.loads((Path(output_dir) / "inference_results.json").read_text())
     routed = SimpleNamespace(**{f: torch.cat([getattr(o, f) for o in outputs])

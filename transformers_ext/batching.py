@@ -79,3 +79,8 @@ def epoch_batches(
 
 def num_batches(dataset: TensorDataset, batch_size: int, world: int = 1) -> int:
     return (len(dataset) + batch_size * world - 1) // (batch_size * world)
+
+
+def file_order_batches(dataset: TensorDataset, batch_size: int) -> list[list[torch.Tensor]]:
+    """Inference batches: file order, padded to the features' length (the FLOPs unit), as the reference."""
+    return [[t[idx] for t in dataset.tensors] for idx in torch.arange(len(dataset)).split(batch_size)]

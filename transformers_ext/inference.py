@@ -22,12 +22,13 @@ from .modeling_flexbert import (
     StaticRouter,
     Subnet,
     _rnd,
+    extended_attention_mask,
     heads_kept,
     layers_kept,
 )
 
 __all__ = ["EarlyExit", "GateRouter", "PathRecord", "RoutedOutput", "StaticRouter", "default_off_ramps",
-           "dynamic_forward", "prediction_entropy", "routed_forward", "static_output"]
+           "dynamic_forward", "prediction_entropy", "routed_forward", "shared_prefix_forwards", "static_output"]
 
 
 # The entropy (nats) below which an example leaves at an off-ramp when no threshold is given or saved.
@@ -248,3 +249,54 @@ def dynamic_forward(
     if early_exit:
         router = EarlyExit(router, off_ramps, exit_threshold, model.classify, config.num_labels == 1, record)
     return routed_forward(model, input_ids, attention_mask, token_type_ids, router, record)
+
+
+@torch.no_grad()
+def shared_prefix_forwards(
+    model: FlexBertForSequenceClassification,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: torch.Tensor,
+    settings: Sequence[dict],
+    after_prefix: Callable[[], None] | None = None,
+    after_setting: Callable[[], None] | None = None,
+) -> list[RoutedOutput]:
+    """What `dynamic_forward(..., **s)` returns for each gated setting `s` of `settings` (keyword arguments
+    sharing `class_to_width` and `depth_mult`, differing in the exit rule), with the layers up to the first
+    off-ramp where any of them may exit run once: until an example can leave, every setting runs the same
+    gates and layers on the same batch, so each continues from the same hidden state and path record (bit for
+    bit what its own run computes). `after_prefix` / `after_setting` are called when the shared layers and
+    each setting's remainder are done (the evaluation's latency marks)."""
+    config, first = model.config, settings[0]
+    if any(s["fixed_width"] is not None or (list(s["class_to_width"]), s["depth_mult"]) !=
+           (list(first["class_to_width"]), first["depth_mult"]) for s in settings):
+        raise ValueError("shared_prefix_forwards takes gated settings of one class -> width map and depth")
+    num_layers = layers_kept(config, first["depth_mult"])
+    ramps = [i for s in settings if s["early_exit"] for i in s["off_ramps"] if i < num_layers - 1]
+    shared = min(ramps) + 1 if ramps else num_layers  # layers [0, shared) run once
+    if model.gates is None:
+        raise ValueError("the model has no gates; train them with train_gate.py --do_train first")
+    prefix = PathRecord.start(input_ids.shape[0], config, num_layers, input_ids.device, model.classifier.weight.dtype)
+    gates = GateRouter(model, first["class_to_width"], shared, prefix)
+    states = model.encode(input_ids, attention_mask, token_type_ids, gates)
+    hidden, mask = states[-1], extended_attention_mask(attention_mask, states[0].dtype)  # encode's mask
+    if after_prefix is not None:
+        after_prefix()
+    outputs = []
+    for s in settings:
+        record = PathRecord(**{k: v.clone() if isinstance(v, torch.Tensor) else v for k, v in vars(prefix).items()})
+        router = GateRouter(model, s["class_to_width"], num_layers, record)
+        router.current = gates.current
+        if s["early_exit"]:
+            router = EarlyExit(router, s["off_ramps"], s["exit_threshold"], model.classify, config.num_labels == 1,
+                               record)
+        last, last_mask = hidden, mask
+        stay = router.after_layer(shared - 1, last, last_mask)  # the shared layers' last one, as the loop does
+        if stay is not None:
+            last, last_mask = last[stay], last_mask[stay]
+        if last.shape[0] and shared < num_layers:
+            last = model.bert.encoder(last, last_mask, router, start=shared)[-1]
+        outputs.append(_finish_paths(model, input_ids.shape[1], attention_mask, last, record))
+        if after_setting is not None:
+            after_setting()
+    return outputs

@@ -231,12 +231,15 @@ class FlexEncoder(nn.Module):
         mask: torch.Tensor,
         router: Router,
         head_mask: torch.Tensor | None = None,
+        start: int = 0,
     ) -> list[torch.Tensor]:
         """The only loop over layers. Returns the hidden states: the input plus each executed layer's output,
-        each holding the examples still active after it (all of them unless the router lets some exit)."""
+        each holding the examples still active after it (all of them unless the router lets some exit).
+        `start`: the first layer to run, `hidden` being the input of that layer (a run continued from a
+        shared prefix, `inference.shared_prefix_forwards`)."""
         states = [hidden]
         grouped: tuple[torch.Tensor, list[tuple[int, torch.Tensor | None]]] | None = None
-        for i in range(router.num_layers):
+        for i in range(start, router.num_layers):
             heads = router.heads(i, hidden, mask)
             layer, layer_head_mask = self.layer[i], None if head_mask is None else head_mask[i]
             if isinstance(heads, int):

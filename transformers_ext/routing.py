@@ -13,12 +13,16 @@ from .inference import DEFAULT_EXIT_THRESHOLD, default_off_ramps
 TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
+MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
+
+
 @dataclass(frozen=True)
 class RoutingSetting:
     """One inference setting, built once from the flags: the gates choose among `class_to_width` (one width
-    per gate class), or every example runs `fixed_width` (no gate); the first rnd(depth_mult*L) layers; with
-    `early_exit`, an example leaves at the first off-ramp where its prediction entropy is below
-    `exit_threshold`."""
+    per gate class, as listed), or every example runs `fixed_width` (no gate run; then `class_to_width` only
+    names the widths in reports); the first rnd(depth_mult*L) layers; with `early_exit`, an example leaves at
+    the first off-ramp where its prediction entropy is below `exit_threshold`. `mode` is one of MODES, as
+    the report names it."""
 
     class_to_width: Sequence[float] | None = None
     fixed_width: float | None = None
@@ -26,20 +30,30 @@ class RoutingSetting:
     early_exit: bool = False
     exit_threshold: float = DEFAULT_EXIT_THRESHOLD
     off_ramps: Sequence[int] = ()
+    mode: str = "static"
 
     def forward_kwargs(self) -> dict:
         """The keyword arguments of `inference.dynamic_forward` for this setting."""
-        return asdict(self)
+        kwargs = asdict(self)
+        del kwargs["mode"]
+        return kwargs
 
 
 def routing_defaults(config, exit_threshold: float | None = None, off_ramps: Sequence[int] | None = None
                      ) -> tuple[float, list[int]]:
     """(exit threshold, off-ramps) of a run: the given value, else the model folder's saved one (a gate
     folder's config.json), else the default: DEFAULT_EXIT_THRESHOLD, and off-ramps after the last layer of
-    each trained depth below 1 (`TRAINED_DEPTHS`)."""
+    each depth below 1 the backbone was trained with (`trained_depths`)."""
     if exit_threshold is None:
         saved = getattr(config, "exit_threshold", None)
         exit_threshold = DEFAULT_EXIT_THRESHOLD if saved is None else float(saved)
     if off_ramps is None:
-        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers, TRAINED_DEPTHS)
+        off_ramps = getattr(config, "off_ramps", None) or default_off_ramps(config.num_hidden_layers,
+                                                                            trained_depths(config))
     return exit_threshold, list(off_ramps)
+
+
+def trained_depths(config) -> list[float]:
+    """The depths a backbone was trained with: saved in its config.json by run_glue.py's depth stages
+    (`depth_mult_list`); a folder without them (older runs, other tools) is taken to have `TRAINED_DEPTHS`."""
+    return list(getattr(config, "depth_mult_list", None) or TRAINED_DEPTHS)

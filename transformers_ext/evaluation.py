@@ -1,0 +1,312 @@
+"""The one evaluation path of routed inference (SPEC §6): a `RoutingSetting` run over a task's splits, batch by
+batch, into an `Evaluation` (each split's logits; for the reported splits the metrics, the FLOPs of the path
+each example took, width/exit histograms and latency), summarised by `routed_report`.
+
+`evaluate_routed` runs one setting through `dynamic_forward`. Settings that share work run together, each
+evaluation equal to its own `evaluate_routed` except the latency: `evaluate_static_depths` (the static
+subnets of one width at several depths from one encoder pass per batch: depth subnets are prefixes of each
+other) and `evaluate_exit_rules` (gated settings of one width map under several exit rules, the layers before
+the first off-ramp run once). Inference batches are in file order, padded to the maximum sequence length
+(the FLOPs unit), as the reference. No command-line objects: the scripts build the setting and options.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch.utils.data import TensorDataset
+
+from .batching import file_order_batches
+from .environment import autocast, tf32_enabled
+from .flops import flops_summary, path_macs
+from .inference import RoutedOutput, StaticRouter, dynamic_forward, shared_prefix_forwards, static_output
+from .modeling_flexbert import heads_kept
+from .progress import progress_bar
+from .routing import RoutingSetting
+
+# (split, index of the batch's first example, logits, labels, routed output) -> JSON-able rows per example
+ExampleRecords = Callable[[str, int, torch.Tensor, torch.Tensor, RoutedOutput], list[dict]]
+
+
+@dataclass(frozen=True)
+class Timing:
+    """How latency is taken: `record` (the report gets latency keys), with CUDA events (`cuda_events`) or
+    wall-clock, the first `warmup` batches excluded."""
+
+    record: bool = False
+    cuda_events: bool = False
+    warmup: int = 1
+
+    @classmethod
+    def on(cls, device: torch.device, gpu_time: bool, cpu_time: bool, warmup: int | None) -> Timing:
+        """CUDA events for GPU time on a GPU, else wall-clock; a GPU needs several batches to reach its steady
+        clock and caches (default warm-up 10 batches), a CPU one."""
+        return cls(gpu_time or cpu_time, gpu_time and device.type == "cuda",
+                   warmup if warmup is not None else 10 if device.type == "cuda" else 1)
+
+
+class Stopwatch:
+    """Latency of a forward: CUDA events with `cuda_events` on a GPU, else wall-clock (synchronised on a GPU).
+    `start()`, then `mark()` at points of interest; `seconds(mark)` is the time from start to the mark."""
+
+    def __init__(self, device: torch.device, cuda_events: bool):
+        self.device, self.cuda_events = device, cuda_events
+
+    def start(self) -> None:
+        if self.cuda_events:
+            self.begin = torch.cuda.Event(enable_timing=True)
+            self.begin.record()
+        elif self.device.type == "cuda":
+            torch.cuda.synchronize()
+        self.t0 = time.perf_counter()
+
+    def mark(self):
+        if self.cuda_events:
+            event = torch.cuda.Event(enable_timing=True)
+            event.record()
+            return event
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return time.perf_counter() - self.t0
+
+    def seconds(self, mark) -> float:
+        if self.cuda_events:
+            torch.cuda.synchronize()
+            return self.begin.elapsed_time(mark) / 1000
+        return mark
+
+
+@dataclass(frozen=True)
+class EvaluationOptions:
+    """How settings are evaluated: the batch size, autocast `precision`, `timing`, the splits `scored` (metrics
+    and loss) and `reported` (paths, FLOPs, latency), the task's `compute_metrics(logits, labels)` and the
+    per-example `example_records` (each optional), and the progress bar's `desc`."""
+
+    batch_size: int
+    precision: str = "fp32"
+    timing: Timing = Timing()
+    scored: Sequence[str] = ()
+    reported: Sequence[str] = ()
+    compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
+    example_records: ExampleRecords | None = None
+    desc: str = ""
+
+
+class Evaluation:
+    """One setting's results gathered batch by batch (`add`), split by split (`end_split`). Every split keeps
+    its logits (`logits[split]`); the scored splits (dev; MNLI's dev_mm adds `acc_mm`) their metrics and loss;
+    the reported ones the FLOPs, paths and latency that `results` summarises."""
+
+    def __init__(self, model, setting: RoutingSetting, options: EvaluationOptions):
+        self.model, self.setting, self.options = model, setting, options
+        self.timing, self.reported = options.timing, set(options.reported)
+        self.example_records = options.example_records
+        self.scores, self.logits, self.records = {}, {}, {}
+        self.heads, self.exits = [], []
+        self.macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
+        self.batch_times, self.n_examples_timed, self.n_total = [], 0, 0
+
+    def begin_split(self, split: str) -> None:
+        self.split, self.split_logits, self.split_labels = split, [], []
+
+    def add(self, b: int, num_batches: int, labels: torch.Tensor, out: RoutedOutput, elapsed: float) -> None:
+        self.split_logits.append(out.logits.float().cpu())
+        self.split_labels.append(labels.cpu())
+        if self.example_records is not None:
+            self.records.setdefault(self.split, []).extend(self.example_records(
+                self.split, b * self.options.batch_size, self.split_logits[-1], self.split_labels[-1], out))
+        if self.split not in self.reported:
+            return
+        if b >= self.timing.warmup or num_batches <= self.timing.warmup:
+            self.batch_times.append(elapsed)
+            self.n_examples_timed += len(labels)
+        for key in ("linear", "attention"):
+            self.macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
+        self.macs_sum["total"] = self.macs_sum["linear"] + self.macs_sum["attention"]
+        self.heads.append(out.heads.cpu())
+        self.exits.append(out.exit_layer.cpu())
+        self.n_total += len(labels)
+
+    def end_split(self) -> None:
+        """The split's logits; a scored split's metrics (the first scored split's, then `acc_mm`) and loss."""
+        logits, labels = torch.cat(self.split_logits), torch.cat(self.split_labels)
+        self.logits[self.split] = logits
+        if self.split not in self.options.scored:
+            return
+        metrics = self.options.compute_metrics(logits.numpy(), labels.numpy())
+        loss = self.model.compute_loss(logits, labels).item()
+        if not self.scores:
+            self.scores.update(metrics)
+            self.scores["eval_loss"] = loss
+        else:
+            self.scores["acc_mm"] = metrics["acc"]
+
+    def results(self, max_seq_length: int) -> dict:
+        """The scores, then the FLOPs of the paths taken relative to the full model's, the mean layers run, the
+        exit and per-layer width histograms, and (when timed) the latency."""
+        config, setting, results = self.model.config, self.setting, dict(self.scores)
+        full = path_macs(config, max_seq_length, [config.num_attention_heads] * config.num_hidden_layers)
+        results.update(flops_summary({k: v / self.n_total for k, v in self.macs_sum.items()}, full))
+        heads, exits = torch.cat(self.heads), torch.cat(self.exits)
+        results["mean_layers_executed"] = float(exits.float().mean())
+        results["exit_layer_histogram"] = {int(k): int(v) for k, v in sorted(Counter(exits.tolist()).items())}
+        width_of_heads = {0: "skipped"}
+        fixed = setting.fixed_width
+        for w in sorted(set(setting.class_to_width) | ({fixed} if fixed else set())):
+            width_of_heads.setdefault(heads_kept(config, w), f"{w:g}")
+        results["width_histogram_per_layer"] = [
+            {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
+            for i in range(config.num_hidden_layers)
+        ]
+        if self.batch_times and self.timing.record:
+            total_time = sum(self.batch_times)
+            results["latency_ms_per_batch"] = 1000 * total_time / len(self.batch_times)
+            results["latency_ms_per_example"] = 1000 * total_time / self.n_examples_timed
+            results["examples_per_second"] = self.n_examples_timed / total_time
+            if self.timing.cuda_events:
+                results["gpu_latency"] = results["latency_ms_per_batch"]  # reference: ms per batch
+            else:
+                results["cpu_latency"] = total_time / len(self.batch_times)  # reference: seconds per batch
+        return results
+
+
+def routed_report(evaluation: Evaluation, task: str, batch_size: int, max_seq_length: int, device: torch.device,
+                  precision: str, model_dir: str) -> dict:
+    """inference_results.json: the setting, how it ran, and `Evaluation.results`."""
+    setting, timing = evaluation.setting, evaluation.timing
+    return {
+        "task": task, "mode": setting.mode, "width_mult_list": list(setting.class_to_width),
+        "depth_mult": setting.depth_mult, "early_exit": setting.early_exit,
+        "exit_threshold": setting.exit_threshold if setting.early_exit else None,
+        "off_ramps": setting.off_ramps if setting.early_exit else None, "fixed_width": setting.fixed_width,
+        "batch_size": batch_size, "max_seq_length": max_seq_length, "device": str(device),
+        "timing": ("cuda_events" if timing.cuda_events else "wall_clock") if timing.record else None,
+        "precision": precision, "tf32": tf32_enabled(device), "model_dir": model_dir,
+        "num_examples": evaluation.n_total, "results": evaluation.results(max_seq_length),
+    }
+
+
+def _evaluate(model, datasets: dict[str, TensorDataset], settings: dict, device: torch.device,
+              options: EvaluationOptions, desc: str, forward: Callable) -> dict:
+    """The one batch loop: `forward(input_ids, attention_mask, token_type_ids, stopwatch)` gives each
+    setting's (routed output, latency) of a batch."""
+    model.to(device).eval()
+    evaluations = {key: Evaluation(model, setting, options) for key, setting in settings.items()}
+    stopwatch = Stopwatch(device, options.timing.cuda_events)
+    for split, dataset in datasets.items():
+        for evaluation in evaluations.values():
+            evaluation.begin_split(split)
+        batches = file_order_batches(dataset, options.batch_size)
+        for b, batch in enumerate(progress_bar(batches, desc=f"{desc} {options.desc}{split}", leave=False)):
+            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+            outputs = forward(input_ids, attention_mask, token_type_ids, stopwatch)
+            for key, (out, elapsed) in outputs.items():
+                evaluations[key].add(b, len(batches), labels, out, elapsed)
+        for evaluation in evaluations.values():
+            evaluation.end_split()
+    return evaluations
+
+
+def evaluate_routed(model, datasets: dict[str, TensorDataset], setting: RoutingSetting, device: torch.device,
+                    options: EvaluationOptions) -> Evaluation:
+    """`setting` on every split of `datasets` (in order), one `dynamic_forward` per batch: the timed region is
+    the routed forward under autocast; MAC counting and copies are outside it."""
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        stopwatch.start()
+        with autocast(options.precision, device.type):
+            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
+        return {None: (out, stopwatch.seconds(stopwatch.mark()))}
+
+    return _evaluate(model, datasets, {None: setting}, device, options, setting.mode, forward)[None]
+
+
+class _LayerClock:
+    """A static router that marks the stopwatch after every layer (the latency of each depth's prefix)."""
+
+    def __init__(self, subnet, stopwatch: Stopwatch):
+        self.inner, self.stopwatch, self.marks = StaticRouter(subnet), stopwatch, []
+        self.num_layers = subnet.num_layers
+
+    def heads(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> int:
+        return self.inner.heads(layer_index, hidden, mask)
+
+    def after_layer(self, layer_index: int, hidden: torch.Tensor, mask: torch.Tensor) -> None:
+        self.marks.append(self.stopwatch.mark())
+
+
+@torch.no_grad()
+def evaluate_static_depths(model, datasets: dict[str, TensorDataset], settings: dict[float, RoutingSetting],
+                           device: torch.device, options: EvaluationOptions) -> dict[float, Evaluation]:
+    """Static settings of one width at several depths ({depth: setting}) from one encoder pass per batch
+    (`static_output`): each depth's evaluation equals its own `evaluate_routed`, except the latency, which is
+    the pass up to that depth's last layer plus its head."""
+    if any(s.mode != "static" for s in settings.values()) or len({s.fixed_width for s in settings.values()}) != 1:
+        raise ValueError("evaluate_static_depths takes static settings of one width")
+    subnets = {d: model.subnet(s.fixed_width, d) for d, s in settings.items()}
+    deepest = max(subnets.values(), key=lambda s: s.num_layers)
+
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        stopwatch.start()
+        router = _LayerClock(deepest, stopwatch)
+        with autocast(options.precision, device.type):
+            states = model.encode(input_ids, attention_mask, token_type_ids, router)
+        outputs = {}
+        for d, subnet in subnets.items():
+            head_start = stopwatch.mark()
+            with autocast(options.precision, device.type):
+                out = static_output(model, input_ids, attention_mask, states, subnet)
+            head = stopwatch.seconds(stopwatch.mark()) - stopwatch.seconds(head_start)
+            outputs[d] = (out, stopwatch.seconds(router.marks[subnet.num_layers - 1]) + head)
+        return outputs
+
+    return _evaluate(model, datasets, settings, device, options, "static", forward)
+
+
+def evaluate_exit_rules(model, datasets: dict[str, TensorDataset], settings: dict, device: torch.device,
+                        options: EvaluationOptions) -> dict:
+    """Gated settings of one class -> width map and depth that differ in the exit rule ({key: setting}), the
+    layers before the first off-ramp run once per batch (`shared_prefix_forwards`): each evaluation equals its
+    own `evaluate_routed`, except the latency, which is the shared layers' plus the setting's own remainder."""
+    keys = list(settings)
+
+    def forward(input_ids, attention_mask, token_type_ids, stopwatch):
+        marks = []
+        stopwatch.start()
+        with autocast(options.precision, device.type):
+            outs = shared_prefix_forwards(model, input_ids, attention_mask, token_type_ids,
+                                          [settings[k].forward_kwargs() for k in keys],
+                                          lambda: marks.append(stopwatch.mark()),
+                                          lambda: marks.append(stopwatch.mark()))
+        seconds = [stopwatch.seconds(m) for m in marks]  # the shared layers, then each setting's end
+        return {k: (out, seconds[0] + seconds[i + 1] - seconds[i])
+                for i, (k, out) in enumerate(zip(keys, outs, strict=True))}
+
+    return _evaluate(model, datasets, settings, device, options, "dynamic", forward)
+
+
+def print_report(report: dict) -> None:
+    """The printed form of an inference report (routed_report)."""
+    mode_line = {
+        "static": "static subnet inference.", "w_dynamic": "width-dynamic inference.",
+        "d_dynamic": "depth-dynamic inference.", "wd_dynamic": "width- and depth-dynamic inference.",
+    }[report["mode"]]
+    print(f"***** Eval results: {report['task']} *****")
+    print(mode_line)
+    if report["early_exit"]:
+        print(f" early exit threshold: {report['exit_threshold']}")
+    else:
+        print(f" depth ratio: [{report['depth_mult']}]")
+    print(f" width ratios: {report['width_mult_list']}")
+    for key in sorted(report["results"]):
+        value = report["results"][key]
+        if isinstance(value, float):
+            print(f"  {key} = {value:.6g}")
+        elif key != "width_histogram_per_layer":
+            print(f"  {key} = {value}")
+    for i, hist in enumerate(report["results"]["width_histogram_per_layer"]):
+        print(f"  layer {i} widths: {hist}")
