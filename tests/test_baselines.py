@@ -7,6 +7,7 @@ with large random weights so that examples take different widths; off-ramps afte
 - `exit_outcome` agrees with `calibration.sweep` at every threshold (score and FLOPs);
 - the shuffled gate keeps every layer's width histogram (and the FLOPs of each path), and moves paths;
 - the noise oracle's dropout samples are seeded and leave the model in eval mode;
+- the bulk cascade scoring of the threshold search equals the cascade run one threshold at a time;
 - choose-on-one-half / report-on-the-other on hand-made candidates, and the oracle."""
 
 from __future__ import annotations
@@ -21,12 +22,13 @@ from scipy.stats import pearsonr
 from transformers_ext import dynamic_forward, path_macs
 from transformers_ext.baselines import (
     Halves,
+    cascade_grid,
     choose_and_report,
     collect_gates,
     collect_paths,
     exit_cache,
     exit_outcome,
-    fixed_candidate,
+    fixed_candidates,
     full_model_macs,
     oracle_score,
     predictions_of,
@@ -35,6 +37,7 @@ from transformers_ext.baselines import (
     subset,
 )
 from transformers_ext.calibration import sweep
+from transformers_ext.cascade import Cascade, cascade_from_outputs
 
 WIDTHS = [0.25, 0.5, 0.75, 1.0]
 OFF_RAMPS = [2, 3]
@@ -136,9 +139,9 @@ def test_choose_on_calibration_and_report_against_the_reporting_frontier():
     def logits_for(predictions):
         return torch.nn.functional.one_hot(torch.tensor(predictions), 2).float()
 
-    candidates = [("cheap", fixed_candidate(logits_for([0, 1, 0, 0, 0, 0, 0, 0]), 20)),  # cal 0.75, rep 0.5
-                  ("better", fixed_candidate(logits_for([0, 1, 0, 1, 0, 1, 0, 1]), 40)),  # cal 1.0, rep 1.0
-                  ("too dear", fixed_candidate(logits_for([0, 1, 0, 1, 0, 1, 0, 1]), 90))]
+    candidates = fixed_candidates({"cheap": (logits_for([0, 1, 0, 0, 0, 0, 0, 0]), 20),  # cal 0.75, rep 0.5
+                                   "better": (logits_for([0, 1, 0, 1, 0, 1, 0, 1]), 40),  # cal 1.0, rep 1.0
+                                   "too dear": (logits_for([0, 1, 0, 1, 0, 1, 0, 1]), 90)})
     static_reporting = [(0.2, 0.5), (0.6, 0.9)]
     out = choose_and_report(candidates, halves, [0.1, 0.3, 0.5], static_reporting)
     assert out[0.1] is None  # nothing fits
@@ -146,6 +149,23 @@ def test_choose_on_calibration_and_report_against_the_reporting_frontier():
     assert out[0.5].setting == "better" and out[0.5].reporting_flops == pytest.approx(0.4)
     # the frontier at 0.4 on the reporting half: halfway between 0.5 and 0.9
     assert out[0.5].gap == pytest.approx(1.0 - 0.7)
+
+
+@pytest.mark.parametrize("num_labels, rule, metric", [(2, "max_softmax", "acc"), (3, "entropy", "mcc"),
+                                                      (1, "agreement", "pearson")])
+def test_bulk_cascade_scores_equal_the_cascade_one_threshold_at_a_time(num_labels, rule, metric):
+    gen = torch.Generator().manual_seed(0)
+    n, macs = 50, [10, 30, 70]
+    logits = [torch.randn(n, num_labels, generator=gen) * 2 for _ in macs]
+    labels = torch.randn(n, generator=gen) if num_labels == 1 else torch.randint(0, num_labels, (n,), generator=gen)
+    thresholds = torch.tensor([[0.1, 0.5], [0.3, 0.2], [math.inf, 0.4], [-math.inf, 1.0], [0.6, 0.6]])
+    bulk_scores, bulk_macs = cascade_grid(logits, macs, rule, thresholds, labels, metric)
+    for t, s, m in zip(thresholds.tolist(), bulk_scores.tolist(), bulk_macs.tolist(), strict=True):
+        out = cascade_from_outputs(Cascade(((0.25, 1.0), (0.5, 1.0), (1.0, 1.0)), tuple(t), rule), logits,
+                                   [{"linear": x, "attention": 0} for x in macs])
+        assert s == pytest.approx(score(metric, predictions_of(out.logits), labels, num_labels), abs=1e-12)
+        assert m == pytest.approx(float(out.macs.double().mean()))
+    assert len(set(bulk_macs.tolist())) >= 3  # the thresholds do change who escalates
 
 
 def test_oracle_and_scores():

@@ -31,10 +31,10 @@ from .cascade import Cascade, cascade_from_outputs, uncertainty
 from .flops import executed_macs, path_macs
 from .inference import PathRecord, dynamic_forward
 
-__all__ = ["Halves", "PathOutputs", "StrategyResult", "best_within_budget", "cascade_candidates", "cascade_outcome",
-           "choose_and_report", "collect_gates", "collect_paths", "exit_cache", "exit_candidates", "exit_outcome",
-           "fixed_candidate", "frontier_at", "full_model_macs", "oracle_score", "predictions_of", "score",
-           "shuffled_paths", "spread", "subset"]
+__all__ = ["Candidates", "Halves", "PathOutputs", "StrategyResult", "best_within_budget", "cascade_candidates",
+           "cascade_grid", "choose_and_report", "collect_gates", "collect_paths", "exit_cache", "exit_candidates",
+           "exit_outcome", "fixed_candidates", "frontier_at", "full_model_macs", "oracle_score", "predictions_of",
+           "score", "scores", "shuffled_paths", "spread", "subset"]
 
 
 # ---- summaries -----------------------------------------------------------------------------------------------
@@ -64,15 +64,22 @@ def predictions_of(logits: torch.Tensor) -> torch.Tensor:
     return logits.view(-1).double() if logits.shape[-1] == 1 else logits.argmax(-1).double()
 
 
-def score(metric: str, predictions: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
-    """`metric` (acc, mcc, pearson: `calibration.score_from_stats`) of `predictions` against `labels`."""
+def scores(metric: str, predictions: torch.Tensor, labels: torch.Tensor, num_labels: int) -> torch.Tensor:
+    """`[T]`: `metric` (acc, mcc, pearson: `calibration.score_from_stats`) of each row of `predictions` `[T, N]`
+    against `labels` `[N]`."""
     if num_labels == 1:
-        x, y = predictions.double(), labels.double()
-        stats = torch.stack([x.sum(), (x * x).sum(), (x * y).sum()])
+        x, y = predictions.double(), labels.double()[None]
+        stats = torch.stack([x.sum(1), (x * x).sum(1), (x * y).sum(1)], -1)
     else:
-        cell = labels.long() * num_labels + predictions.long()
-        stats = torch.bincount(cell, minlength=num_labels * num_labels).double()
-    return float(score_from_stats(metric, stats[None], labels, num_labels)[0])
+        cell = labels.long()[None] * num_labels + predictions.long()
+        stats = torch.zeros(len(cell), num_labels * num_labels, dtype=torch.float64)
+        stats.scatter_add_(1, cell, torch.ones_like(cell, dtype=torch.float64))
+    return score_from_stats(metric, stats, labels, num_labels)
+
+
+def score(metric: str, predictions: torch.Tensor, labels: torch.Tensor, num_labels: int) -> float:
+    """`metric` of `predictions` `[N]` against `labels`."""
+    return float(scores(metric, predictions[None], labels, num_labels)[0])
 
 
 def oracle_score(correct: torch.Tensor) -> float:
@@ -233,10 +240,6 @@ StaticMacs = dict[tuple[float, float], int]
 
 
 # ---- choosing on one half, reporting on the other ------------------------------------------------------------
-# A candidate: (setting name, outcome) where outcome(rows) gives (predictions, MACs) of the examples `rows`.
-Outcome = Callable[[torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
-
-
 @dataclass
 class Halves:
     """The labels, the scoring, the full model's MACs and one halving (calibration rows, reporting rows)."""
@@ -248,11 +251,24 @@ class Halves:
     calibration: torch.Tensor
     reporting: torch.Tensor
 
-    def evaluate(self, outcome: Outcome, rows: torch.Tensor) -> tuple[float, float]:
-        """(score, relative FLOPs) of a candidate on the examples `rows`."""
-        predictions, macs = outcome(rows)
+    def evaluate(self, predictions: torch.Tensor, macs: torch.Tensor, rows: torch.Tensor) -> tuple[float, float]:
+        """(score, relative FLOPs) of an outcome (`predictions`, `macs` of the examples `rows`)."""
         return (score(self.metric, predictions, self.labels[rows], self.num_labels),
                 float(macs.double().mean()) / self.full_macs["total"])
+
+
+# outcome(k, rows): (predictions, MACs) of candidate k on the examples `rows`
+Outcome = Callable[[int, torch.Tensor], tuple[torch.Tensor, torch.Tensor]]
+
+
+@dataclass
+class Candidates:
+    """A strategy's settings: their names, their outcome on any examples, and (when computed in bulk) their
+    (scores, relative FLOPs) on the calibration half; otherwise each outcome is scored there."""
+
+    names: list[str]
+    outcome: Outcome
+    calibration: tuple[torch.Tensor, torch.Tensor] | None = None
 
 
 @dataclass
@@ -275,76 +291,108 @@ def best_within_budget(scores: torch.Tensor, relative_flops: torch.Tensor, budge
     return k if key[0] >= 1 else None
 
 
-def choose_and_report(candidates: Sequence[tuple[str, Outcome]], halves: Halves, budgets: Sequence[float],
+def choose_and_report(candidates: Candidates, halves: Halves, budgets: Sequence[float],
                       static_reporting: list[tuple[float, float]]) -> dict[float, StrategyResult | None]:
     """Per budget: the candidate chosen on the calibration half, reported on the reporting half against the
     static frontier there (`static_reporting`: (relative FLOPs, score) of each static subnet on that half)."""
-    if not candidates:
+    if not candidates.names:
         return dict.fromkeys(budgets)
-    on_calibration = [halves.evaluate(outcome, halves.calibration) for _, outcome in candidates]
-    scores = torch.tensor([s for s, _ in on_calibration], dtype=torch.float64)
-    flops = torch.tensor([f for _, f in on_calibration], dtype=torch.float64)
+    if candidates.calibration is None:
+        points = [halves.evaluate(*candidates.outcome(k, halves.calibration), halves.calibration)
+                  for k in range(len(candidates.names))]
+        calibration = tuple(torch.tensor(column, dtype=torch.float64) for column in zip(*points, strict=True))
+    else:
+        calibration = candidates.calibration
     out = {}
     for budget in budgets:
-        k = best_within_budget(scores, flops, budget)
+        k = best_within_budget(*calibration, budget)
         if k is None:
             out[budget] = None
             continue
-        name, outcome = candidates[k]
-        reporting_score, reporting_flops = halves.evaluate(outcome, halves.reporting)
+        reporting_score, reporting_flops = halves.evaluate(*candidates.outcome(k, halves.reporting),
+                                                           halves.reporting)
         edge = frontier_at(static_reporting, reporting_flops)
-        out[budget] = StrategyResult(name, float(scores[k]), float(flops[k]), reporting_score, reporting_flops,
+        out[budget] = StrategyResult(candidates.names[k], float(calibration[0][k]), float(calibration[1][k]),
+                                     reporting_score, reporting_flops,
                                      None if edge is None else reporting_score - edge)
     return out
 
 
-def fixed_candidate(logits: torch.Tensor, macs: int) -> Outcome:
-    """A fixed configuration (a static subnet, a width pattern): the same MACs for every example."""
-    predictions = predictions_of(logits)
-    return lambda rows: (predictions[rows], torch.full((len(rows),), macs, dtype=torch.long))
+def fixed_candidates(configurations: dict[str, tuple[torch.Tensor, int]]) -> Candidates:
+    """Fixed configurations (static subnets, width patterns): name -> (every example's logits, MACs)."""
+    names = list(configurations)
+    predictions = [predictions_of(configurations[n][0]) for n in names]
+    macs = [configurations[n][1] for n in names]
+    return Candidates(names, lambda k, rows: (predictions[k][rows], torch.full((len(rows),), macs[k])))
 
 
-def exit_candidates(cache: MapCache, halves: Halves) -> list[tuple[str, Outcome]]:
-    """No early exit, and every distinct exit threshold of `calibration.sweep` on the calibration half."""
+def exit_candidates(cache: MapCache, halves: Halves) -> Candidates:
+    """No early exit, and every distinct exit threshold of `calibration.sweep` on the calibration half (which
+    also scores them there)."""
     swept = sweep(subset(cache, halves.calibration), halves.labels[halves.calibration], halves.metric,
                   halves.num_labels, halves.full_macs)
-    out = []
-    for t in swept.thresholds.tolist():
-        threshold = None if math.isnan(t) else t
-        name = "no early exit" if threshold is None else f"exit threshold {threshold:.4g}"
-        out.append((name, lambda rows, threshold=threshold: exit_outcome(subset(cache, rows), threshold)))
-    return out
+    thresholds = [None if math.isnan(t) else t for t in swept.thresholds.tolist()]
+    names = ["no early exit" if t is None else f"exit threshold {t:.4g}" for t in thresholds]
+    return Candidates(names, lambda k, rows: exit_outcome(subset(cache, rows), thresholds[k]),
+                      (swept.score, swept.relative_flops))
 
 
-def cascade_candidates(static_logits: StaticLogits, static_macs: StaticMacs, rules: Sequence[str], num_stages: int,
-                       grid: int, rows: torch.Tensor) -> list[tuple[str, Outcome]]:
-    """Every cascade of `num_stages` static subnets of strictly increasing MACs, each step's threshold on
-    `grid - 1` quantiles (levels k / grid) of that stage's uncertainty on the examples `rows`."""
+# (width_mult, depth_mult) -> every example's logits, and -> MACs per example
+StaticLogits = dict[tuple[float, float], torch.Tensor]
+StaticMacs = dict[tuple[float, float], int]
+
+
+def cascade_grid(stage_logits: Sequence[torch.Tensor], stage_macs: Sequence[int], rule: str,
+                 thresholds: torch.Tensor, labels: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores `[T]`, mean MACs `[T]`) of a cascade at every row of `thresholds` `[T, stages - 1]`, from each
+    stage's logits on the same examples: `cascade.cascade_from_outputs`'s decisions, for many thresholds at once
+    (an example stops at the first stage whose uncertainty is below its threshold, else at the last)."""
+    num_stages = len(stage_logits)
+    u = torch.stack([uncertainty(rule, stage_logits[i], stage_logits[i - 1] if i else None).double()
+                     for i in range(num_stages - 1)])  # [S-1, N]
+    stops = u[None] < thresholds.double()[:, :, None]  # [T, S-1, N]
+    stops = torch.cat([stops, torch.ones_like(stops[:, :1])], 1)
+    stage = stops.long().argmax(1)  # [T, N]: the first stage that stops
+    predictions = torch.stack([predictions_of(x) for x in stage_logits])  # [S, N]
+    chosen = predictions.gather(0, stage)
+    executed = torch.tensor(stage_macs, dtype=torch.float64).cumsum(0)[stage]
+    return scores(metric, chosen, labels, stage_logits[0].shape[-1]), executed.mean(1)
+
+
+def cascade_candidates(static_logits: StaticLogits, static_macs: StaticMacs, rule: str, num_stages: int,
+                       grid: int, halves: Halves) -> Candidates:
+    """Every cascade of `num_stages` static subnets of strictly increasing MACs under `rule`, each step's
+    threshold on `grid - 1` quantiles (levels k / grid) of that stage's uncertainty on the calibration half;
+    scored there in bulk (`cascade_grid`), reported by `cascade.cascade_from_outputs`."""
     ordered = sorted(static_logits, key=lambda s: static_macs[s])
     levels = torch.arange(1, grid, dtype=torch.float64) / grid
-    out = []
+    rows, cascades, cal_scores, cal_macs = halves.calibration, [], [], []
     for stages in itertools.combinations(ordered, num_stages):
         if any(static_macs[a] >= static_macs[b] for a, b in itertools.pairwise(stages)):
             continue
-        for rule in rules:
-            grids = []
-            for i in range(num_stages - 1):
-                previous = static_logits[stages[i - 1]][rows] if i else None
-                u = uncertainty(rule, static_logits[stages[i]][rows], previous).double()
-                finite = u[torch.isfinite(u)]
-                grids.append(sorted(set(torch.quantile(finite, levels).tolist())) if len(finite) else [math.inf])
-            for thresholds in itertools.product(*grids):
-                cascade = Cascade(stages, thresholds, rule)
-                out.append((cascade.name, lambda r, c=cascade: cascade_outcome(c, static_logits, static_macs, r)))
-    return out
+        logits = [static_logits[s][rows] for s in stages]
+        grids = []
+        for i in range(num_stages - 1):
+            u = uncertainty(rule, logits[i], logits[i - 1] if i else None).double()
+            finite = u[torch.isfinite(u)]
+            grids.append(sorted(set(torch.quantile(finite, levels).tolist())) if len(finite) else [math.inf])
+        grid_rows = torch.tensor(list(itertools.product(*grids)), dtype=torch.float64)
+        s, m = cascade_grid(logits, [static_macs[x] for x in stages], rule, grid_rows, halves.labels[rows],
+                            halves.metric)
+        cascades += [Cascade(stages, tuple(t), rule) for t in grid_rows.tolist()]
+        cal_scores.append(s)
+        cal_macs.append(m)
+    if not cascades:
+        return Candidates([], lambda k, rows: None)
 
+    def outcome(k: int, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        cascade = cascades[k]
+        out = cascade_from_outputs(cascade, [static_logits[s][rows] for s in cascade.stages],
+                                   [{"linear": static_macs[s], "attention": 0} for s in cascade.stages])
+        return predictions_of(out.logits), out.macs
 
-def cascade_outcome(cascade: Cascade, static_logits: StaticLogits, static_macs: StaticMacs,
-                    rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(predictions, MACs) of `cascade` on the examples `rows`, from the static subnets' cached logits."""
-    out = cascade_from_outputs(cascade, [static_logits[s][rows] for s in cascade.stages],
-                               [{"linear": static_macs[s], "attention": 0} for s in cascade.stages])
-    return predictions_of(out.logits), out.macs
+    return Candidates([c.name for c in cascades], outcome,
+                      (torch.cat(cal_scores), torch.cat(cal_macs) / halves.full_macs["total"]))
 
 
 def full_model_macs(config, seq_len: int) -> dict[str, int]:
