@@ -34,7 +34,18 @@ from pathlib import Path
 import torch
 
 import utils_glue
-from cli import COUNT, MULTIPLIER, STEPS, ArgumentParser, CLIError, comma_items, int_list, multiplier_list, run_cli
+from cli import (
+    COUNT,
+    MULTIPLIER,
+    STEPS,
+    ArgumentParser,
+    CLIError,
+    comma_items,
+    int_list,
+    multiplier_list,
+    run_cli,
+    setup_logging,
+)
 from transformers_ext import default_off_ramps, layers_kept, path_macs
 from transformers_ext.baselines import (
     Halves,
@@ -61,7 +72,7 @@ logger = logging.getLogger("compare_strategies")
 OUTPUTS_FILE = "per_example_outputs.pt"
 
 
-def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+def build_parser() -> ArgumentParser:
     parser = ArgumentParser(description=__doc__)
     a = parser.add_argument
     a("--model_dir", required=True, help="A trained gated model folder (train_gate.py --do_train's output).")
@@ -94,7 +105,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--batch_size", type=COUNT, default=64, help="Examples per forward.")
     a("--num_threads", type=COUNT, default=None, help="CPU threads for torch (default: torch's choice).")
     a("--cache_dir", default=None, help="Feature cache folder (default $FLEXBERT_CACHE or ~/.cache/flexbert).")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def validate(args: argparse.Namespace):
@@ -284,7 +299,7 @@ def markdown(result: dict, args) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s", stream=sys.stderr)
+    setup_logging()
     spec, metric = validate(args)
     if args.num_threads:
         torch.set_num_threads(args.num_threads)
