@@ -45,10 +45,10 @@ def spread(values: list[float]) -> dict:
 
 
 def frontier_at(points: list[tuple[float, float]], flops: float) -> float | None:
-    """The static frontier (upper envelope, linearly interpolated between its points) at `flops`."""
-    points = sorted(points)
+    """The static frontier (upper envelope, linearly interpolated between its points) at `flops`. Of points at
+    equal FLOPs (w0.5 d1, w0.75 d0.75 and w1 d0.5 cost exactly the same) only the best is on the envelope."""
     envelope = []
-    for x, y in points:
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):  # at equal FLOPs the best first
         if not envelope or y > envelope[-1][1]:
             envelope.append((x, y))
     for (x0, y0), (x1, y1) in zip(envelope, envelope[1:], strict=False):
