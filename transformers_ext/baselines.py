@@ -9,10 +9,15 @@ Two kinds of cache, both over every dev example (in dev order), so that any halv
   exit at a fixed width: d_dynamic; the shuffled gate), scored per threshold by `calibration.sweep`.
 - `calibration.MapCache` of the trained gates (`calibration.collect_map`), the same way.
 
-A strategy offers candidates (a threshold, a cascade, a pattern) scored on the calibration half; at each FLOPs
-budget the best candidate within it there (`calibration.Objective`'s rule) is reported on the reporting half:
-its score minus the static frontier (`frontier_at`, the upper envelope of the static subnets on the same half,
-linearly interpolated) at its FLOPs there.
+A strategy's `Candidates` (static subnets and patterns: `fixed_candidates`; thresholds: `exit_candidates`;
+cascades of static subnets: `cascade_candidates`) are scored on the calibration half; at each FLOPs budget the
+best one within it there (`calibration.Objective`'s rule) is reported on the reporting half by
+`choose_and_report`: its score minus the static frontier (`frontier_at`, the upper envelope of the static
+subnets on the same half, linearly interpolated) at its FLOPs there.
+
+The shuffled gate permutes whole paths among the examples (`shuffled_paths`), so every layer's width
+histogram and the FLOPs of each path are the gates'; it runs no gate, and its MACs count none. The noise
+oracle runs one subnet in train mode (dropout on) under K seeds (`collect_paths(dropout_seed=k)`).
 """
 
 from __future__ import annotations
