@@ -22,13 +22,13 @@ import argparse
 import json
 import os
 import re
-import statistics
 import subprocess
 import sys
 from pathlib import Path
 
 import run_profile
 from cli import ArgumentParser, CLIError, int_list, run_cli
+from transformers_ext.baselines import frontier_at, spread
 from transformers_ext.files import write_json, write_text
 from utils_glue import get_task, primary_metric
 
@@ -161,11 +161,6 @@ def rnd(mult: float, total: int) -> int:
 
 
 # ---- summarising -----------------------------------------------------------------------------------------------
-def spread(values: list[float]) -> dict:
-    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
-            "values": values}
-
-
 def subnet_name(key: str) -> str:
     """run_glue's 'd0.75_w0.5' -> the summary's 'w0.5_d0.75'."""
     depth, width = key[1:].split("_w")
@@ -183,21 +178,6 @@ def stage_scores(folder: Path, phase: str, metric: str) -> dict[str, float]:
 def collect(per_seed: list[dict[str, float]]) -> dict[str, dict]:
     keys = [k for k in per_seed[0] if all(k in s for s in per_seed)] if per_seed else []
     return {k: spread([s[k] for s in per_seed]) for k in keys}
-
-
-def frontier_at(points: list[tuple[float, float]], flops: float) -> float | None:
-    """The static frontier (upper envelope, linearly interpolated between its points) at `flops`."""
-    points = sorted(points)
-    envelope = []
-    for x, y in points:
-        if not envelope or y > envelope[-1][1]:
-            envelope.append((x, y))
-    for (x0, y0), (x1, y1) in zip(envelope, envelope[1:], strict=False):
-        if x0 <= flops <= x1:
-            return y0 + (y1 - y0) * (flops - x0) / (x1 - x0)
-    if envelope and flops >= envelope[-1][0]:
-        return envelope[-1][1]
-    return None
 
 
 def summarize(args: argparse.Namespace) -> dict:

@@ -21,7 +21,7 @@ CLI_DOC = ROOT / "docs" / "cli.md"
 MAX_README_LINES = 300
 PYTHONS = {"python", "python3", ".venv/bin/python", "python3.11"}
 SCRIPTS = ("run_glue", "train_gate", "train_gate_new", "export_subnet", "augment_data", "reproduce", "plot_tradeoff",
-           "inference_sweep")
+           "inference_sweep", "compare_strategies")
 
 
 class _Captured(Exception):

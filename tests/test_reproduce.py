@@ -20,6 +20,14 @@ def test_frontier_is_the_interpolated_upper_envelope():
     assert reproduce.frontier_at(points, 0.1) is None  # cheaper than every static subnet: no frontier there
 
 
+def test_frontier_takes_the_best_of_subnets_at_equal_flops():
+    # w0.5 d1, w0.75 d0.75 and w1 d0.5 cost the same: the envelope holds only the best of them there
+    points = [(0.25, 0.70), (0.5, 0.75), (0.5, 0.80), (0.5, 0.78), (1.0, 0.82)]
+    assert reproduce.frontier_at(points, 0.5) == pytest.approx(0.80)
+    assert reproduce.frontier_at(points, 0.375) == pytest.approx(0.75)  # halfway between 0.70 and 0.80
+    assert reproduce.frontier_at(points, 0.75) == pytest.approx(0.81)
+
+
 def _write_run(root: Path, seed: int, acc: dict[str, float], modes: dict[str, tuple[float, float]]) -> None:
     for folder, phase in (("teacher", "finetuning"), ("w_bert", "dynabertw"), ("wd_bert", "dynabert"),
                           ("wd_bert", "final_finetuning")):
