@@ -93,3 +93,16 @@ def test_help_describes_every_flag(capsys):
     parser_flags = [a.option_strings[0] for a in compare_strategies.build_parser()._actions if a.option_strings]
     assert all(flag in text for flag in parser_flags)
     assert all(a.help for a in compare_strategies.build_parser()._actions)
+
+
+def test_regression_runs_with_the_agreement_rule(env, tmp_path):  # noqa: F811
+    flags = _flags(env, tmp_path, task_name="STS-B", data_dir=env["data"]["STS-B"], model_dir=env["model_reg"],
+                   halvings=2, noise_samples=0)
+    compare_strategies.main(cli_argv(flags))
+    result = json.loads((tmp_path / "strategies.json").read_text())
+    assert result["metric"] == "pearson" and result["oracles"] == {}  # no "right or wrong" per example
+    assert {"cascade agreement, 2 stages", "cascade agreement, 3 stages"} <= set(result["summary"])
+    for halving in result["per_halving"]:  # a 2-stage agreement cascade always runs both stages
+        for chosen in halving["strategies"]["cascade agreement, 2 stages"].values():
+            if chosen is not None:
+                assert chosen["reporting_flops"] == pytest.approx(chosen["calibration_flops"])
