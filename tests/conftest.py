@@ -4,9 +4,18 @@ when the environment sets CI: there a missing input is a broken setup, not an op
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import resource
+import runpy
+import signal
 import sys
+import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -170,6 +179,47 @@ def cli_argv(options: dict, *extra: str, switches: tuple[str, ...] = ()) -> list
     for key, value in options.items():
         argv += [f"--{key}", str(value)]
     return argv + list(extra)
+
+
+# ---- a script run as `python script.py ...`, inside the test process -----------------------------------------
+@contextlib.contextmanager
+def file_size_limit(fsize: int | None) -> Iterator[None]:
+    """Files cannot grow past `fsize` bytes meanwhile (the soft limit; the hard one stays, so it is restored)."""
+    if fsize is None:
+        yield
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def run_in_process(argv: list[str], env: dict[str, str], fsize: int | None = None) -> tuple[int, str, str, float]:
+    """`python script.py args` (argv[1:]) inside this process: (exit status, stdout, stderr, seconds). An
+    exception that escapes the script prints its traceback and gives status 1, as Python does. With `fsize`,
+    files cannot grow past that many bytes (`file_size_limit`: writes fail as on a full disk)."""
+    script = argv[1]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    start = time.time()
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", argv[1:]), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), file_size_limit(fsize):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            if not isinstance(exit.code, int | None):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    torch.set_num_threads(threads)  # --num_threads 1 sets it process-wide
+    return code, stdout.getvalue(), stderr.getvalue(), time.time() - start
 
 
 # ---- lines for pytest's terminal summary (e.g. the golden comparison's mode: shown also in passing runs) ----
