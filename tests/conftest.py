@@ -231,8 +231,28 @@ def add_to_summary(config: pytest.Config, line: str) -> None:
     lines = config.stash.setdefault(_SUMMARY_LINES, [])
     if line not in lines:
         lines.append(line)
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: the controller prints the summary
+        config.workeroutput["summary_lines"] = list(lines)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller, as a worker ends: its summary lines join the controller's."""
+    for line in getattr(node, "workeroutput", {}).get("summary_lines", []):
+        add_to_summary(node.config, line)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for line in config.stash.get(_SUMMARY_LINES, []):
         terminalreporter.write_line(line)
+
+
+# ---- pytest-xdist (`make test` runs the files on 2 workers) ----------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    """A worker uses its share of the cores: torch (and the scripts the tests start) would otherwise run one
+    thread per core in every worker, oversubscribing the machine."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)
