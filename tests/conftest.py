@@ -4,9 +4,18 @@ when the environment sets CI: there a missing input is a broken setup, not an op
 
 from __future__ import annotations
 
+import contextlib
+import io
 import os
+import resource
+import runpy
+import signal
 import sys
+import time
+import traceback
+from collections.abc import Iterator
 from pathlib import Path
+from unittest import mock
 
 import pytest
 import torch
@@ -172,6 +181,47 @@ def cli_argv(options: dict, *extra: str, switches: tuple[str, ...] = ()) -> list
     return argv + list(extra)
 
 
+# ---- a script run as `python script.py ...`, inside the test process -----------------------------------------
+@contextlib.contextmanager
+def file_size_limit(fsize: int | None) -> Iterator[None]:
+    """Files cannot grow past `fsize` bytes meanwhile (the soft limit; the hard one stays, so it is restored)."""
+    if fsize is None:
+        yield
+        return
+    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
+    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limit[1]))
+    try:
+        yield
+    finally:
+        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
+        signal.signal(signal.SIGXFSZ, handler)
+
+
+def run_in_process(argv: list[str], env: dict[str, str], fsize: int | None = None) -> tuple[int, str, str, float]:
+    """`python script.py args` (argv[1:]) inside this process: (exit status, stdout, stderr, seconds). An
+    exception that escapes the script prints its traceback and gives status 1, as Python does. With `fsize`,
+    files cannot grow past that many bytes (`file_size_limit`: writes fail as on a full disk)."""
+    script = argv[1]
+    stdout, stderr = io.StringIO(), io.StringIO()
+    threads = torch.get_num_threads()
+    start = time.time()
+    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", argv[1:]), \
+            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), file_size_limit(fsize):
+        try:
+            runpy.run_path(script, run_name="__main__")
+            code = 0
+        except SystemExit as exit:
+            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
+            if not isinstance(exit.code, int | None):
+                print(exit.code, file=sys.stderr)
+        except Exception:
+            traceback.print_exc()
+            code = 1
+    torch.set_num_threads(threads)  # --num_threads 1 sets it process-wide
+    return code, stdout.getvalue(), stderr.getvalue(), time.time() - start
+
+
 # ---- lines for pytest's terminal summary (e.g. the golden comparison's mode: shown also in passing runs) ----
 _SUMMARY_LINES = pytest.StashKey[list[str]]()
 
@@ -181,8 +231,28 @@ def add_to_summary(config: pytest.Config, line: str) -> None:
     lines = config.stash.setdefault(_SUMMARY_LINES, [])
     if line not in lines:
         lines.append(line)
+    if hasattr(config, "workeroutput"):  # a pytest-xdist worker: the controller prints the summary
+        config.workeroutput["summary_lines"] = list(lines)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_testnodedown(node, error) -> None:
+    """pytest-xdist's controller, as a worker ends: its summary lines join the controller's."""
+    for line in getattr(node, "workeroutput", {}).get("summary_lines", []):
+        add_to_summary(node.config, line)
 
 
 def pytest_terminal_summary(terminalreporter, exitstatus, config) -> None:
     for line in config.stash.get(_SUMMARY_LINES, []):
         terminalreporter.write_line(line)
+
+
+# ---- pytest-xdist (`make test` runs the files on 2 workers) ----------------------------------------------
+def pytest_configure(config: pytest.Config) -> None:
+    """A worker uses its share of the cores: torch (and the scripts the tests start) would otherwise run one
+    thread per core in every worker, oversubscribing the machine."""
+    workers = getattr(config, "workerinput", {}).get("workercount", 1)
+    if workers > 1:
+        threads = max(1, (os.cpu_count() or 1) // workers)
+        torch.set_num_threads(threads)
+        os.environ["OMP_NUM_THREADS"] = str(threads)

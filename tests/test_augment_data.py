@@ -1,12 +1,13 @@
 """augment_data.py: output format, originals and labels kept, replacement rate, determinism, clean errors."""
 
+import os
 import random
-import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 import torch
+from conftest import run_in_process
 
 import augment_data
 from utils_glue import get_examples, read_tsv
@@ -168,16 +169,13 @@ def test_cola_has_no_header(models, tmp_path):
     assert {r[1] for r in rows} == {"1", "0"}
 
 
-def _cli(*args):
-    return subprocess.run([sys.executable, str(ROOT / "augment_data.py"), *args], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-
-
 def test_missing_data_dir_is_a_clean_error(models, tmp_path):
-    proc = _cli("--task_name", "RTE", "--data_dir", str(tmp_path / "nope"), "--model_dir", str(models["mlm"]))
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    assert proc.stderr.strip().startswith("error:") and "nope" in proc.stderr
+    """As a script (`python augment_data.py`, run in this process): one `error:` line naming the folder."""
+    argv = ["--task_name", "RTE", "--data_dir", str(tmp_path / "nope"), "--model_dir", str(models["mlm"])]
+    code, _, stderr, _ = run_in_process([sys.executable, str(ROOT / "augment_data.py"), *argv], dict(os.environ))
+    assert code != 0
+    assert "Traceback" not in stderr
+    assert stderr.strip().startswith("error:") and "nope" in stderr
     assert not (tmp_path / "nope").exists()
 
 

@@ -8,30 +8,24 @@ real process (RELIABILITY_FRESH=1: every case)."""
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
-import io
 import json
 import os
 import random
 import resource
-import runpy
 import shutil
 import signal
 import subprocess
 import sys
 import threading
 import time
-import traceback
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from unittest import mock
 
 import pytest
 import torch
-from conftest import cli_argv, save_model_folder
+from conftest import cli_argv, run_in_process, save_model_folder
 from safetensors.torch import load_file
 from transformers import BertConfig
 
@@ -595,46 +589,6 @@ def _run_fresh(argv: list[str], env: dict[str, str], fsize: int | None = None) -
     return proc.returncode, proc.stdout, proc.stderr, time.time() - start
 
 
-@contextlib.contextmanager
-def file_size_limit(fsize: int | None) -> Iterator[None]:
-    """Files cannot grow past `fsize` bytes meanwhile (the soft limit; the hard one stays, so it is restored)."""
-    if fsize is None:
-        yield
-        return
-    limit = resource.getrlimit(resource.RLIMIT_FSIZE)
-    handler = signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
-    resource.setrlimit(resource.RLIMIT_FSIZE, (fsize, limit[1]))
-    try:
-        yield
-    finally:
-        resource.setrlimit(resource.RLIMIT_FSIZE, limit)
-        signal.signal(signal.SIGXFSZ, handler)
-
-
-def run_in_process(argv: list[str], env: dict[str, str], fsize: int | None = None) -> tuple[int, str, str, float]:
-    """`python script.py args` (argv[1:]) inside this process: (exit status, stdout, stderr, seconds). An
-    exception that escapes the script prints its traceback and gives status 1, as Python does. `fsize`: as
-    `_run_fresh`'s."""
-    script = argv[1]
-    stdout, stderr = io.StringIO(), io.StringIO()
-    threads = torch.get_num_threads()
-    start = time.time()
-    with mock.patch.dict(os.environ, env, clear=True), mock.patch.object(sys, "argv", argv[1:]), \
-            contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr), file_size_limit(fsize):
-        try:
-            runpy.run_path(script, run_name="__main__")
-            code = 0
-        except SystemExit as exit:
-            code = exit.code if isinstance(exit.code, int) else (0 if exit.code is None else 1)
-            if not isinstance(exit.code, int | None):
-                print(exit.code, file=sys.stderr)
-        except Exception:
-            traceback.print_exc()
-            code = 1
-    torch.set_num_threads(threads)  # --num_threads 1 sets it process-wide
-    return code, stdout.getvalue(), stderr.getvalue(), time.time() - start
-
-
 @pytest.fixture(scope="module")
 def outcomes(world) -> dict[str, Outcome]:
     inputs_before = _snapshot(world["in"])
@@ -968,11 +922,11 @@ def test_sigkill_while_saving_leaves_a_loadable_folder(world, reference, tmp_pat
 def test_non_finite_loss_stops_the_run(world, tmp_path):
     out = tmp_path / "nan"
     argv = [PY, str(ROOT / "run_glue.py"), *map(str, _argv(world, world["bert"], out, learning_rate=1e30))]
-    proc = subprocess.run(argv, cwd=ROOT, env=_env(world), capture_output=True, text=True, timeout=TIMEOUT)
-    assert proc.returncode != 0
-    assert "Traceback" not in proc.stderr
-    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
-    assert len(errors) == 1 and "non-finite loss" in errors[0], proc.stderr[-2000:]
+    code, _, stderr, _ = run_in_process(argv, _env(world))  # `python run_glue.py ...` in this process
+    assert code != 0
+    assert "Traceback" not in stderr
+    errors = [line for line in stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and "non-finite loss" in errors[0], stderr[-2000:]
     assert "at step 1 " in errors[0] and "d1_w1" in errors[0]
     # nothing saved: no model, no checkpoint, no results
     saved = [p.name for p in out.iterdir()] if out.exists() else []

@@ -10,9 +10,9 @@ import dataclasses
 import functools
 import json
 import math
+import os
 import random
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import cli_argv, save_model_folder
+from conftest import cli_argv, run_in_process, save_model_folder
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
@@ -357,13 +357,12 @@ def test_gate_setting_differs_from_width_list(env, tmp_path):
     with pytest.raises(CLIError, match="--gate_setting"):
         train_gate.main(argv)
     assert not (tmp_path / "out" / "gate_results.json").exists()
-    # as a script: exit code 2, one `error:` line, no traceback
-    proc = subprocess.run([sys.executable, str(ROOT / "train_gate.py"), *argv], capture_output=True, text=True,
-                          cwd=ROOT, timeout=120)
-    assert proc.returncode == 2, proc.stderr
-    error_lines = [line for line in proc.stderr.splitlines() if "error:" in line]
+    # as a script (`python train_gate.py`, run in this process): exit code 2, one `error:` line, no traceback
+    code, _, stderr, _ = run_in_process([sys.executable, str(ROOT / "train_gate.py"), *argv], dict(os.environ))
+    assert code == 2, stderr
+    error_lines = [line for line in stderr.splitlines() if "error:" in line]
     assert len(error_lines) == 1 and error_lines[0].startswith("error: --gate_setting")
-    assert "Traceback" not in proc.stderr
+    assert "Traceback" not in stderr
 
 
 # ---- inference ----------------------------------------------------------------------------------------------
