@@ -196,6 +196,5 @@ def run_calibration(args: argparse.Namespace, spec: utils_glue.TaskSpec, objecti
     return results
 
 
-entry = main  # the name callers used when the calibration flags had a parser of their own
 if __name__ == "__main__":
     cli.run_cli(main)

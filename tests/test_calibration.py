@@ -158,7 +158,8 @@ def test_sweep_equals_routed_inference_at_every_threshold(env, task):
 
 
 def test_score_from_stats_matches_sklearn_and_scipy():
-    from transformers_ext.calibration import _option_stats, score_from_stats
+    from transformers_ext.threshold_sweep import option_stats as _option_stats
+    from transformers_ext.threshold_sweep import score_from_stats
 
     gen = torch.Generator().manual_seed(0)
     for num_labels in (2, 3):
@@ -329,7 +330,7 @@ def _rows(path: Path) -> list[str]:
 
 def test_calibrate_end_to_end(env, tmp_path, capsys):
     out = tmp_path / "cal"
-    train_gate_new.entry(_argv(env, out, "--calibrate", flops_budget="0.45,0.7", max_drop=0.05,
+    train_gate_new.main(_argv(env, out, "--calibrate", flops_budget="0.45,0.7", max_drop=0.05,
                                calibration_grid="0.25,0.6,1.0", calibration_seed=5))
     printed = capsys.readouterr().out
     assert "***** Calibration: RTE (acc) *****" in printed and "15 of 15 maps evaluated" in printed
@@ -454,7 +455,7 @@ def test_calibrate_regression(env, tmp_path, capsys):
 def _exit(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train_gate_new.entry(argv))
+        run_cli(lambda: train_gate_new.main(argv))
     return info.value.code, capsys.readouterr().err
 
 
@@ -484,7 +485,7 @@ def test_calibrate_errors(env, tmp_path, capsys):
 def test_without_calibrate_it_is_train_gate(env, tmp_path):
     a, b = tmp_path / "a", tmp_path / "b"
     flags = {"width_mult_list": "0.25,0.5,0.75,1.0"}
-    train_gate_new.entry(_argv(env, a, "--do_eval", "--w_dynamic", **flags))
+    train_gate_new.main(_argv(env, a, "--do_eval", "--w_dynamic", **flags))
     train_gate.main(_argv(env, b, "--do_eval", "--w_dynamic", **flags))
     ra, rb = (json.loads((p / "inference_results.json").read_text())["results"] for p in (a, b))
     assert ra["acc"] == rb["acc"] and ra["relative_flops"] == rb["relative_flops"]
