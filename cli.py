@@ -218,6 +218,21 @@ def layer_list(value: str | Sequence[int]) -> list[int]:
     return [LAYER(item) for item in items]
 
 
+def number_list(check: Callable) -> Callable[[str], list[float]]:
+    """An argparse type: a non-empty comma list of numbers, each checked by `check` (a bounded type)."""
+
+    def parse(value: str) -> list[float]:
+        try:
+            items = [check(v) for v in comma_items(value)]
+        except argparse.ArgumentTypeError as err:
+            raise argparse.ArgumentTypeError(f"'{value}' must be a comma list of numbers: {err}") from None
+        if not items:
+            raise argparse.ArgumentTypeError("empty list")
+        return items
+
+    return parse
+
+
 MULTIPLIER = bounded.of(ranges.MULTIPLIER)  # a width or depth ratio
 LAYER = bounded.of(ranges.LAYER)
 COUNT = bounded.of(ranges.COUNT)  # sizes, batches, examples, threads
@@ -319,6 +334,38 @@ def add_training_args(parser: argparse.ArgumentParser, learning_rate: float, epo
     a("--deterministic", action="store_true",
       help="Deterministic kernels (torch.use_deterministic_algorithms; on CUDA also CUBLAS_WORKSPACE_CONFIG): "
            "reruns on the same GPU give identical results, somewhat slower.")
+
+
+def add_calibration_args(parser: argparse.ArgumentParser) -> None:
+    g = parser.add_argument_group("calibration (train_gate_new.py)").add_argument
+    g("--calibrate", action="store_true", help="Choose the class -> width map and exit threshold on a calibration "
+      "split (needs --flops_budget and/or --max_drop), then report the choice on examples it did not see.")
+    g("--flops_budget", type=number_list(POSITIVE), default=None, help="Objective: the best score at relative "
+      "FLOPs (true FLOPs / the full model's) <= B; a comma list gives one chosen setting per budget.")
+    g("--max_drop", type=number_list(NON_NEGATIVE), default=None, help="Objective: the fewest FLOPs at a score >= "
+      "the full model's on the calibration split - D (0.01 = one point); a comma list gives one setting each.")
+    g("--within_se", type=NON_NEGATIVE, default=1.0, help="FLOPs budgets: of the settings within the budget "
+      "whose calibration score is at most this many standard errors below the best, take the one with the most "
+      "FLOPs (0: the best score, ties to fewer FLOPs); on a few hundred examples smaller differences are noise.")
+    g("--calibration_file", default=None, help="Labelled file in the dev set's format to calibrate on; the report "
+      "then uses all of dev (default: a seeded half of dev calibrates, the other half reports).")
+    g("--calibration_seed", type=SEED, default=42, help="Seed of the dev split into calibration/reporting halves.")
+    g("--calibration_grid", type=multiplier_list, default=None,
+      help="Widths a class may map to (default: the trained widths plus 0.55, 0.6, 0.65).")
+    g("--calibration_max_exhaustive", type=STEPS, default=256,
+      help="Evaluate every monotone map when there are at most this many, else coordinate ascent.")
+    g("--calibration_batch_size", type=COUNT, default=64, help="Batch size of the calibration forwards "
+      "(length-sorted, padding trimmed; results do not depend on it).")
+    g("--calibration_config", default=None, help="Also merge the chosen entry into this JSON file "
+      "(best_tradeoff_inference_config.json format); one objective only.")
+    g("--no_static_baselines", action="store_true", help="Skip running every static subnet on the reporting split.")
+
+
+def calibration_flags(argv: list[str]) -> dict:
+    """The calibration flags' values (by dest) in `argv`, which holds calibration flags only ([]: the defaults)."""
+    parser = ArgumentParser(prog="train_gate_new.py", add_help=False)
+    add_calibration_args(parser)
+    return vars(parser.parse_args(argv))
 
 
 def finish_training_args(args: argparse.Namespace) -> argparse.Namespace:

@@ -8,7 +8,7 @@
 # MODEL (default $WD_BERT_GATES), BATCH_SIZES (default: the profile's), THRESHOLDS ("0.1 0.3 0.5"),
 # BUDGETS ("0.3 0.5 0.7"; empty: no calibration), INFERENCE_DIR. Your own data (pipeline_env.sh): dev is
 # VALIDATION_FILE; with TEST_FILE every setting also writes its test predictions (--do_predict,
-# predict_results_<TASK>.txt); no calibration by default (--calibrate reads a GLUE folder's dev.tsv).
+# predict_results_<TASK>.txt); no calibration by default (BUDGETS calibrates on a seeded half of VALIDATION_FILE).
 set -euo pipefail
 cd "$(dirname "$0")"
 source pipeline_env.sh

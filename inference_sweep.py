@@ -40,7 +40,7 @@ from cli import (
 )
 from routed_inference import apply_saved_defaults, exit_rule_reports, load_inference_data, static_depth_reports
 from run_folder import check_writable, clean_up_on_failure
-from transformers_ext.environment import set_seed, setup_device
+from transformers_ext.environment import set_seed, setup_device, setup_numerics
 from transformers_ext.errors import reading
 from transformers_ext.files import write_text
 from transformers_ext.loading import load_model
@@ -141,13 +141,13 @@ def main(argv: list[str] | None = None) -> None:
         if args.reuse_existing and (calibrated / train_gate_new.RESULTS_FILE).is_file():
             print(f"reusing {calibrated}")
         else:
-            own = train_gate_new.calibration_parser().parse_args(
-                ["--calibrate", "--flops_budget", ",".join(args.flops_budget)])
-            cal_args = _setting_args(args, calibrated, int(args.batch_sizes[0]), {})
-            calibration = (own, cal_args, *train_gate_new.check_calibration_args(own, cal_args))
+            cal_args = _setting_args(args, calibrated, int(args.batch_sizes[0]), train_gate_new.calibration_flags(
+                ["--calibrate", "--flops_budget", ",".join(args.flops_budget)]))
+            calibration = (cal_args, *train_gate_new.check_calibration_args(cal_args))
     if not todo and calibration is None:
         return
     device, _, _ = setup_device(args.cpu, args.num_threads)
+    setup_numerics(device, args.tf32, args.deterministic)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     runs = []
@@ -164,8 +164,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"-- calibration for FLOPs budgets {' '.join(args.flops_budget)}")
         log = io.StringIO()
         with contextlib.redirect_stdout(log):
-            train_gate_new.run_calibration(*calibration, model, tokenizer, device,
-                                           {train_gate_new.FeatureCache.key(args): datasets})
+            train_gate_new.run_calibration(*calibration, model, tokenizer, device, datasets)
         text = log.getvalue()
         write_text(inference_dir / "calibrated.log", text)
         print(text[max(text.find("***** Calibration"), 0):], end="")  # the summary

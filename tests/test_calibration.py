@@ -158,7 +158,8 @@ def test_sweep_equals_routed_inference_at_every_threshold(env, task):
 
 
 def test_score_from_stats_matches_sklearn_and_scipy():
-    from transformers_ext.calibration import _option_stats, score_from_stats
+    from transformers_ext.threshold_sweep import option_stats as _option_stats
+    from transformers_ext.threshold_sweep import score_from_stats
 
     gen = torch.Generator().manual_seed(0)
     for num_labels in (2, 3):
@@ -329,16 +330,21 @@ def _rows(path: Path) -> list[str]:
 
 def test_calibrate_end_to_end(env, tmp_path, capsys):
     out = tmp_path / "cal"
-    train_gate_new.entry(_argv(env, out, "--calibrate", flops_budget="0.45,0.7", max_drop=0.05,
+    train_gate_new.main(_argv(env, out, "--calibrate", flops_budget="0.45,0.7", max_drop=0.05,
                                calibration_grid="0.25,0.6,1.0", calibration_seed=5))
     printed = capsys.readouterr().out
     assert "***** Calibration: RTE (acc) *****" in printed and "15 of 15 maps evaluated" in printed
     results = json.loads((out / "calibration_results.json").read_text())
-    # the two halves: disjoint, together all of dev, and the calibration half chose
-    cal, rep = _rows(out / "calibration_split" / "dev.tsv"), _rows(out / "reporting_split" / "dev.tsv")
+    # the two halves (dev positions): disjoint, together all of dev, and the calibration half chose
+    halves = json.loads((out / "calibration_split.json").read_text())
+    assert sorted(halves["calibration"] + halves["reporting"]) == list(range(N_DEV))
     dev = _rows(env["data"]["RTE"] / "dev.tsv")
+    cal, rep = [dev[i] for i in halves["calibration"]], [dev[i] for i in halves["reporting"]]
     assert len(cal) == N_DEV // 2 and len(rep) == N_DEV - N_DEV // 2
-    assert not set(cal) & set(rep) and sorted(cal + rep) == sorted(dev)
+    split_dir = tmp_path / "calibration_split"  # the calibration half as a data folder, to rerun the choice on
+    split_dir.mkdir()
+    (split_dir / "dev.tsv").write_text((env["data"]["RTE"] / "dev.tsv").read_text().split("\n")[0] + "\n" +
+                                       "".join(row + "\n" for row in cal))
     assert results["calibration_examples"] == len(cal) and results["search"] == "exhaustive"
     assert results["maps_evaluated"] == 15 and set(results["objectives"]) == {"flops0.45", "flops0.7", "drop0.05"}
     assert len(results["static_reporting"]) == 12
@@ -353,7 +359,7 @@ def test_calibrate_end_to_end(env, tmp_path, capsys):
         assert config["calibration"]["RTE"]["score"] == o["calibration"]["score"]
         assert config["calibration"]["RTE"]["examples"] == len(cal)
         rerun = tmp_path / f"rerun_{name}"
-        train_gate.main(_argv(env, rerun, "--do_eval", data_dir=out / "calibration_split", config=o["config"]))
+        train_gate.main(_argv(env, rerun, "--do_eval", data_dir=split_dir, config=o["config"]))
         report = json.loads((rerun / "inference_results.json").read_text())
         assert report["mode"] == setting["mode"] and report["num_examples"] == len(cal)
         assert report["results"]["relative_flops"] == o["calibration"]["relative_flops"]
@@ -379,9 +385,8 @@ def test_calibration_file_reports_on_all_of_dev(env, tmp_path, capsys):
     out = tmp_path / "cal_file"
     merged = tmp_path / "best.json"
     merged.write_text(json.dumps({"CoLA": {"width_mult_list": [0.5] * 4}}))
-    results = train_gate_new.calibrate(*train_gate_new.calibration_parser().parse_known_args(
-        _argv(env, out, "--calibrate", "--no_static_baselines", flops_budget=0.6, calibration_file=own,
-              calibration_grid="0.25,1.0", calibration_config=merged)))
+    results = train_gate_new.main(_argv(env, out, "--calibrate", "--no_static_baselines", flops_budget=0.6,
+                                        calibration_file=own, calibration_grid="0.25,1.0", calibration_config=merged))
     assert results["calibration_examples"] == N_DEV and results["calibration_split"].startswith("--calibration_file")
     assert not (out / "reporting_split").exists() and results["static_reporting"] == {}
     o = results["objectives"]["flops0.6"]
@@ -393,11 +398,53 @@ def test_calibration_file_reports_on_all_of_dev(env, tmp_path, capsys):
     assert entries["RTE"]["width_mult_list"] == o["setting"]["width_mult_list"]
 
 
+def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
+    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows), encoding="utf-8")
+    return path
+
+
+def test_calibrate_on_your_own_csv_files(env, tmp_path):
+    """--train_file/--validation_file: a 3-class CSV task. The halves are positions in the validation file;
+    train_gate.py run on CSV files of each half with the written config reproduces the calibration figures
+    and the reporting half's report exactly; a CSV --calibration_file calibrates, all of dev reports."""
+    rng = random.Random(3)
+    rows = [(" ".join(rng.choice(WORDS) for _ in range(rng.randint(2, 9))), rng.choice(["neg", "neu", "pos"]))
+            for _ in range(30)]
+    model = _gated_model(tmp_path / "gated3", num_labels=3, seed=1)
+    dev, train = _csv(tmp_path / "dev.csv", rows[:21]), _csv(tmp_path / "train.csv", rows[21:])
+
+    def argv(out: Path, *extra: str, **flags) -> list[str]:
+        options = {"task_name": "mine", "validation_file": dev, "model_dir": model, "output_dir": out,
+                   "cache_dir": env["cache"], "max_seq_length": MAX_LEN, "per_gpu_eval_batch_size": 8,
+                   "num_threads": 1}
+        return cli_argv(options | flags, *extra, switches=("--cpu",))
+
+    out = tmp_path / "cal"
+    results = train_gate_new.main(argv(out, "--calibrate", "--no_static_baselines", flops_budget=0.6,
+                                       calibration_grid="0.25,0.6,1.0", calibration_seed=1))
+    halves = json.loads((out / "calibration_split.json").read_text())
+    assert sorted(halves["calibration"] + halves["reporting"]) == list(range(21)) and len(halves["calibration"]) == 10
+    assert results["task"] == "mine" and results["calibration_examples"] == 10 and results["maps_evaluated"] == 15
+    o = results["objectives"]["flops0.6"]
+    assert o["reporting"]["num_examples"] == 11 and o["all_dev"]["num_examples"] == 21
+    for half, figures in (("calibration", o["calibration"]), ("reporting", o["reporting"])):
+        rerun = tmp_path / f"rerun_{half}"
+        train_gate.main(argv(rerun, "--do_eval", config=o["config"], validation_file=_csv(
+            tmp_path / f"{half}.csv", [rows[i] for i in halves[half]])))
+        report = json.loads((rerun / "inference_results.json").read_text())
+        assert report["num_examples"] == len(halves[half]) and report["mode"] == o["setting"]["mode"]
+        assert report["results"]["relative_flops"] == figures["relative_flops"]
+        assert report["results"]["acc"] == pytest.approx(figures["score"], abs=1e-12)
+    own = train_gate_new.main(argv(tmp_path / "own", "--calibrate", "--no_static_baselines", max_drop=0.1,
+                                   calibration_grid="0.25,1.0", calibration_file=train))
+    assert own["calibration_examples"] == 9 and own["calibration_split"] == f"--calibration_file {train}"
+    assert own["objectives"]["drop0.1"]["reporting"]["num_examples"] == 21
+
+
 def test_calibrate_regression(env, tmp_path, capsys):
     out = tmp_path / "stsb"
-    results = train_gate_new.calibrate(*train_gate_new.calibration_parser().parse_known_args(
-        _argv(env, out, "--calibrate", "--no_static_baselines", task="STS-B", model_key="model_reg",
-              max_drop=0.2, calibration_grid="0.25,1.0")))
+    results = train_gate_new.main(_argv(env, out, "--calibrate", "--no_static_baselines", task="STS-B",
+                                        model_key="model_reg", max_drop=0.2, calibration_grid="0.25,1.0"))
     assert results["metric"] == "pearson"
     o = results["objectives"]["drop0.2"]
     assert o["feasible_on_calibration"]  # the grid holds 1.0: width 1 everywhere without exit is the full model
@@ -408,7 +455,7 @@ def test_calibrate_regression(env, tmp_path, capsys):
 def _exit(argv, capsys) -> tuple[int, str]:
     capsys.readouterr()
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train_gate_new.entry(argv))
+        run_cli(lambda: train_gate_new.main(argv))
     return info.value.code, capsys.readouterr().err
 
 
@@ -436,10 +483,9 @@ def test_calibrate_errors(env, tmp_path, capsys):
 
 
 def test_without_calibrate_it_is_train_gate(env, tmp_path):
-    assert train_gate_new.main is train_gate.main
     a, b = tmp_path / "a", tmp_path / "b"
     flags = {"width_mult_list": "0.25,0.5,0.75,1.0"}
-    train_gate_new.entry(_argv(env, a, "--do_eval", "--w_dynamic", **flags))
+    train_gate_new.main(_argv(env, a, "--do_eval", "--w_dynamic", **flags))
     train_gate.main(_argv(env, b, "--do_eval", "--w_dynamic", **flags))
     ra, rb = (json.loads((p / "inference_results.json").read_text())["results"] for p in (a, b))
     assert ra["acc"] == rb["acc"] and ra["relative_flops"] == rb["relative_flops"]

@@ -73,7 +73,7 @@ def test_each_setting_equals_its_own_train_gate_run(env, swept, tmp_path, name, 
 
 def test_calibration_equals_train_gate_new(env, swept, tmp_path):  # noqa: F811
     alone = tmp_path / "calibrated"
-    train_gate_new.entry(cli_argv(_common(env, output_dir=alone, per_gpu_eval_batch_size=8, flops_budget="0.5,0.8"),
+    train_gate_new.main(cli_argv(_common(env, output_dir=alone, per_gpu_eval_batch_size=8, flops_budget="0.5,0.8"),
                                   "--do_eval", "--record_cpu_time", "--calibrate", switches=("--cpu",)))
     ours = swept / "inference" / "calibrated"
     results = json.loads((ours / "calibration_results.json").read_text())
