@@ -30,11 +30,11 @@ from cli import CLIError
 from train_gate import MODES, load_inference_data, run_inference, static_depth_reports
 from transformers_ext import calibration_report as report
 from transformers_ext.calibration import Calibrator, Objective, monotone_maps, scorable, search_space, split_indices
+from transformers_ext.environment import set_seed, setup_device, setup_numerics
 from transformers_ext.files import write_json, write_text
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import load_model
 from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
-from transformers_ext.trainer import set_seed, setup_device, setup_numerics
 
 RESULTS_FILE, PARETO_FILE, SPLIT_FILE = "calibration_results.json", "calibration_pareto.csv", "calibration_split.json"
 

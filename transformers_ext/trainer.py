@@ -22,7 +22,7 @@ from transformers import get_linear_schedule_with_warmup
 from .batching import in_dataset_order, length_sorted_batches
 from .checkpoints import rng_state, set_rng_state
 from .distributed import all_reduce_gradients
-from .environment import autocast, set_seed, setup_device  # noqa: F401  (two scripts import the last two here)
+from .environment import autocast
 from .errors import InputError
 from .modeling_flexbert import FlexBertForSequenceClassification
 from .progress import progress_bar
