@@ -30,6 +30,7 @@ from cli import (
     COUNT,
     NON_NEGATIVE,
     CLIError,
+    calibration_flags,
     finish_training_args,
     model_options,
     multiplier_list,
@@ -141,7 +142,7 @@ def main(argv: list[str] | None = None) -> None:
         if args.reuse_existing and (calibrated / train_gate_new.RESULTS_FILE).is_file():
             print(f"reusing {calibrated}")
         else:
-            cal_args = _setting_args(args, calibrated, int(args.batch_sizes[0]), train_gate_new.calibration_flags(
+            cal_args = _setting_args(args, calibrated, int(args.batch_sizes[0]), calibration_flags(
                 ["--calibrate", "--flops_budget", ",".join(args.flops_budget)]))
             calibration = (cal_args, *train_gate_new.check_calibration_args(cal_args))
     if not todo and calibration is None:
