@@ -399,7 +399,8 @@ def test_calibration_file_reports_on_all_of_dev(env, tmp_path, capsys):
 
 
 def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
-    path.write_text("text,label\n" + "".join(f"{text},{label}\n" for text, label in rows), encoding="utf-8")
+    with path.open("w", encoding="utf-8", newline="") as f:  # csv quotes the vocabulary's "," tokens
+        csv.writer(f).writerows([("text", "label"), *rows])
     return path
 
 
