@@ -203,6 +203,28 @@ def multiplier_list(value: str | Sequence[float]) -> list[float]:
     return [MULTIPLIER(item) for item in items]
 
 
+def subnet_list(value: str) -> list[tuple[float, float]]:
+    """A comma list of static subnets spelled `w<width>_d<depth>` (w0.25_d0.5,w1.0_d1.0), each ratio in (0, 1]."""
+    items = comma_items(value)
+    if not items:
+        raise argparse.ArgumentTypeError("empty list; give subnets such as w0.25_d0.5,w0.75_d1.0")
+    subnets = []
+    for item in items:
+        width, _, depth = item.partition("_")
+        if not (width.startswith("w") and depth.startswith("d")):
+            raise argparse.ArgumentTypeError(f"'{item}' is not a subnet spelled w<width>_d<depth>, e.g. w0.25_d0.5")
+        subnets.append((MULTIPLIER(width[1:]), MULTIPLIER(depth[1:])))
+    return subnets
+
+
+def non_negative_list(value: str | Sequence[float]) -> list[float]:
+    """A non-empty comma list of numbers >= 0 (thresholds), or a list of numbers (as in a JSON file)."""
+    items = comma_items(value) if isinstance(value, str) else list(value)
+    if not items:
+        raise argparse.ArgumentTypeError("empty list; give comma-separated numbers >= 0")
+    return [NON_NEGATIVE(item) for item in items]
+
+
 def int_list(value: str) -> list[int]:
     try:
         return [int(v) for v in comma_items(value)]
