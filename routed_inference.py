@@ -340,11 +340,17 @@ class InferenceRun:
 def run_inference(args: argparse.Namespace, spec, model, tokenizer, device,
                   datasets: dict[str, TensorDataset] | None = None) -> dict:
     """One setting's inference, reported (`datasets`: the splits' features when already loaded)."""
-    setting = resolve_setting(args, model)
     datasets = load_inference_data(args, spec, tokenizer) if datasets is None else datasets
+    return evaluated_run(args, spec, model, device, datasets).finish()
+
+
+def evaluated_run(args: argparse.Namespace, spec, model, device, datasets: dict[str, TensorDataset]
+                  ) -> InferenceRun:
+    """One setting's inference on `datasets`, complete but not yet reported (`finish`)."""
+    setting = resolve_setting(args, model)
     evaluation = evaluate_routed(model, datasets, setting, device,
                                  evaluation_options(args, spec, device, datasets, setting))
-    return InferenceRun(args, spec, evaluation, device).finish()
+    return InferenceRun(args, spec, evaluation, device)
 
 
 def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, device,
