@@ -286,6 +286,7 @@ def check_calibration_args(own: argparse.Namespace, args: argparse.Namespace) ->
     conflicts += [flag for flag, given in (("--do_train", args.do_train), ("--config", args.config),
                                            ("--early_exit", args.early_exit),
                                            ("--fixed_gate", args.fixed_gate is not None),
+                                           ("--cascade", args.cascade is not None),
                                            ("--exit_threshold", args.exit_threshold is not None)) if given]
     if conflicts:
         raise CLIError(f"--calibrate chooses the mode, widths and threshold itself; drop {conflicts[0]}")

@@ -185,3 +185,13 @@ def test_regression_defaults_to_the_agreement_rule(env, tmp_path):
     assert report["cascade_rule"] == "agreement"
     # the first stage has no previous prediction to agree with: every example runs two stages and stops there
     assert report["results"]["cascade_stage_histogram"] == {"w0.25_d0.5": 0, "w0.5_d1": 8, "w1_d1": 0}
+
+
+def test_calibrate_refuses_cascade(env, tmp_path, capsys):
+    """--calibrate chooses the mode itself: a --cascade there would silently turn every run into the cascade."""
+    full = cli_argv(_flags(env, tmp_path / "out", cascade=CASCADE, cascade_thresholds=0.1, flops_budget=0.5),
+                    "--do_eval", "--calibrate", switches=("--cpu",))
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: train_gate_new.entry(full))
+    err = capsys.readouterr().err.strip().splitlines()
+    assert info.value.code == 2 and len(err) == 1 and "drop --cascade" in err[0], err
