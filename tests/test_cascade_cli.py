@@ -195,3 +195,21 @@ def test_calibrate_refuses_cascade(env, tmp_path, capsys):
         run_cli(lambda: train_gate_new.entry(full))
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1 and "drop --cascade" in err[0], err
+
+
+def test_do_predict_writes_the_cascade_predictions(env, tmp_path):
+    """A test split made of dev's pairs (no labels): the cascade predicts them as it predicted dev."""
+    data = tmp_path / "RTE"
+    data.mkdir()
+    dev_rows = (env["data"] / "dev.tsv").read_text().splitlines()
+    (data / "dev.tsv").write_text("\n".join(dev_rows) + "\n")
+    (data / "test.tsv").write_text("\n".join(row.rsplit("\t", 1)[0] for row in dev_rows) + "\n")
+    out = tmp_path / "out"
+    _run(env, out, "--do_predict", cascade=CASCADE, cascade_thresholds=env["threshold"], data_dir=data)
+    lines = (out / "predict_results_rte.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and len(lines) == N_DEV + 1
+    label = {"0": "entailment", "1": "not_entailment"}
+    dev = _records(out)
+    test = [json.loads(line) for line in (out / "predictions_test.jsonl").read_text().splitlines()]
+    assert [r["cascade_stage"] for r in test] == [r["cascade_stage"] for r in dev]
+    assert [line.split("\t")[1] for line in lines[1:]] == [label.get(r["prediction"], r["prediction"]) for r in dev]
