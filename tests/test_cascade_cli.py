@@ -102,6 +102,7 @@ def test_flops_are_the_sum_of_the_stages_each_example_ran(env, tmp_path):
     # the report names the cascade as its config-file entry would
     assert (report["cascade_stages"], report["cascade_thresholds"], report["cascade_rule"]) == \
         ([list(s) for s in STAGES], [env["threshold"]], "max_softmax")
+    assert report["depth_mult"] is None and report["width_mult_list"] == [0.25, 1.0]
 
 
 def test_config_file_entry_round_trips(env, tmp_path):

@@ -194,7 +194,7 @@ def routed_report(evaluation: Evaluation, task: str, batch_size: int, max_seq_le
     cascade = setting.cascade.entry() if setting_is_cascade(setting) else {}
     return {
         "task": task, "mode": setting.mode, "width_mult_list": list(setting.class_to_width),
-        "depth_mult": setting.depth_mult, "early_exit": setting.early_exit,
+        "depth_mult": None if cascade else setting.depth_mult, "early_exit": setting.early_exit,
         "exit_threshold": setting.exit_threshold if setting.early_exit else None,
         "off_ramps": setting.off_ramps if setting.early_exit else None, "fixed_width": setting.fixed_width,
         **{key: value for key, value in cascade.items() if key != "mode"},
