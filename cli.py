@@ -195,12 +195,33 @@ def comma_items(value: str) -> list[str]:
     return items
 
 
-def multiplier_list(value: str | Sequence[float]) -> list[float]:
-    """A comma list of width/depth multipliers, each in (0, 1] (or a list of numbers, as in a JSON file)."""
+def _checked_items(value: str | Sequence, example: str) -> list:
+    """The items of a non-empty comma list (or of a list, as in a JSON file); `example` shows a good one."""
     items = comma_items(value) if isinstance(value, str) else list(value)
     if not items:
-        raise argparse.ArgumentTypeError("empty list; give comma-separated ratios such as 0.25,0.5,0.75,1.0")
-    return [MULTIPLIER(item) for item in items]
+        raise argparse.ArgumentTypeError(f"empty list; give {example}")
+    return items
+
+
+def multiplier_list(value: str | Sequence[float]) -> list[float]:
+    """A comma list of width/depth multipliers, each in (0, 1] (or a list of numbers, as in a JSON file)."""
+    return [MULTIPLIER(item) for item in _checked_items(value, "comma-separated ratios such as 0.25,0.5,0.75,1.0")]
+
+
+def subnet_list(value: str) -> list[tuple[float, float]]:
+    """A comma list of static subnets spelled `w<width>_d<depth>` (w0.25_d0.5,w1.0_d1.0), each ratio in (0, 1]."""
+    subnets = []
+    for item in _checked_items(value, "subnets such as w0.25_d0.5,w0.75_d1.0"):
+        width, _, depth = item.partition("_")
+        if not (width.startswith("w") and depth.startswith("d")):
+            raise argparse.ArgumentTypeError(f"'{item}' is not a subnet spelled w<width>_d<depth>, e.g. w0.25_d0.5")
+        subnets.append((MULTIPLIER(width[1:]), MULTIPLIER(depth[1:])))
+    return subnets
+
+
+def non_negative_list(value: str | Sequence[float]) -> list[float]:
+    """A non-empty comma list of numbers >= 0 (thresholds), or a list of numbers (as in a JSON file)."""
+    return [NON_NEGATIVE(item) for item in _checked_items(value, "comma-separated numbers >= 0")]
 
 
 def int_list(value: str) -> list[int]:

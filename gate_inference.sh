@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Inference with the gated flexible BERT: every static subnet (width x depth), width-dynamic with the
-# task's best-trade-off widths, and width+depth-dynamic with early exit over a threshold sweep; at each
-# batch size in BATCH_SIZES. Then the calibrated settings for each FLOPs budget in BUDGETS (train_gate_new.py
+# task's best-trade-off widths, width+depth-dynamic with early exit over a threshold sweep, and one confidence
+# cascade of static subnets (w0.25_d0.5 > w0.75_d0.75 at 0.3, or the --cascade flags given); at each batch
+# size in BATCH_SIZES. Then the calibrated settings for each FLOPs budget in BUDGETS (train_gate_new.py
 # --calibrate: map and threshold chosen on a seeded half of dev, reported on the other half; its Pareto front
 # goes on the plot). Ends with one accuracy / FLOPs / latency table and a trade-off plot.
 # Extra arguments are passed to inference_sweep.py (train_gate.py's flags). Environment: as run_glue.sh, plus

@@ -4,9 +4,11 @@ At each batch size of --batch_sizes: every static subnet (--static_widths x --st
 width from one encoder pass, as depth subnets are prefixes of each other), width-dynamic inference with the
 task's class -> width map from --dynamic_config, and width+depth-dynamic inference with early exit at each
 of --thresholds (these gated settings run their gates and layers up to the first off-ramp once per batch:
-until an example can exit, their paths are the same). Each setting's report is the one `train_gate.py
---do_eval` writes for the same flags (same numbers; the latency of a setting that shares layers is the
-shared part's plus its own), in
+until an example can exit, their paths are the same), and one confidence cascade of static subnets (--cascade,
+--cascade_thresholds, --cascade_rule; default SWEEP_CASCADE, the setting docs/results.md's SST-2 quick
+measurement chose most often at a FLOPs budget of 0.3; --no_cascade leaves it out). Each setting's report
+is the one `train_gate.py --do_eval` writes for the same flags (same numbers; the latency of a setting that
+shares layers is the shared part's plus its own), in
 <inference_dir>/<setting>_b<batch>/inference_results.json, its printout in <setting>_b<batch>.log beside it.
 With --flops_budget, then train_gate_new.py --calibrate's calibration for those budgets at the first batch
 size, on the same loaded model, into <inference_dir>/calibrated/. All other flags are train_gate.py's
@@ -39,7 +41,14 @@ from cli import (
     validate_subnets,
     validate_task_args,
 )
-from routed_inference import apply_saved_defaults, exit_rule_reports, load_inference_data, static_depth_reports
+from routed_inference import (
+    apply_saved_defaults,
+    check_cascade_flags,
+    evaluated_run,
+    exit_rule_reports,
+    load_inference_data,
+    static_depth_reports,
+)
 from run_folder import check_writable, clean_up_on_failure
 from transformers_ext.environment import set_seed, setup_device, setup_numerics
 from transformers_ext.errors import reading
@@ -47,6 +56,10 @@ from transformers_ext.files import write_text
 from transformers_ext.loading import load_model
 
 FALLBACK_DYNAMIC_WIDTHS = "0.5,0.75,0.75,0.75"  # the README's example map, for a task the config file lacks
+# The sweep's cascade row: the 2-stage max-softmax cascade chosen most often (10 of 20 halvings, median threshold
+# 0.31) at FLOPs budget 0.3 on the make-demo model (docs/results.md, "Which dynamic inference pays"): 0.826 at
+# 0.28 of the FLOPs on the reporting halves. A default for the table, not a calibrated choice for other models.
+SWEEP_CASCADE = {"cascade": [(0.25, 0.5), (0.75, 0.75)], "cascade_thresholds": [0.3], "cascade_rule": None}
 
 
 def _list_of(item_type):
@@ -76,6 +89,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     g("--dynamic_config", default="best_tradeoff_inference_config.json",
       help=f"The task's width_mult_list in this JSON file is the dynamic runs' class -> width map (a task it "
            f"lacks: {FALLBACK_DYNAMIC_WIDTHS}).")
+    g("--no_cascade", action="store_true",
+      help="Leave out the cascade row (default: --cascade if given, else w0.25_d0.5,w0.75_d0.75 at threshold 0.3).")
     g("--flops_budget", type=_list_of(NON_NEGATIVE), default=None,
       help="Calibrate for these FLOPs budgets afterwards (train_gate_new.py --calibrate --flops_budget).")
     g("--reuse_existing", action="store_true",
@@ -111,6 +126,9 @@ def settings(args: argparse.Namespace, widths: str) -> list[tuple[str, dict]]:
     runs.append(("w_dynamic", {"w_dynamic": True, **dynamic}))
     runs += [(f"wd_dynamic_t{t}", {"wd_dynamic": True, "early_exit": True, "exit_threshold": NON_NEGATIVE(t),
                                    **dynamic}) for t in args.thresholds]
+    if not args.no_cascade:
+        cascade = ({key: getattr(args, key) for key in SWEEP_CASCADE} if args.cascade else SWEEP_CASCADE)
+        runs.append(("cascade", dict(cascade)))
     return runs
 
 
@@ -126,6 +144,9 @@ def main(argv: list[str] | None = None) -> None:
     if given or args.width_mult_list is not None:
         raise CLIError("conflicting modes: the sweep chooses every setting's mode, widths, depth and threshold "
                        f"itself; drop --{(given or ['width_mult_list'])[0]}")
+    if args.no_cascade and args.cascade:
+        raise CLIError("--no_cascade contradicts --cascade; drop one")
+    check_cascade_flags(args)
     inference_dir = Path(args.inference_dir)
     widths = dynamic_widths(args.dynamic_config, spec.name)
     todo = []
@@ -175,6 +196,8 @@ def _setting_args(args: argparse.Namespace, out: Path, batch_size: int, flags: d
     """One setting's flags: the sweep's, with its output folder, batch size and routing flags."""
     run_args = argparse.Namespace(**vars(args))
     run_args.output_dir, run_args.per_gpu_eval_batch_size = str(out), batch_size
+    for key in SWEEP_CASCADE:  # only the cascade row is a cascade
+        setattr(run_args, key, None)
     for key, value in flags.items():
         setattr(run_args, key, value)
     return run_args
@@ -189,7 +212,9 @@ def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, device, da
             continue
         kind = _shared_kind(run_args)
         group = {j: a for j, (_, a) in enumerate(runs) if j not in done and _shared_kind(a) == kind}
-        if run_args.static:
+        if run_args.cascade:  # shares nothing
+            finished = {i: evaluated_run(run_args, spec, model, device, datasets)}
+        elif run_args.static:
             reports = static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec, model, device,
                                            datasets)
             finished = {j: reports[a.depth_mult_list[0]] for j, a in group.items()}
@@ -201,8 +226,9 @@ def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, device, da
 
 
 def _shared_kind(run_args: argparse.Namespace) -> tuple:
-    """Settings that share work: static ones of one width, or gated ones of one width map, at one batch size."""
-    return run_args.static, run_args.width_mult_list, run_args.per_gpu_eval_batch_size
+    """Settings that share work: static ones of one width, or gated ones of one width map, at one batch size
+    (a cascade: none)."""
+    return run_args.static, run_args.width_mult_list, run_args.per_gpu_eval_batch_size, run_args.cascade
 
 
 def _finish(name: str, run_args: argparse.Namespace, run) -> None:

@@ -127,6 +127,10 @@ def plot(rows: list[dict], path: Path, pareto: list[dict] | None = None) -> None
         for i, r in enumerate(wd):  # labels alternate below/above: neighbouring thresholds often nearly coincide
             ax.annotate(f"t={r['run'].split('_t')[-1]}", (r["rel_flops"], r["score"]), textcoords="offset points",
                         xytext=(4, -10 if i % 2 == 0 else 5), fontsize=7, color="tab:purple")
+    cascades = [r for r in rows if r["mode"] == "cascade"]
+    if cascades:
+        ax.scatter([r["rel_flops"] for r in cascades], [r["score"] for r in cascades], marker="P", s=110,
+                   c="tab:green", zorder=5, label="confidence cascade of static subnets")
     full = [r for r in static if r["run"] == "static_w1.0_d1.0"]
     if full:
         ax.scatter([1.0], [full[0]["score"]], marker="o", s=220, facecolors="none", edgecolors="k", lw=1.5,

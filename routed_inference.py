@@ -17,8 +17,9 @@ import torch
 from torch.utils.data import TensorDataset
 
 import utils_glue
-from cli import NON_NEGATIVE, CLIError, multiplier_list
+from cli import NON_NEGATIVE, CLIError, multiplier_list, non_negative_list
 from transformers_ext import layers_kept
+from transformers_ext.cascade import CLASSIFICATION_RULES, REGRESSION_RULES, Cascade
 from transformers_ext.environment import precision_name
 from transformers_ext.evaluation import (
     Evaluation,
@@ -31,7 +32,7 @@ from transformers_ext.evaluation import (
     routed_report,
 )
 from transformers_ext.files import write_json
-from transformers_ext.routing import MODES, RoutingSetting, routing_defaults
+from transformers_ext.routing import CASCADE_MODE, MODES, RoutingSetting, routing_defaults
 
 logger = logging.getLogger("flexbert")
 
@@ -48,6 +49,7 @@ def apply_saved_defaults(args: argparse.Namespace, model) -> None:
 
 
 CONFIG_KEYS = ("width_mult_list", "exit_threshold", "mode", "early_exit")
+CASCADE_KEYS = ("mode", "cascade_stages", "cascade_thresholds", "cascade_rule")  # `Cascade.entry()`
 
 
 def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> None:
@@ -63,10 +65,13 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
     entry = entries.get(spec.name) if isinstance(entries, dict) else None
     if not isinstance(entry, dict):
         raise CLIError(f"{where} has no entry for task {spec.name}")
+    if entry.get("mode") == CASCADE_MODE:
+        _apply_cascade_entry(args, spec, entry, where)
+        return
     unknown = sorted(set(entry) - set(CONFIG_KEYS))
     if unknown:
         raise CLIError(f"{where}: unknown key(s) {', '.join(unknown)} for {spec.name} "
-                       f"(known: {', '.join(CONFIG_KEYS)})")
+                       f"(known: {', '.join(CONFIG_KEYS)}; a cascade: {', '.join(CASCADE_KEYS)})")
 
     def bad(key: str, why: str) -> CLIError:
         return CLIError(f"{where}: {spec.name}.{key} {why}, got {json.dumps(entry.get(key))}")
@@ -87,7 +92,8 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
     threshold = None if threshold is None else NON_NEGATIVE(threshold)
     mode = entry.get("mode", "wd_dynamic")
     if mode not in MODES:
-        raise CLIError(f"{where}: unknown mode {json.dumps(mode)} for {spec.name} (one of {', '.join(MODES)})")
+        raise CLIError(f"{where}: unknown mode {json.dumps(mode)} for {spec.name} "
+                       f"(one of {', '.join(MODES + (CASCADE_MODE,))})")
     early_exit = entry.get("early_exit", mode in ("wd_dynamic", "d_dynamic"))
     if not isinstance(early_exit, bool):
         raise bad("early_exit", "must be true or false (a JSON boolean)")
@@ -95,7 +101,7 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
     def refuse(given: str, saved: str) -> CLIError:
         return CLIError(f"{given} contradicts {where}, which gives {saved} for {spec.name}; drop one")
 
-    flagged = [m for m in MODES if getattr(args, m)]
+    flagged = [m for m in MODES if getattr(args, m)] + ([CASCADE_MODE] if args.cascade else [])
     if flagged and flagged != [mode]:
         raise refuse(" ".join("--" + m for m in flagged), f"mode {mode}")
     given = args.width_mult_list
@@ -112,6 +118,80 @@ def apply_config_file(args: argparse.Namespace, spec: utils_glue.TaskSpec) -> No
     for m in MODES:
         setattr(args, m, m == mode)
     args.early_exit = early_exit
+
+
+def _apply_cascade_entry(args: argparse.Namespace, spec, entry: dict, where: str) -> None:
+    """A cascade entry of --config (`Cascade.entry()`: cascade_stages [[width, depth], ...], cascade_thresholds,
+    cascade_rule), type-checked and applied as the --cascade flags; a contradicting flag is refused."""
+    unknown = sorted(set(entry) - set(CASCADE_KEYS))
+    if unknown:
+        raise CLIError(f"{where}: key(s) {', '.join(unknown)} do not apply to {spec.name}'s cascade entry "
+                       f"(known: {', '.join(CASCADE_KEYS)})")
+    stages, thresholds, rule = (entry.get(k) for k in CASCADE_KEYS[1:])
+
+    def bad(key: str, why: str) -> CLIError:
+        return CLIError(f"{where}: {spec.name}.{key} {why}, got {json.dumps(entry.get(key))}")
+
+    numbers = (int, float)
+    if not (isinstance(stages, list) and stages and all(
+            isinstance(s, list) and len(s) == 2 and all(isinstance(x, numbers) and not isinstance(x, bool) for x in s)
+            for s in stages)):
+        raise bad("cascade_stages", "must be a non-empty list of [width, depth] pairs")
+    if not isinstance(thresholds, list) or any(isinstance(t, bool) or not isinstance(t, numbers) for t in thresholds):
+        raise bad("cascade_thresholds", "must be a list of numbers")
+    if rule is not None and rule not in CLASSIFICATION_RULES + REGRESSION_RULES:
+        raise bad("cascade_rule", f"must be one of {', '.join(CLASSIFICATION_RULES + REGRESSION_RULES)}")
+    try:
+        stages = [tuple(multiplier_list(s)) for s in stages]
+        thresholds = non_negative_list(thresholds) if thresholds else []
+    except argparse.ArgumentTypeError as err:
+        raise CLIError(f"{where}: {spec.name}: {err}") from None
+
+    def refuse(given: str, saved: str) -> CLIError:
+        return CLIError(f"{given} contradicts {where}, which gives {saved} for {spec.name}; drop one")
+
+    flagged = [m for m in MODES if getattr(args, m)]
+    if flagged:
+        raise refuse(" ".join("--" + m for m in flagged), "mode cascade")
+    for flag, given, saved in (("--cascade", args.cascade, stages),
+                               ("--cascade_thresholds", args.cascade_thresholds, thresholds),
+                               ("--cascade_rule", args.cascade_rule, rule)):
+        if given is not None and given != saved:
+            raise refuse(f"{flag} {given}", f"{saved}")
+    args.cascade, args.cascade_thresholds, args.cascade_rule = stages, thresholds, rule
+
+
+def check_cascade_flags(args: argparse.Namespace) -> None:
+    """--cascade takes no other mode's flags; --cascade_thresholds / --cascade_rule need it. (The thresholds'
+    count and the stages' order are checked against the model by `resolve_setting`.)"""
+    if not args.cascade:
+        for flag in ("cascade_thresholds", "cascade_rule"):
+            if getattr(args, flag) is not None:
+                raise CLIError(f"--{flag} needs --cascade")
+        return
+    others = [f"--{m}" for m in MODES if getattr(args, m)]
+    others += [flag for flag, given in (("--early_exit", args.early_exit),
+                                        ("--fixed_gate", args.fixed_gate is not None),
+                                        ("--width_mult_list", args.width_mult_list is not None),
+                                        ("--do_train", args.do_train)) if given]
+    if others:
+        raise CLIError(f"conflicting modes: --cascade runs its own static subnets; drop {others[0]}")
+
+
+def resolve_cascade(args: argparse.Namespace, model) -> RoutingSetting:
+    """The cascade the --cascade flags describe, checked against the model (rule fits the task, one threshold
+    per step, stages cheap to expensive at --max_seq_length)."""
+    config = model.config
+    rule = args.cascade_rule or (REGRESSION_RULES[0] if config.num_labels == 1 else CLASSIFICATION_RULES[0])
+    try:
+        cascade = Cascade(tuple(args.cascade), tuple(args.cascade_thresholds or ()), rule)
+        cascade.check_model(config, args.max_seq_length)
+        for width, depth in cascade.stages:
+            model.subnet(width, depth)  # validates the pair
+    except ValueError as err:
+        raise CLIError(f"--cascade: {err}") from None
+    widths = [w for w, _ in cascade.stages]
+    return RoutingSetting(widths, None, 1.0, False, args.exit_threshold, (), CASCADE_MODE, cascade)
 
 
 def select_mode(args: argparse.Namespace, model) -> str:
@@ -144,6 +224,8 @@ def select_mode(args: argparse.Namespace, model) -> str:
 
 def resolve_setting(args: argparse.Namespace, model) -> RoutingSetting:
     """The setting the flags describe (after `apply_saved_defaults`), validated against the model."""
+    if getattr(args, "cascade", None):
+        return resolve_cascade(args, model)
     mode = select_mode(args, model)
     num_labels = model.config.num_labels
     if args.early_exit and num_labels > 1 and args.exit_threshold >= math.log(num_labels):
@@ -207,9 +289,14 @@ class PredictionRecords:
         self.indices = {s: example_indices(task_name, data_dir, s, len(d)) for s, d in datasets.items()}
 
     def __call__(self, split: str, start: int, logits: torch.Tensor, labels: torch.Tensor, out) -> list[dict]:
-        return utils_glue.prediction_records(self.spec, split, self.indices[split][start : start + len(labels)],
-                                             logits, labels, out, self.setting.class_to_width,
-                                             self.setting.fixed_width)
+        records = utils_glue.prediction_records(self.spec, split, self.indices[split][start : start + len(labels)],
+                                                logits, labels, out, self.setting.class_to_width,
+                                                self.setting.fixed_width)
+        if self.setting.cascade is not None:  # the stage that answered (the example ran it and those before)
+            names = self.setting.cascade.stage_names
+            for record, stage in zip(records, out.stage.tolist(), strict=True):
+                record["cascade_stage"] = names[stage]
+        return records
 
 
 def evaluation_options(args: argparse.Namespace, spec, device: torch.device, datasets: dict[str, TensorDataset],
@@ -253,11 +340,17 @@ class InferenceRun:
 def run_inference(args: argparse.Namespace, spec, model, tokenizer, device,
                   datasets: dict[str, TensorDataset] | None = None) -> dict:
     """One setting's inference, reported (`datasets`: the splits' features when already loaded)."""
-    setting = resolve_setting(args, model)
     datasets = load_inference_data(args, spec, tokenizer) if datasets is None else datasets
+    return evaluated_run(args, spec, model, device, datasets).finish()
+
+
+def evaluated_run(args: argparse.Namespace, spec, model, device, datasets: dict[str, TensorDataset]
+                  ) -> InferenceRun:
+    """One setting's inference on `datasets`, complete but not yet reported (`finish`)."""
+    setting = resolve_setting(args, model)
     evaluation = evaluate_routed(model, datasets, setting, device,
                                  evaluation_options(args, spec, device, datasets, setting))
-    return InferenceRun(args, spec, evaluation, device).finish()
+    return InferenceRun(args, spec, evaluation, device)
 
 
 def static_depth_reports(runs: dict[float, argparse.Namespace], spec, model, device,

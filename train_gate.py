@@ -5,6 +5,7 @@
   --w_dynamic               gates choose each layer's width among --width_mult_list (class -> width), depth 1
   --d_dynamic --early_exit  fixed width, entropy-based early exit at the off-ramps
   --wd_dynamic [--early_exit --exit_threshold T]   both
+  --cascade w0.25_d0.5,w0.75_d0.75 --cascade_thresholds 0.3   a confidence cascade of static subnets
 
 Inference prints the task metrics, the FLOPs of the path each example took (reference unit and true
 FLOPs, relative to the full model), width/exit histograms and latency, and writes
@@ -35,25 +36,26 @@ from cli import (
     layer_list,
     model_options,
     multiplier_list,
+    non_negative_list,
     parsed_command,
     run_cli,
     setup_logging,
+    subnet_list,
     validate_subnets,
     validate_task_args,
 )
-from routed_inference import (  # load_inference_data and static_depth_reports: for train_gate_new.py
+from routed_inference import (
     apply_config_file,
     apply_saved_defaults,
-    load_inference_data,  # noqa: F401
+    check_cascade_flags,
     run_inference,
-    static_depth_reports,  # noqa: F401
 )
 from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import DEFAULT_EXIT_THRESHOLD
+from transformers_ext.cascade import CLASSIFICATION_RULES, REGRESSION_RULES
 from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
 from transformers_ext.gate_training import RESULTS_FILE, GateTrainingConfig, RunRecord, check_config, train_gates
 from transformers_ext.loading import load_model
-from transformers_ext.routing import MODES  # noqa: F401 (for train_gate_new.py)
 
 logger = logging.getLogger("flexbert")
 
@@ -123,10 +125,25 @@ def build_parser(description: str | None = __doc__) -> ArgumentParser:
     a("--timing_warmup", type=STEPS, default=None,
       help="Batches run before timing starts (excluded; default 1 on CPU, 10 on CUDA, where the first batches "
            "pay for kernel selection and allocator growth).")
+    a("--cascade", type=subnet_list, default=None,
+      help="Confidence-cascade inference (no gates): static subnets w<width>_d<depth>, comma-separated, cheap to "
+           "expensive (each strictly more FLOPs). Every example runs the first; one whose uncertainty is at or "
+           "above that step's --cascade_thresholds value runs the next (from the embeddings: nothing is reused), "
+           "and so on; the last stage answers for everyone left. FLOPs count every stage an example ran. Not "
+           "with --static/--w_dynamic/--d_dynamic/--wd_dynamic/--early_exit/--fixed_gate/--width_mult_list.")
+    a("--cascade_thresholds", type=non_negative_list, default=None,
+      help="With --cascade: one threshold per step (stages - 1); an example keeps a stage's answer iff its "
+           "uncertainty < the threshold (0: always escalate). max_softmax: 1 - top probability, in [0, 1 - 1/C]; "
+           "entropy: nats, in [0, ln C]; agreement (regression): |prediction - previous stage's|.")
+    a("--cascade_rule", choices=CLASSIFICATION_RULES + REGRESSION_RULES, default=None,
+      help="With --cascade: the uncertainty (default: max_softmax for classification, agreement for "
+           "regression; the first stage of an agreement cascade answers for nobody).")
     a("--config", default=None,
       help="JSON file such as best_tradeoff_inference_config.json: applies the task's width_mult_list, "
-           "exit_threshold, mode and early_exit (types checked). A flag that contradicts the file (another mode, "
-           "width list, threshold, or --early_exit where the file says false) is refused; equal values are fine.")
+           "exit_threshold, mode and early_exit (types checked), or for mode \"cascade\" its cascade_stages "
+           "([[width, depth], ...]), cascade_thresholds and cascade_rule. A flag that contradicts the file "
+           "(another mode, width list, threshold, or --early_exit where the file says false) is refused; equal "
+           "values are fine.")
     return parser
 
 
@@ -199,6 +216,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.info(utils_glue.describe_task(spec))
     if args.config:
         apply_config_file(args, spec)
+    check_cascade_flags(args)
     if args.do_train and args.training_phase != "traingate":
         raise CLIError(f"--do_train in train_gate.py trains gates: pass --training_phase traingate "
                        f"(got '{args.training_phase}'; use run_glue.py for the backbone phases)")
@@ -217,9 +235,12 @@ def main(argv: list[str] | None = None) -> None:
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     apply_saved_defaults(args, model)
     widths = {"--width_mult_list": args.width_mult_list, "--gate_setting": args.gate_setting}
+    depths = {"--depth_mult_list": args.depth_mult_list}
     if args.fixed_gate is not None:
         widths["--fixed_gate"] = [args.fixed_gate]
-    validate_subnets(model.config, widths, {"--depth_mult_list": args.depth_mult_list})
+    if args.cascade:
+        widths["--cascade"], depths["--cascade"] = zip(*args.cascade, strict=True)
+    validate_subnets(model.config, widths, depths)
     gate_config = gate_training_config(args, spec, model.config.num_hidden_layers) if args.do_train else None
     layers = model.config.num_hidden_layers
     if args.off_ramps is not None and max(args.off_ramps) >= layers:  # saved into the gate folder's config

@@ -6,10 +6,9 @@ inference: without --calibrate it is train_gate.py (the reference runs every mod
 D of the full model's score), each a comma list, on a calibration split, and reports the choice on examples it
 did not see: a seeded half of dev (GLUE's or --validation_file) chooses and the other half reports, or the
 labelled --calibration_file chooses and all of dev reports. Written into --output_dir: per objective
-<objective>/inference_config.json (for --config) and train_gate.py's inference of it on the reporting half
-(and on all of dev, labelled as such); calibration_results.json, calibration_pareto.csv (the Pareto front of
-every candidate on the calibration split, for plot_tradeoff.py), calibration_split.json (the dev positions of
-the two halves) and every static subnet on the reporting half (static_reporting/).
+<objective>/inference_config.json (for --config) and its inference on the reporting half (and on all of dev,
+labelled); calibration_results.json, calibration_pareto.csv (every candidate's Pareto front on the calibration
+split, for plot_tradeoff.py), calibration_split.json (the halves' dev positions), static_reporting/ (subnets).
 """
 
 from __future__ import annotations
@@ -27,14 +26,14 @@ import cli
 import train_gate
 import utils_glue
 from cli import CLIError
-from train_gate import MODES, load_inference_data, run_inference, static_depth_reports
+from routed_inference import load_inference_data, run_inference, static_depth_reports
 from transformers_ext import calibration_report as report
 from transformers_ext.calibration import Calibrator, Objective, monotone_maps, scorable, search_space, split_indices
 from transformers_ext.environment import set_seed, setup_device, setup_numerics
 from transformers_ext.files import write_json, write_text
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import load_model
-from transformers_ext.routing import TRAINED_DEPTHS, routing_defaults
+from transformers_ext.routing import MODES, TRAINED_DEPTHS, routing_defaults
 
 RESULTS_FILE, PARETO_FILE, SPLIT_FILE = "calibration_results.json", "calibration_pareto.csv", "calibration_split.json"
 
@@ -67,7 +66,8 @@ def check_calibration_args(args: argparse.Namespace) -> tuple[utils_glue.TaskSpe
     spec = cli.validate_task_args(args)
     conflicts = [f"--{m}" for m in MODES if getattr(args, m)] + [flag for flag, given in (
         ("--do_train", args.do_train), ("--config", args.config), ("--early_exit", args.early_exit),
-        ("--fixed_gate", args.fixed_gate is not None), ("--exit_threshold", args.exit_threshold is not None)) if given]
+        ("--fixed_gate", args.fixed_gate is not None), ("--cascade", args.cascade is not None),
+        ("--exit_threshold", args.exit_threshold is not None)) if given]
     if conflicts:
         raise CLIError(f"--calibrate chooses the mode, widths and threshold itself; drop {conflicts[0]}")
     objectives = [Objective("flops_budget", b) for b in args.flops_budget or []]

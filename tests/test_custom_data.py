@@ -326,7 +326,8 @@ def test_shell_scripts_on_own_csv(tmp_path):
         assert [config["id2label"][str(i)] for i in range(3)] == ["apple", "mango", "zebra"], stage
     settings = sorted(p.name for p in (out / "inference").iterdir() if p.is_dir())
     assert settings == sorted([f"static_w{w}_d{d}_b8" for w in ("1.0", "0.75", "0.5", "0.25")
-                               for d in ("1.0", "0.75", "0.5")] + ["w_dynamic_b8", "wd_dynamic_t0.5_b8"])
+                               for d in ("1.0", "0.75", "0.5")] + ["w_dynamic_b8", "wd_dynamic_t0.5_b8",
+                                                                    "cascade_b8"])
     assert not (out / "inference" / "calibrated").exists()  # no calibration by default on your own files
     for name in settings:
         report = json.loads((out / "inference" / name / "inference_results.json").read_text())

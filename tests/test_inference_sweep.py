@@ -53,6 +53,7 @@ SETTINGS = [(f"static_w{w}_d{d}", ["--static"], {"width_mult_list": ",".join([w]
 SETTINGS += [("w_dynamic", ["--w_dynamic"], {"width_mult_list": WIDTHS})]
 SETTINGS += [(f"wd_dynamic_t{t}", ["--wd_dynamic", "--early_exit"], {"width_mult_list": WIDTHS, "exit_threshold": t})
              for t in ("0.2", "0.45")]
+SETTINGS += [("cascade", [], {"cascade": "w0.25_d0.5,w0.75_d0.75", "cascade_thresholds": "0.3"})]  # the default
 
 
 @pytest.mark.parametrize("batch_size", [8, 5])
@@ -94,7 +95,7 @@ def test_reuse_existing_runs_nothing(env, swept, capsys):  # noqa: F811
                                           dynamic_config=swept / "config.json", flops_budget="0.5", model_dir="nope"),
                                   "--do_eval", "--reuse_existing", switches=("--cpu",)))
     printed = capsys.readouterr().out
-    assert printed.count("reusing") == 4 and "-- " not in printed  # the model folder "nope" was never read
+    assert printed.count("reusing") == 5 and "-- " not in printed  # the model folder "nope" was never read
 
 
 @pytest.mark.parametrize("flag", [["--static"], ["--exit_threshold", "0.3"], ["--width_mult_list", "0.5"]])

@@ -26,9 +26,10 @@ import torch
 
 from .flops import subnet_macs
 from .inference import dynamic_forward, prediction_entropy
+from .modeling_flexbert import heads_kept, layers_kept
 
 __all__ = ["CLASSIFICATION_RULES", "Cascade", "CascadeOutput", "REGRESSION_RULES", "cascade_forward",
-           "cascade_from_outputs", "uncertainty"]
+           "cascade_from_outputs", "stage_paths", "uncertainty"]
 
 CLASSIFICATION_RULES = ("max_softmax", "entropy")
 REGRESSION_RULES = ("agreement",)
@@ -76,6 +77,21 @@ class Cascade:
             kind = "regression" if num_labels == 1 else "classification"
             raise ValueError(f"cascade rule '{self.rule}' does not fit {kind}; choose one of {allowed}")
 
+    def check_model(self, config, seq_len: int) -> None:
+        """ValueError when the rule does not fit the model's task or a stage is not strictly more expensive
+        (MACs at `seq_len` tokens) than the one before it: escalating must buy computation."""
+        self.check_task(config.num_labels)
+        macs = [sum(m.values()) for m in _stage_macs(config, self, seq_len)]
+        for i in range(1, len(macs)):
+            if macs[i] <= macs[i - 1]:
+                raise ValueError(f"cascade stages must go from cheap to expensive: {self.stage_names[i]} "
+                                 f"({macs[i]:,} MACs) after {self.stage_names[i - 1]} ({macs[i - 1]:,} MACs)")
+
+    @property
+    def stage_names(self) -> list[str]:
+        """Each stage as `w<width>_d<depth>` (the spelling of --cascade and of the sweep's folder names)."""
+        return [f"w{w:g}_d{d:g}" for w, d in self.stages]
+
     def entry(self) -> dict:
         """The inference-config entry of this cascade (the JSON a `--cascade` run would read back)."""
         return {"mode": "cascade", "cascade_stages": [list(s) for s in self.stages],
@@ -88,7 +104,7 @@ class Cascade:
 
     @property
     def name(self) -> str:
-        steps = [f"w{w:g}_d{d:g}" for w, d in self.stages]
+        steps = self.stage_names
         return f"cascade[{self.rule}]:" + " > ".join(
             steps[0:1] + [f"(t{t:.4g}) {s}" for t, s in zip(self.thresholds, steps[1:], strict=True)])
 
@@ -96,16 +112,28 @@ class Cascade:
 @dataclass
 class CascadeOutput:
     """Per example: the logits of the stage that answered, that stage's index (stages run - 1) and the MACs
-    executed over every stage it ran."""
+    executed over every stage it ran. From `cascade_forward` also the answering stage's path in the fields of
+    `inference.PathRecord` (`heads`, `width_class` = the stage's index on the layers it ran, `exit_layer`,
+    `exited`), so that reports and prediction records read a cascade as any routed output."""
 
     logits: torch.Tensor  # [B, num_labels]
     stage: torch.Tensor  # [B] int64
     linear_macs: torch.Tensor  # [B] int64
     attention_macs: torch.Tensor  # [B] int64
+    heads: torch.Tensor | None = None  # [B, L] the answering stage's heads per layer (0: beyond its depth)
+    exit_layer: torch.Tensor | None = None  # [B] the answering stage's layer count
 
     @property
     def macs(self) -> torch.Tensor:
         return self.linear_macs + self.attention_macs
+
+    @property
+    def width_class(self) -> torch.Tensor:
+        return torch.where(self.heads > 0, self.stage[:, None], -1)
+
+    @property
+    def exited(self) -> torch.Tensor:  # no off-ramps in a cascade
+        return torch.zeros_like(self.stage, dtype=torch.bool)
 
 
 # run_stage(i, rows): stage i's logits [len(rows), C] for the examples `rows` (indices into the batch)
@@ -157,7 +185,20 @@ def cascade_forward(model, input_ids: torch.Tensor, attention_mask: torch.Tensor
         return dynamic_forward(model, input_ids[rows], attention_mask[rows], token_type_ids[rows],
                                fixed_width=width, depth_mult=depth).logits
 
-    return _run(cascade, input_ids.shape[0], macs, run_stage, input_ids.device)
+    out = _run(cascade, input_ids.shape[0], macs, run_stage, input_ids.device)
+    stage_heads, stage_layers = stage_paths(model.config, cascade, input_ids.device)
+    out.heads, out.exit_layer = stage_heads[out.stage], stage_layers[out.stage]
+    return out
+
+
+def stage_paths(config, cascade: Cascade, device: torch.device | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(heads per layer `[S, L]` of each stage's static subnet, 0 beyond its depth; its layer count `[S]`)."""
+    heads = torch.zeros(len(cascade.stages), config.num_hidden_layers, dtype=torch.long, device=device)
+    layers = torch.zeros(len(cascade.stages), dtype=torch.long, device=device)
+    for i, (width, depth) in enumerate(cascade.stages):
+        layers[i] = layers_kept(config, depth)
+        heads[i, : layers[i]] = heads_kept(config, width)
+    return heads, layers
 
 
 def cascade_from_outputs(cascade: Cascade, stage_logits: Sequence[torch.Tensor],

@@ -2,12 +2,14 @@
 batch, into an `Evaluation` (each split's logits; for the reported splits the metrics, the FLOPs of the path
 each example took, width/exit histograms and latency), summarised by `routed_report`.
 
-`evaluate_routed` runs one setting through `dynamic_forward`. Settings that share work run together, each
-evaluation equal to its own `evaluate_routed` except the latency: `evaluate_static_depths` (the static
-subnets of one width at several depths from one encoder pass per batch: depth subnets are prefixes of each
-other) and `evaluate_exit_rules` (gated settings of one width map under several exit rules, the layers before
-the first off-ramp run once). Inference batches are in file order, padded to the maximum sequence length
-(the FLOPs unit), as the reference. No command-line objects: the scripts build the setting and options.
+`evaluate_routed` runs one setting through `dynamic_forward` (a cascade's through `cascade.cascade_forward`:
+its FLOPs are every stage an example ran, its report adds the histogram of the stage that answered). Settings
+that share work run together, each evaluation equal to its own `evaluate_routed` except the latency:
+`evaluate_static_depths` (the static subnets of one width at several depths from one encoder pass per batch:
+depth subnets are prefixes of each other) and `evaluate_exit_rules` (gated settings of one width map under
+several exit rules, the layers before the first off-ramp run once). Inference batches are in file order,
+padded to the maximum sequence length (the FLOPs unit), as the reference. No command-line objects: the scripts
+build the setting and options.
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ import torch
 from torch.utils.data import TensorDataset
 
 from .batching import file_order_batches
+from .cascade import cascade_forward
 from .environment import autocast, tf32_enabled
 from .flops import flops_summary, path_macs
 from .inference import RoutedOutput, StaticRouter, dynamic_forward, shared_prefix_forwards, static_output
@@ -107,7 +110,7 @@ class Evaluation:
         self.timing, self.reported = options.timing, set(options.reported)
         self.example_records = options.example_records
         self.scores, self.logits, self.records = {}, {}, {}
-        self.heads, self.exits = [], []
+        self.heads, self.exits, self.stages = [], [], []
         self.macs_sum = {"linear": 0.0, "attention": 0.0, "total": 0.0}
         self.batch_times, self.n_examples_timed, self.n_total = [], 0, 0
 
@@ -130,6 +133,8 @@ class Evaluation:
         self.macs_sum["total"] = self.macs_sum["linear"] + self.macs_sum["attention"]
         self.heads.append(out.heads.cpu())
         self.exits.append(out.exit_layer.cpu())
+        if setting_is_cascade(self.setting):
+            self.stages.append(out.stage.cpu())
         self.n_total += len(labels)
 
     def end_split(self) -> None:
@@ -163,6 +168,9 @@ class Evaluation:
             {width_of_heads.get(int(k), str(int(k))): int(v) for k, v in sorted(Counter(heads[:, i].tolist()).items())}
             for i in range(config.num_hidden_layers)
         ]
+        if setting_is_cascade(setting):  # the stage that answered (an example ran it and every stage before)
+            names, counts = setting.cascade.stage_names, Counter(torch.cat(self.stages).tolist())
+            results["cascade_stage_histogram"] = {names[i]: int(counts.get(i, 0)) for i in range(len(names))}
         if self.batch_times and self.timing.record:
             total_time = sum(self.batch_times)
             results["latency_ms_per_batch"] = 1000 * total_time / len(self.batch_times)
@@ -175,15 +183,21 @@ class Evaluation:
         return results
 
 
+def setting_is_cascade(setting: RoutingSetting) -> bool:
+    return setting.cascade is not None
+
+
 def routed_report(evaluation: Evaluation, task: str, batch_size: int, max_seq_length: int, device: torch.device,
                   precision: str, model_dir: str) -> dict:
     """inference_results.json: the setting, how it ran, and `Evaluation.results`."""
     setting, timing = evaluation.setting, evaluation.timing
+    cascade = setting.cascade.entry() if setting_is_cascade(setting) else {}
     return {
         "task": task, "mode": setting.mode, "width_mult_list": list(setting.class_to_width),
-        "depth_mult": setting.depth_mult, "early_exit": setting.early_exit,
+        "depth_mult": None if cascade else setting.depth_mult, "early_exit": setting.early_exit,
         "exit_threshold": setting.exit_threshold if setting.early_exit else None,
         "off_ramps": setting.off_ramps if setting.early_exit else None, "fixed_width": setting.fixed_width,
+        **{key: value for key, value in cascade.items() if key != "mode"},
         "batch_size": batch_size, "max_seq_length": max_seq_length, "device": str(device),
         "timing": ("cuda_events" if timing.cuda_events else "wall_clock") if timing.record else None,
         "precision": precision, "tf32": tf32_enabled(device), "model_dir": model_dir,
@@ -219,7 +233,10 @@ def evaluate_routed(model, datasets: dict[str, TensorDataset], setting: RoutingS
     def forward(input_ids, attention_mask, token_type_ids, stopwatch):
         stopwatch.start()
         with autocast(options.precision, device.type):
-            out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
+            if setting_is_cascade(setting):  # every stage's sub-batch is timed; its MACs are host integers
+                out = cascade_forward(model, input_ids, attention_mask, token_type_ids, setting.cascade)
+            else:
+                out = dynamic_forward(model, input_ids, attention_mask, token_type_ids, **setting.forward_kwargs())
         return {None: (out, stopwatch.seconds(stopwatch.mark()))}
 
     return _evaluate(model, datasets, {None: setting}, device, options, setting.mode, forward)[None]
@@ -294,10 +311,14 @@ def print_report(report: dict) -> None:
     mode_line = {
         "static": "static subnet inference.", "w_dynamic": "width-dynamic inference.",
         "d_dynamic": "depth-dynamic inference.", "wd_dynamic": "width- and depth-dynamic inference.",
+        "cascade": "confidence cascade of static subnets.",
     }[report["mode"]]
     print(f"***** Eval results: {report['task']} *****")
     print(mode_line)
-    if report["early_exit"]:
+    if report["mode"] == "cascade":
+        stages = [f"w{w:g}_d{d:g}" for w, d in report["cascade_stages"]]
+        print(f" stages: {' > '.join(stages)}; thresholds ({report['cascade_rule']}): {report['cascade_thresholds']}")
+    elif report["early_exit"]:
         print(f" early exit threshold: {report['exit_threshold']}")
     else:
         print(f" depth ratio: [{report['depth_mult']}]")

@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
+from .cascade import Cascade
 from .inference import DEFAULT_EXIT_THRESHOLD, default_off_ramps
 
 # The depths run_glue.py trains by default (--depth_mult_list): without saved or given off-ramps, the
@@ -14,6 +15,7 @@ TRAINED_DEPTHS = (0.5, 0.75, 1.0)
 
 
 MODES = ("static", "w_dynamic", "d_dynamic", "wd_dynamic")
+CASCADE_MODE = "cascade"  # not a boolean mode flag: --cascade takes the stages
 
 
 @dataclass(frozen=True)
@@ -22,7 +24,8 @@ class RoutingSetting:
     per gate class, as listed), or every example runs `fixed_width` (no gate run; then `class_to_width` only
     names the widths in reports); the first rnd(depth_mult*L) layers; with `early_exit`, an example leaves at
     the first off-ramp where its prediction entropy is below `exit_threshold`. `mode` is one of MODES, as
-    the report names it."""
+    the report names it. With `cascade` (mode CASCADE_MODE) its static subnets run instead, `class_to_width`
+    naming the stages' widths (`cascade.Cascade`)."""
 
     class_to_width: Sequence[float] | None = None
     fixed_width: float | None = None
@@ -31,11 +34,12 @@ class RoutingSetting:
     exit_threshold: float = DEFAULT_EXIT_THRESHOLD
     off_ramps: Sequence[int] = ()
     mode: str = "static"
+    cascade: Cascade | None = None
 
     def forward_kwargs(self) -> dict:
-        """The keyword arguments of `inference.dynamic_forward` for this setting."""
+        """The keyword arguments of `inference.dynamic_forward` for this setting (not a cascade's)."""
         kwargs = asdict(self)
-        del kwargs["mode"]
+        del kwargs["mode"], kwargs["cascade"]
         return kwargs
 
 
