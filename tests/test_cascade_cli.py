@@ -121,7 +121,7 @@ def test_config_file_entry_round_trips(env, tmp_path):
     # a flag equal to the file's is fine; train_gate_new.py reads the same flags
     again = _run(env, tmp_path / "again", config=config, cascade=CASCADE)
     assert _without_latency(again) == _without_latency(from_flags)
-    train_gate_new.entry(cli_argv(_flags(env, tmp_path / "new", cascade=CASCADE, cascade_thresholds=env["threshold"],
+    train_gate_new.main(cli_argv(_flags(env, tmp_path / "new", cascade=CASCADE, cascade_thresholds=env["threshold"],
                                          cascade_rule="entropy"), "--do_eval", "--save_predictions",
                                   switches=("--cpu",)))
     assert _without_latency(json.loads((tmp_path / "new" / "inference_results.json").read_text())) == \
@@ -193,7 +193,7 @@ def test_calibrate_refuses_cascade(env, tmp_path, capsys):
     full = cli_argv(_flags(env, tmp_path / "out", cascade=CASCADE, cascade_thresholds=0.1, flops_budget=0.5),
                     "--do_eval", "--calibrate", switches=("--cpu",))
     with pytest.raises(SystemExit) as info:
-        run_cli(lambda: train_gate_new.entry(full))
+        run_cli(lambda: train_gate_new.main(full))
     err = capsys.readouterr().err.strip().splitlines()
     assert info.value.code == 2 and len(err) == 1 and "drop --cascade" in err[0], err
 

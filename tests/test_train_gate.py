@@ -551,10 +551,15 @@ def test_inference_results_fields(env, gated, capsys):
     assert results["cpu_latency"] == pytest.approx(results["latency_ms_per_batch"] / 1000)
 
 
-def test_train_gate_new_is_the_same_entry_point():
+def test_train_gate_new_without_calibrate_is_train_gate(monkeypatch):
+    """Without --calibrate, train_gate_new.py runs train_gate.py's main on the same command line."""
     import train_gate_new
 
-    assert train_gate_new.main is train_gate.main
+    calls = []
+    monkeypatch.setattr(train_gate, "main", calls.append)
+    argv = ["--task_name", "SST-2", "--data_dir", "d", "--model_dir", "m", "--output_dir", "o", "--do_eval", "--static"]
+    train_gate_new.main(argv)
+    assert calls == [argv]
 
 
 # ---- plot_tradeoff.py ---------------------------------------------------------------------------------------
