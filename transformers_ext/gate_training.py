@@ -35,7 +35,7 @@ from .gates import (
 )
 from .inference import default_off_ramps, dynamic_forward
 from .progress import progress_bar
-from .routing import TRAINED_DEPTHS
+from .routing import trained_depths
 from .saving import model_card, save_model
 from .trainer import Hooks, Schedule, build_optimizer, fit, train_metrics, trainer_state
 
@@ -376,7 +376,7 @@ def save_gated_model(config: GateTrainingConfig, run: RunRecord, model, tokenize
     saved.gate_class_to_width = list(config.gate_setting)
     if config.exit_threshold is not None:
         saved.exit_threshold = config.exit_threshold
-    saved.off_ramps = config.off_ramps or default_off_ramps(saved.num_hidden_layers, TRAINED_DEPTHS)
+    saved.off_ramps = config.off_ramps or default_off_ramps(saved.num_hidden_layers, trained_depths(saved))
     card = model_card(task=config.task, phase="traingate", base_model=run.base_model, config=saved,
                       command=run.command,
                       notes=["gated inference: train_gate.py --do_eval --model_dir FOLDER --w_dynamic or "
