@@ -144,6 +144,37 @@ def plot(rows: list[dict], path: Path, pareto: list[dict] | None = None) -> None
     atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
 
 
+def plot_series(series: list[dict], path: Path, title: str, ylabel: str,
+                references: dict[str, float] | None = None) -> None:
+    """Score against relative FLOPs of named series with error bars (reproduce.py's summaries over seeds), in
+    the style of `plot`. Each series: {"label", "x", "y"} and optionally "xerr", "yerr" (lists like x and y),
+    "marker", "ls" (a line style joins the points in FLOPs order; default none). `references`: labelled
+    horizontal lines (e.g. the plain baselines' scores)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(9.0, 5.0))
+    ax.set_prop_cycle(color=plt.cm.tab20.colors if len(series) > 10 else plt.cm.tab10.colors)
+    for s in series:
+        order = sorted(range(len(s["x"])), key=s["x"].__getitem__)
+        in_order = {k: [s[k][i] for i in order] if s.get(k) else None for k in ("x", "y", "xerr", "yerr")}
+        ax.errorbar(**in_order, marker=s.get("marker", "o"), ls=s.get("ls", "none"), ms=5, capsize=3, alpha=0.85,
+                    label=s["label"])
+    for label, y in (references or {}).items():
+        ax.axhline(y, ls="--", lw=0.8, color="grey")
+        ax.text(0.02, y, label, fontsize=7, va="bottom", transform=ax.get_yaxis_transform())
+    ax.set_xlabel("FLOPs relative to the full model")
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))  # outside: many series, no point hidden
+    fig.tight_layout()
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    plt.close(fig)
+
+
 def main() -> None:
     parser = ArgumentParser(description=__doc__)
     parser.add_argument("--inference_dir", required=True, help="Folder of <run>_b<batch>/inference_results.json.")

@@ -6,11 +6,17 @@ reused when it already finished, so a killed run continues where it stopped), th
                       the quick profile's 1-epoch width stage never grafts)
   baselines           plain fine-tuning of the full model (the pipeline's own teacher stage) and of its first
                       rnd(d*L) layers for every trained depth d < 1, with the teacher's recipe and budget
+  strategies          compare_strategies.py on the seed's gated model (seed<S>/strategies/strategies.json, reused
+                      when newer than the model): every strategy chosen on a calibration half of dev per FLOPs
+                      budget, scored on the other half as its gap over the static frontier there
 and writes <output_root>/<task>_<profile>.{json,md,png} (outputs/reproduce by default; the shipped results
 in docs/reproduce are replaced only when asked, with --docs_dir docs/reproduce): mean +- std over seeds of
 every subnet after every stage, of every inference mode (score, relative FLOPs, latency), the static frontier
 and the dynamic points with error bars, the gap of each dynamic point above the static frontier at its FLOPs,
-and the baselines.
+and the baselines; per strategy and budget, mean +- std over seeds of each seed's mean gap over its halvings,
+the oracles (24 fixed paths, K dropout samples of one subnet) and <name>_strategies.png (every strategy's
+choices on the reporting halves). --summarize_only --strategies_json aggregates strategies.json files made
+elsewhere.
 
 Extra arguments after `--` go to every run_glue.py call (e.g. `-- --pooling mean`); --gate_args to
 train_gate.py's gate training.
@@ -22,19 +28,38 @@ import argparse
 import json
 import os
 import re
+import statistics
 import subprocess
 import sys
 from pathlib import Path
 
+import plot_tradeoff
 import run_profile
-from cli import ArgumentParser, CLIError, int_list, run_cli
+from cli import ArgumentParser, CLIError, comma_items, int_list, run_cli
 from transformers_ext.baselines import frontier_at, spread
+from transformers_ext.errors import reading
 from transformers_ext.files import write_json, write_text
 from utils_glue import get_task, primary_metric
 
 ROOT = Path(__file__).resolve().parent
 PHASES = ("dynabertw", "dynabert", "final_finetuning")
 TRAINED_DEPTHS = (0.5, 0.75)  # the depths < 1 that run_glue.sh trains; their plain baselines
+STRATEGIES_JSON = "seed{seed}/strategies/strategies.json"  # compare_strategies.py's output, under the run folder
+
+
+def strategies_sources(value: str) -> list[tuple[int | None, str]]:
+    """--strategies_json: (seed or None, path) of each item: SEED=PATH for one seed, or a path template
+    holding {seed} (and optionally {task}) for every seed."""
+    sources = []
+    for item in comma_items(value):
+        seed, sep, path = item.partition("=")
+        if sep and seed.isdigit():
+            sources.append((int(seed), path))
+        elif "{seed}" in item:
+            sources.append((None, item))
+        else:
+            raise argparse.ArgumentTypeError(f"'{item}' is neither SEED=PATH nor a path holding {{seed}}")
+    return sources
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -59,6 +84,13 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     a("--no_baselines", action="store_true", help="Skip the plain first-layers baselines.")
     a("--gate_args", default="",
       help="Extra arguments of the gate training (one string, e.g. '--gate_loss every_width').")
+    a("--no_strategies", action="store_true", help="Skip compare_strategies.py on each seed's gated model.")
+    a("--strategies_args", default="--halvings 20 --shuffles 2",
+      help="Arguments of compare_strategies.py (one string; --max_seq_length defaults to the profile's).")
+    a("--strategies_json", type=strategies_sources, default=[],
+      help="Where else each seed's strategies.json is (comma list, the first existing wins, then "
+           f"<run folder>/{STRATEGIES_JSON}): SEED=PATH, or a template such as "
+           "'runs/strategies/{task}_seed{seed}/strategies.json'.")
     a("--summarize_only", action="store_true", help="Do not run anything; summarise the finished runs.")
     a("--note", default="", help="A sentence recorded in the summaries (e.g. which code version ran).")
     args = parser.parse_args(argv)
@@ -141,6 +173,8 @@ def run_all(args: argparse.Namespace) -> None:
         if ablate:
             shell("run_glue.sh", {**base_env(args, root / f"seed{seed}_no_graft"), "TEACHER_DIR": str(out / "teacher"),
                                   "GRAFT": "0", "STAGES": "width depth final"}, *seed_args)
+        if not args.no_strategies:
+            run_strategies(args, out)
         if not args.no_baselines:
             num_layers = read_config_layers(out / "teacher")
             for depth in TRAINED_DEPTHS:
@@ -148,6 +182,22 @@ def run_all(args: argparse.Namespace) -> None:
                 model = truncated_model(args, n, root / f"pretrained_first_{n}_layers")
                 shell("run_glue.sh", {**base_env(args, root / f"seed{seed}_plain_{n}_layers"), "BERT_DIR": str(model),
                                       "STAGES": "teacher"}, *seed_args)
+
+
+def run_strategies(args: argparse.Namespace, out: Path) -> None:
+    """compare_strategies.py on the seed's gated model, unless its strategies.json is newer than the model."""
+    model, result = out / "wd_bert_gates", out / "strategies" / "strategies.json"
+    if result.is_file() and result.stat().st_mtime >= max((p.stat().st_mtime for p in model.iterdir()), default=0):
+        print(f"reproduce.py: reusing {result}", flush=True)
+        return
+    command = [sys.executable, str(ROOT / "compare_strategies.py"), "--model_dir", str(model),
+               "--task_name", args.task_name, "--data_dir", args.data_dir or f"data/{args.task_name}",
+               "--output_dir", str(result.parent),
+               "--max_seq_length", str(run_profile.load_profile(args.profile)["max_seq_length"]),
+               *args.strategies_args.split()]
+    print(f"\n>>> {' '.join(command)}", flush=True)
+    if subprocess.run(command, cwd=ROOT).returncode:
+        raise CLIError(f"compare_strategies.py failed on {model}; rerun to continue where it stopped")
 
 
 def read_config_layers(model_dir: Path) -> int:
@@ -184,8 +234,9 @@ def summarize(args: argparse.Namespace) -> dict:
     root = run_folder(args)
     metric = primary_metric(args.task_name)
     seeds = [s for s in args.seeds if (root / f"seed{s}" / "inference").is_dir()]
-    if not seeds:
-        raise CLIError(f"no finished seed under {root}")
+    strategies = strategies_files(args)
+    if not seeds and not strategies:
+        raise CLIError(f"no finished seed under {root} and no strategies.json (--strategies_json)")
     stage_dirs = {"dynabertw": "w_bert", "dynabert": "wd_bert", "final_finetuning": "wd_bert"}
     stages = {p: collect([stage_scores(root / f"seed{s}" / d, p, metric) for s in seeds])
               for p, d in stage_dirs.items()}
@@ -238,7 +289,8 @@ def summarize(args: argparse.Namespace) -> dict:
             "shared_teacher": False, "run_glue_args": args.run_glue_args, "gate_args": args.gate_args,
             "stages": stages, "modes": modes, "dynamic_gap_over_static_frontier": gaps,
             "baselines": baselines, "ablations": ablations, "graft_effect": graft_effect,
-            "calibration": calibration_summary(root, seeds), "gate_routing": routing_summary(root, seeds)}
+            "calibration": calibration_summary(root, seeds), "gate_routing": routing_summary(root, seeds),
+            "strategies": strategies_summary(strategies, get_task(args.task_name).name) if strategies else None}
 
 
 def calibration_summary(root: Path, seeds: list[int]) -> dict:
@@ -284,11 +336,110 @@ def routing_summary(root: Path, seeds: list[int]) -> dict:
     return out
 
 
+# ---- strategies over seeds ------------------------------------------------------------------------------------
+def strategies_files(args: argparse.Namespace) -> dict[int, Path]:
+    """Each seed's strategies.json: the first existing of --strategies_json's, else the run folder's."""
+    found = {}
+    for seed in args.seeds:
+        candidates = [ROOT / path.replace("{seed}", str(seed)).replace("{task}", args.task_name)
+                      for only, path in args.strategies_json if only in (None, seed)]
+        candidates.append(run_folder(args) / STRATEGIES_JSON.format(seed=seed))
+        if path := next((c for c in candidates if c.is_file()), None):
+            found[seed] = path
+    return found
+
+
+def read_strategies(path: Path, task: str) -> dict:
+    """What the summary uses of one compare_strategies.py strategies.json, its shape checked: budgets; per
+    strategy and budget the mean gap, the gap's std over halvings, the reporting score and FLOPs (None where
+    no setting fits the budget); the oracles; the static subnets' (FLOPs, score) on the reporting halves,
+    averaged over halvings (None when the file was saved without its per-halving choices)."""
+    with reading(path):
+        result = json.loads(path.read_text(encoding="utf-8"))
+    try:
+        if result["task"] != task:
+            raise CLIError(f"{path}: strategies of {result['task']}, not {task}")
+        budgets = [str(float(b)) for b in result["budgets"]]
+        cells = {name: {b: None if (c := per_budget[b]) is None else {
+            "gap": float(c["gap"]["mean"]), "halving_std": float(c["gap"]["std"]), "halvings": int(c["halvings"]),
+            "score": float(c["reporting_score"]["mean"]), "flops": float(c["reporting_flops"]["mean"])}
+            for b in budgets} for name, per_budget in result["summary"].items()}
+        halvings = [h["static_reporting"] for h in result.get("per_halving") or []]
+        static = [tuple(statistics.fmean(float(h[k][i]) for h in halvings) for i in (0, 1))
+                  for k in range(len(halvings[0]))] if halvings else None
+        return {"budgets": budgets, "cells": cells, "oracles": dict(result.get("oracles") or {}), "static": static}
+    except (KeyError, TypeError, ValueError, IndexError, AttributeError) as err:
+        raise CLIError(f"{path}: not a valid strategies.json ({type(err).__name__}: {err})") from None
+
+
+ORACLE_CONSTANTS = ("paths", "noise_samples", "noise_width")  # what the oracles were made of, not scores
+
+
+def oracle_summary(oracles: dict[int, dict]) -> dict:
+    """Each oracle's score over the seeds that have oracles (classification): mean +- std over seeds; for the
+    oracles that are themselves a spread (one dropout sample, K random paths), of their means."""
+    found = {seed: o for seed, o in oracles.items() if o}
+    if not found:
+        return {}
+    out = {"seeds": list(found)}
+    for key in (k for k in next(iter(found.values())) if all(k in o for o in found.values())):
+        values = [o[key] for o in found.values()]
+        if key in ORACLE_CONSTANTS:
+            out[key] = values[0] if len(set(values)) == 1 else values
+        else:
+            out[key] = spread([v["mean"] if isinstance(v, dict) else v for v in values])
+    return out
+
+
+def strategies_summary(files: dict[int, Path], task: str) -> dict:
+    """Per strategy and budget, over seeds: each seed's mean gap over its halvings, mean +- sample std over
+    seeds ('seeds': which seeds had a setting within the budget; 'halving_std': the std over halvings,
+    averaged over those seeds); the best strategy per budget by mean gap among those every seed has; the
+    oracles; the static subnets on the reporting halves (mean +- std over seeds, for the plot)."""
+    per_seed = {seed: read_strategies(path, task) for seed, path in files.items()}
+    first = next(iter(files))
+    for seed, result in per_seed.items():
+        if result["budgets"] != per_seed[first]["budgets"]:
+            raise CLIError(f"{files[seed]}: budgets {','.join(result['budgets'])} differ from {files[first]}'s "
+                           f"{','.join(per_seed[first]['budgets'])}")
+    budgets = per_seed[first]["budgets"]
+    names = list(dict.fromkeys(name for result in per_seed.values() for name in result["cells"]))
+    gaps = {}
+    for name in names:
+        gaps[name] = {}
+        for b in budgets:
+            found = {seed: c for seed, r in per_seed.items() if (c := r["cells"].get(name, {}).get(b))}
+            gaps[name][b] = None if not found else {
+                "gap": spread([c["gap"] for c in found.values()]), "seeds": list(found),
+                "halving_std": statistics.fmean(c["halving_std"] for c in found.values()),
+                "halvings": [c["halvings"] for c in found.values()],
+                "reporting_score": spread([c["score"] for c in found.values()]),
+                "reporting_flops": spread([c["flops"] for c in found.values()])}
+    best = {}
+    for b in budgets:
+        complete = [name for name in names if gaps[name][b] and len(gaps[name][b]["seeds"]) == len(per_seed)]
+        winner = max(complete, key=lambda name: gaps[name][b]["gap"]["mean"], default=None)
+        best[b] = None if winner is None else {"strategy": winner, "gap": gaps[winner][b]["gap"]}
+    statics = [r["static"] for r in per_seed.values()]
+    static = None if any(s is None or len(s) != len(statics[0]) for s in statics) else [
+        {"rel_flops": spread([s[k][0] for s in statics]), "score": spread([s[k][1] for s in statics])}
+        for k in range(len(statics[0]))]
+    return {"seeds": list(per_seed), "files": {str(seed): str(path) for seed, path in files.items()},
+            "budgets": budgets, "std": "sample std over seeds of each seed's mean gap over its halvings",
+            "gap_over_static_frontier": gaps, "best": best,
+            "oracles": oracle_summary({seed: r["oracles"] for seed, r in per_seed.items()}),
+            "static_reporting": static}
+
+
 def fmt(s: dict | None, digits: int = 3) -> str:
     return "-" if not s else f"{s['mean']:.{digits}f} ± {s['std']:.{digits}f}"
 
 
 def markdown(summary: dict) -> str:
+    if not summary["seeds"]:  # no pipeline run here: only strategies.json files made elsewhere
+        note = [summary["note"], ""] if summary.get("note") else []
+        return "\n".join([f"# {summary['task']}, {summary['profile']} profile: strategies, {summary['metric']}", "",
+                          *note, *strategies_markdown(summary["strategies"])]) + "\n"
     widths, depths = ["1", "0.75", "0.5", "0.25"], ["1", "0.75", "0.5"]
     lines = [f"# {summary['task']}, {summary['profile']} profile: {len(summary['seeds'])} seeds "
              f"({', '.join(map(str, summary['seeds']))}), {summary['metric']}, mean ± std",
@@ -333,35 +484,93 @@ def markdown(summary: dict) -> str:
         lines += ["", "| gates | routing entropy per gate on dev (nats) |", "|---|---|"]
         lines += [f"| {name} | {' / '.join(fmt(e, 2) for e in per_gate)} |"
                   for name, per_gate in summary["gate_routing"].items()]
+    if summary.get("strategies"):
+        lines += [""] + strategies_markdown(summary["strategies"])
     return "\n".join(lines) + "\n"
 
 
+def strategies_markdown(s: dict) -> list[str]:
+    seeds, budgets = s["seeds"], s["budgets"]
+
+    def cell(v: dict | None) -> str:
+        if v is None:
+            return "—"
+        partial = "" if len(v["seeds"]) == len(seeds) else f" ({len(v['seeds'])} seeds)"
+        return f"{v['gap']['mean']:+.3f} ± {v['gap']['std']:.3f} [{v['halving_std']:.3f}]{partial}"
+
+    halvings = sorted({n for per in s["gap_over_static_frontier"].values() for v in per.values() if v
+                       for n in v["halvings"]})
+    lines = [f"Gap over the static frontier per strategy: chosen on the calibration half of dev at each FLOPs "
+             f"budget, scored on the reporting half ({'/'.join(map(str, halvings))} halvings per seed), "
+             f"{len(seeds)} seeds ({', '.join(map(str, seeds))}). Each seed's mean over its halvings, then mean "
+             "± sample std over seeds; in brackets the std over halvings, averaged over seeds; — where no "
+             "setting fits the budget.", "",
+             "| strategy | " + " | ".join(f"FLOPs ≤ {b}" for b in budgets) + " |", "|---|" + "---|" * len(budgets)]
+    lines += [f"| {name} | " + " | ".join(cell(per[b]) for b in budgets) + " |"
+              for name, per in s["gap_over_static_frontier"].items()]
+    lines.append("| **best by mean gap** | " + " | ".join(
+        "—" if (w := s["best"][b]) is None else f"{w['strategy']}: {w['gap']['mean']:+.3f} ± {w['gap']['std']:.3f}"
+        for b in budgets) + " |")
+    o = s["oracles"]
+    if o:
+        k = o.get("noise_samples")
+        rows = [("full model", o.get("full_model")), (f"any of the {o.get('paths')} fixed paths right",
+                                                     o.get("path_oracle")),
+                (f"any of {k} random paths of them", o.get(f"path_oracle_{k}_random_paths")),
+                (f"any of {k} dropout samples of w{o.get('noise_width')} d1 right (noise oracle)",
+                 o.get("noise_oracle")), ("one dropout sample", o.get("noise_sample_accuracy"))]
+        lines += ["", f"| oracle on all of dev ({len(o['seeds'])} seeds, mean ± std) | score |", "|---|---|"]
+        lines += [f"| {name} | {fmt(v)} |" for name, v in rows if v]
+    return lines
+
+
 def plot(summary: dict, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    batch = min(r.rsplit("_b", 1)[1] for r in summary["modes"] if ":" not in r)
-    fig, ax = plt.subplots(figsize=(6.8, 4.8))
+    """The pipeline's runs on all of dev: static subnets and dynamic modes, mean +- std over seeds; the plain
+    baselines as horizontal lines."""
+    own = [r for r in summary["modes"] if ":" not in r]  # the pipeline's own runs, not the variants
+    if not own:
+        return
+    batch = min(r.rsplit("_b", 1)[1] for r in own)
+    series = []
     for kind, marker in (("static", "o"), ("dynamic", "s")):
-        runs = [r for r in summary["modes"] if ":" not in r  # the pipeline's own runs, not the variants
-                and r.endswith(f"_b{batch}") and r.startswith("static_") == (kind == "static")]
-        xs = [summary["modes"][r]["rel_flops"]["mean"] for r in runs]
-        ys = [summary["modes"][r]["score"]["mean"] for r in runs]
-        ax.errorbar(xs, ys, xerr=[summary["modes"][r]["rel_flops"]["std"] for r in runs],
-                    yerr=[summary["modes"][r]["score"]["std"] for r in runs], fmt=marker, capsize=3, label=kind)
-    for name, value in summary["baselines"].items():
-        if value:
-            ax.axhline(value["mean"], ls="--", lw=0.8, color="grey")
-            ax.text(0.02, value["mean"], name.replace("_", " "), fontsize=7, va="bottom")
-    ax.set_xlabel("relative FLOPs")
-    ax.set_ylabel(summary["metric"])
-    ax.set_title(f"{summary['task']} {summary['profile']}: {len(summary['seeds'])} seeds, mean ± std")
-    ax.legend(loc="lower right")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+        runs = [summary["modes"][r] for r in own
+                if r.endswith(f"_b{batch}") and r.startswith("static_") == (kind == "static")]
+        series.append({"label": kind, "marker": marker, **error_bars(runs, "rel_flops", "score")})
+    plot_tradeoff.plot_series(series, path, f"{summary['task']} {summary['profile']}: {len(summary['seeds'])} seeds, "
+                              "mean ± std", summary["metric"],
+                              {k.replace("_", " "): v["mean"] for k, v in summary["baselines"].items() if v})
+
+
+def error_bars(points: list[dict], flops: str, score: str) -> dict:
+    """plot_tradeoff.plot_series's x, y, xerr, yerr from each point's `flops` and `score` spreads over seeds."""
+    return {axis: [p[key][stat] for p in points] for axis, key, stat in (
+        ("x", flops, "mean"), ("y", score, "mean"), ("xerr", flops, "std"), ("yerr", score, "std"))}
+
+
+STRATEGY_MARKERS = {"static": "o", "mixed": "v", "cascade": "P", "gates": "*", "shuffled": "x", "d_dynamic": "D"}
+
+
+def plot_strategies(summary: dict, path: Path) -> None:
+    """Every strategy's choice at every budget on the reporting halves (each seed's mean over its halvings,
+    mean +- std over seeds), with the static subnets and their frontier on the same halves where the
+    strategies.json files hold their per-halving results: every series measured on the same examples."""
+    s = summary["strategies"]
+    series = []
+    if static := s["static_reporting"]:
+        points = [(p["rel_flops"]["mean"], p["score"]["mean"]) for p in static]
+        xs = sorted({x for x, _ in points})
+        series += [{"label": "static subnets", "marker": "o", **error_bars(static, "rel_flops", "score")},
+                   {"label": "static frontier", "marker": "", "ls": "--", "x": xs,
+                    "y": [frontier_at(points, x) for x in xs]}]
+    for name, per_budget in s["gap_over_static_frontier"].items():
+        chosen = [v for v in per_budget.values() if v]
+        if chosen:
+            family = next((k for k in STRATEGY_MARKERS if name.startswith(k)), "static")
+            series.append({"label": name, "marker": STRATEGY_MARKERS[family],
+                           "ls": "--" if name == "static subnet" else "none",
+                           **error_bars(chosen, "reporting_flops", "reporting_score")})
+    plot_tradeoff.plot_series(series, path, f"{summary['task']} {summary['profile']}: strategies chosen per FLOPs "
+                              f"budget, reporting halves, {len(s['seeds'])} seeds", summary["metric"])
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -376,6 +585,8 @@ def main(argv: list[str] | None = None) -> None:
     text = markdown(summary)
     write_text(docs / f"{name}.md", text)
     plot(summary, docs / f"{name}.png")
+    if summary["strategies"]:
+        plot_strategies(summary, docs / f"{name}_strategies.png")
     print(text)
 
 
