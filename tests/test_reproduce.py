@@ -233,22 +233,23 @@ def test_summarize_only_finds_strategies_files_made_elsewhere(tmp_path, monkeypa
 def test_strategies_plot_draws_the_static_frontier_of_the_reporting_halves(tmp_path, monkeypatch):
     """The static subnets on the reporting halves (each seed's mean over its halvings, then over seeds), their
     upper envelope, and each strategy's choices: all series on the same examples."""
-    halvings = [[[0.25, 0.70], [0.5, 0.80], [0.5, 0.74], [1.0, 0.84]],
-                [[0.25, 0.72], [0.5, 0.78], [0.5, 0.76], [1.0, 0.82]]]  # means: 0.71, 0.79, 0.75, 0.83
+    halvings = [[[0.25, 0.70], [0.5, 0.80], [0.5, 0.74], [0.75, 0.77], [1.0, 0.84]],
+                [[0.25, 0.72], [0.5, 0.78], [0.5, 0.76], [0.75, 0.75], [1.0, 0.82]]]  # means: 0.71 0.79 0.75 0.76 0.83
     files = {seed: _strategies_json(tmp_path / f"{seed}.json", {"static subnet": [(0.0, 0.0), (0.0, 0.0)],
                                                                 "gates": [(0.01, 0.0), (0.02, 0.0)]},
                                     static_reporting=halvings) for seed in (1, 2)}
     summary = {"task": "SST-2", "profile": "quick", "metric": "acc",
                "strategies": reproduce.strategies_summary(files, "SST-2")}
     assert [p["score"]["mean"] for p in summary["strategies"]["static_reporting"]] == pytest.approx(
-        [0.71, 0.79, 0.75, 0.83])
+        [0.71, 0.79, 0.75, 0.76, 0.83])
     drawn = {}
     monkeypatch.setattr(reproduce.plot_tradeoff, "plot_series",
                         lambda series, path, *a: drawn.update({s["label"]: s for s in series}))
     reproduce.plot_strategies(summary, tmp_path / "x.png")
     assert list(drawn) == ["static subnets", "static frontier", "static subnet", "gates"]
     frontier = drawn["static frontier"]
-    assert frontier["x"] == [0.25, 0.5, 1.0] and frontier["y"] == pytest.approx([0.71, 0.79, 0.83])
+    # 0.76 at 0.75 lies under the envelope (0.79 -> 0.83): the frontier passes above it, at 0.81
+    assert frontier["x"] == [0.25, 0.5, 0.75, 1.0] and frontier["y"] == pytest.approx([0.71, 0.79, 0.81, 0.83])
     assert drawn["gates"]["x"] == pytest.approx([0.25, 0.45]) and drawn["gates"]["y"] == pytest.approx([0.81, 0.82])
 
 
