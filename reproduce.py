@@ -7,8 +7,8 @@ reused when it already finished, so a killed run continues where it stopped), th
   baselines           plain fine-tuning of the full model (the pipeline's own teacher stage) and of its first
                       rnd(d*L) layers for every trained depth d < 1, with the teacher's recipe and budget
   strategies          compare_strategies.py on the seed's gated model (seed<S>/strategies/strategies.json, reused
-                      when newer than the model): every strategy chosen on a calibration half of dev per FLOPs
-                      budget, scored on the other half as its gap over the static frontier there
+                      when made by the same command after the model): every strategy chosen on a calibration
+                      half of dev per FLOPs budget, scored on the other half as its gap over the static frontier
 and writes <output_root>/<task>_<profile>.{json,md,png} (outputs/reproduce by default; the shipped results
 in docs/reproduce are replaced only when asked, with --docs_dir docs/reproduce): mean +- std over seeds of
 every subnet after every stage, of every inference mode (score, relative FLOPs, latency), the static frontier
@@ -89,8 +89,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
       help="Arguments of compare_strategies.py (one string; --max_seq_length defaults to the profile's).")
     a("--strategies_json", type=strategies_sources, default=[],
       help="Where else each seed's strategies.json is (comma list, the first existing wins, then "
-           f"<run folder>/{STRATEGIES_JSON}): SEED=PATH, or a template such as "
-           "'runs/strategies/{task}_seed{seed}/strategies.json'.")
+           f"<run folder>/{STRATEGIES_JSON}; relative to the repository, as --output_root): SEED=PATH, or a "
+           "template such as 'runs/strategies/{task}_seed{seed}/strategies.json'. A seed found there is not "
+           "compared again.")
     a("--summarize_only", action="store_true", help="Do not run anything; summarise the finished runs.")
     a("--note", default="", help="A sentence recorded in the summaries (e.g. which code version ran).")
     args = parser.parse_args(argv)
@@ -174,7 +175,7 @@ def run_all(args: argparse.Namespace) -> None:
             shell("run_glue.sh", {**base_env(args, root / f"seed{seed}_no_graft"), "TEACHER_DIR": str(out / "teacher"),
                                   "GRAFT": "0", "STAGES": "width depth final"}, *seed_args)
         if not args.no_strategies:
-            run_strategies(args, out)
+            run_strategies(args, seed, out)
         if not args.no_baselines:
             num_layers = read_config_layers(out / "teacher")
             for depth in TRAINED_DEPTHS:
@@ -184,20 +185,32 @@ def run_all(args: argparse.Namespace) -> None:
                                       "STAGES": "teacher"}, *seed_args)
 
 
-def run_strategies(args: argparse.Namespace, out: Path) -> None:
-    """compare_strategies.py on the seed's gated model, unless its strategies.json is newer than the model."""
+def run_strategies(args: argparse.Namespace, seed: int, out: Path) -> None:
+    """compare_strategies.py on the seed's gated model, unless --strategies_json names a file for the seed, or
+    the seed's strategies.json was made by the same command after the model's last change."""
     model, result = out / "wd_bert_gates", out / "strategies" / "strategies.json"
-    if result.is_file() and result.stat().st_mtime >= max((p.stat().st_mtime for p in model.iterdir()), default=0):
-        print(f"reproduce.py: reusing {result}", flush=True)
-        return
     command = [sys.executable, str(ROOT / "compare_strategies.py"), "--model_dir", str(model),
                "--task_name", args.task_name, "--data_dir", args.data_dir or f"data/{args.task_name}",
                "--output_dir", str(result.parent),
                "--max_seq_length", str(run_profile.load_profile(args.profile)["max_seq_length"]),
                *args.strategies_args.split()]
+    found = strategies_files(args).get(seed)
+    if found not in (None, result) or (found and made_after(result, model, " ".join(command[1:]))):
+        print(f"reproduce.py: reusing {found}", flush=True)
+        return
     print(f"\n>>> {' '.join(command)}", flush=True)
     if subprocess.run(command, cwd=ROOT).returncode:
         raise CLIError(f"compare_strategies.py failed on {model}; rerun to continue where it stopped")
+
+
+def made_after(result: Path, model: Path, command: str) -> bool:
+    """Whether compare_strategies.py's `result` was written by `command` (its arguments) after every file of
+    `model` (a retrained or replaced model, or other arguments, make it stale)."""
+    newest = max((p.stat().st_mtime for p in model.iterdir()), default=0) if model.is_dir() else float("inf")
+    try:
+        return result.stat().st_mtime >= newest and json.loads(result.read_text(encoding="utf-8"))["command"] == command
+    except (OSError, ValueError, KeyError, TypeError):  # unreadable or not compare_strategies.py's: made again
+        return False
 
 
 def read_config_layers(model_dir: Path) -> int:

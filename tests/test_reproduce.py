@@ -285,7 +285,7 @@ def test_strategies_json_items_are_a_seed_or_a_template(capsys):
     assert exit_.value.code == 2 and "neither SEED=PATH nor a path holding {seed}" in capsys.readouterr().err
 
 
-def test_strategies_run_after_the_pipeline_and_are_reused_while_newer_than_the_model(tmp_path, monkeypatch):
+def test_strategies_run_after_the_pipeline_and_are_reused_while_up_to_date(tmp_path, monkeypatch):
     import os
 
     monkeypatch.setattr(reproduce, "ROOT", tmp_path)
@@ -293,26 +293,29 @@ def test_strategies_run_after_the_pipeline_and_are_reused_while_newer_than_the_m
     monkeypatch.setattr(reproduce, "shell", lambda script, env, *args: calls.append(script))
     monkeypatch.setattr(reproduce.subprocess, "run",
                         lambda command, cwd: calls.append(command) or type("Done", (), {"returncode": 0}))
-    args = reproduce.parse_args(["--seeds", "1", "--no_baselines", "--strategies_args", "--halvings 3"])
-    seed = reproduce.run_folder(args) / "seed1"
+
+    def run(*flags: str) -> list:
+        calls.clear()
+        reproduce.run_all(reproduce.parse_args(["--seeds", "1", "--no_baselines", *flags]))
+        return calls
+
+    seed = reproduce.run_folder(reproduce.parse_args([])) / "seed1"
     (seed / "wd_bert_gates").mkdir(parents=True)
     (seed / "wd_bert_gates" / "model.safetensors").write_bytes(b"")
-    reproduce.run_all(args)
     pipeline = ["run_glue.sh", "train_glue.sh", "gate_inference.sh"]
-    assert calls[:3] == pipeline and len(calls) == 4
+    assert run("--strategies_args", "--halvings 3")[:3] == pipeline and len(calls) == 4
     command = calls[3]
     assert command[1].endswith("compare_strategies.py") and command[-2:] == ["--halvings", "3"]
     assert command[command.index("--max_seq_length") + 1] == "64"  # the quick profile's
     assert command[command.index("--output_dir") + 1] == str(seed / "strategies")
     result = _strategies_json(seed / "strategies" / "strategies.json", {"gates": [(0.01, 0.0), None]})
-    calls.clear()
-    reproduce.run_all(args)
-    assert calls == pipeline  # reused
+    payload = json.loads(result.read_text())
+    result.write_text(json.dumps({**payload, "command": " ".join(command[1:])}))  # as compare_strategies.py does
+    assert run("--strategies_args", "--halvings 3") == pipeline  # reused
+    assert len(run("--strategies_args", "--halvings 4")) == 4  # other arguments: made again
     later = result.stat().st_mtime + 10
     os.utime(seed / "wd_bert_gates" / "model.safetensors", (later, later))  # the gates were retrained
-    calls.clear()
-    reproduce.run_all(args)
-    assert calls[:3] == pipeline and len(calls) == 4
-    calls.clear()
-    reproduce.run_all(reproduce.parse_args(["--seeds", "1", "--no_baselines", "--no_strategies"]))
-    assert calls == pipeline
+    assert len(run("--strategies_args", "--halvings 3")) == 4
+    _strategies_json(tmp_path / "elsewhere" / "seed1.json", {"gates": [(0.01, 0.0), None]})
+    assert run("--strategies_json", "1=elsewhere/seed1.json") == pipeline  # a file given for the seed
+    assert run("--no_strategies") == pipeline
