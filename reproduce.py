@@ -505,11 +505,14 @@ def markdown(summary: dict) -> str:
 def strategies_markdown(s: dict) -> list[str]:
     seeds, budgets = s["seeds"], s["budgets"]
 
+    def gap(g: dict) -> str:  # one seed has no std over seeds
+        return f"{g['mean']:+.3f}" + (f" ± {g['std']:.3f}" if len(g["values"]) > 1 else "")
+
     def cell(v: dict | None) -> str:
         if v is None:
             return "—"
         partial = "" if len(v["seeds"]) == len(seeds) else f" ({len(v['seeds'])} seeds)"
-        return f"{v['gap']['mean']:+.3f} ± {v['gap']['std']:.3f} [{v['halving_std']:.3f}]{partial}"
+        return f"{gap(v['gap'])} [{v['halving_std']:.3f}]{partial}"
 
     halvings = sorted({n for per in s["gap_over_static_frontier"].values() for v in per.values() if v
                        for n in v["halvings"]})
@@ -522,7 +525,7 @@ def strategies_markdown(s: dict) -> list[str]:
     lines += [f"| {name} | " + " | ".join(cell(per[b]) for b in budgets) + " |"
               for name, per in s["gap_over_static_frontier"].items()]
     lines.append("| **best by mean gap** | " + " | ".join(
-        "—" if (w := s["best"][b]) is None else f"{w['strategy']}: {w['gap']['mean']:+.3f} ± {w['gap']['std']:.3f}"
+        "—" if (w := s["best"][b]) is None else f"{w['strategy']}: {gap(w['gap'])}"
         for b in budgets) + " |")
     o = s["oracles"]
     if o:

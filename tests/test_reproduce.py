@@ -202,6 +202,8 @@ def test_strategies_over_seeds_mean_std_best_and_oracles(tmp_path):
     assert "| gates | +0.030 ± 0.010 [0.003] | +0.045 ± 0.007 [0.001] (2 seeds) |" in text
     assert "| any of 8 dropout samples of w1.0 d1 right (noise oracle) | 0.870 ± 0.010 |" in text
     assert "| any of the 24 fixed paths right | 0.900 ± 0.010 |" in text
+    one_seed = "\n".join(reproduce.strategies_markdown(reproduce.strategies_summary({42: files[42]}, "SST-2")))
+    assert "| gates | +0.020 [0.005] | — |" in one_seed  # no std over one seed
 
 
 def test_summarize_only_finds_strategies_files_made_elsewhere(tmp_path, monkeypatch):
