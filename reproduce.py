@@ -575,8 +575,8 @@ def plot_strategies(summary: dict, path: Path) -> None:
     if static := s["static_reporting"]:
         points = [(p["rel_flops"]["mean"], p["score"]["mean"]) for p in static]
         xs = sorted({x for x, _ in points})
-        series += [{"label": "static subnets", "marker": "o", **error_bars(static, "rel_flops", "score")},
-                   {"label": "static frontier", "marker": "", "ls": "--", "x": xs,
+        series += [{"label": "every static subnet", "marker": "o", **error_bars(static, "rel_flops", "score")},
+                   {"label": "static frontier (their upper envelope)", "marker": "", "ls": "--", "x": xs,
                     "y": [frontier_at(points, x) for x in xs]}]
     for name, per_budget in s["gap_over_static_frontier"].items():
         chosen = [v for v in per_budget.values() if v]

@@ -248,8 +248,8 @@ def test_strategies_plot_draws_the_static_frontier_of_the_reporting_halves(tmp_p
     monkeypatch.setattr(reproduce.plot_tradeoff, "plot_series",
                         lambda series, path, *a: drawn.update({s["label"]: s for s in series}))
     reproduce.plot_strategies(summary, tmp_path / "x.png")
-    assert list(drawn) == ["static subnets", "static frontier", "static subnet", "gates"]
-    frontier = drawn["static frontier"]
+    assert list(drawn) == ["every static subnet", "static frontier (their upper envelope)", "static subnet", "gates"]
+    frontier = drawn["static frontier (their upper envelope)"]
     # 0.76 at 0.75 lies under the envelope (0.79 -> 0.83): the frontier passes above it, at 0.81
     assert frontier["x"] == [0.25, 0.5, 0.75, 1.0] and frontier["y"] == pytest.approx([0.71, 0.79, 0.81, 0.83])
     assert drawn["gates"]["x"] == pytest.approx([0.25, 0.45]) and drawn["gates"]["y"] == pytest.approx([0.81, 0.82])
