@@ -44,6 +44,7 @@ from cli import (
     parsed_command,
     run_cli,
     setup_logging,
+    setup_run_device,
     str2bool,
     validate_subnets,
     validate_task_args,
@@ -54,7 +55,7 @@ from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
+from transformers_ext.environment import precision_name, set_seed
 from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
@@ -199,8 +200,7 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     test split(s); the files are written atomically into --output_dir. Rank 0 alone predicts under torchrun,
     so it joins no process group (the other ranks have left)."""
     spec = utils_glue.get_task(args.task_name)
-    device, _, _ = setup_device(args.cpu, args.num_threads, join_group=False)
-    setup_numerics(device, args.tf32, args.deterministic)
+    device, _, _ = setup_run_device(args, join_group=False)
     model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
@@ -265,11 +265,8 @@ def prefix_shared_loss(args: argparse.Namespace, model, batch: list[torch.Tensor
 def train(args: argparse.Namespace) -> dict:
     spec = utils_glue.get_task(args.task_name)
     phase_name, phase = args.training_phase, PHASES[args.training_phase]
-    device, rank, world = setup_device(args.cpu, args.num_threads)
+    device, rank, world = setup_run_device(args)
     is_main = rank == 0
-    if args.fp16 and device.type != "cuda":
-        raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
-    setup_numerics(device, args.tf32, args.deterministic)
     output_dir = prepare_output_dir(args, RESULTS_FILE, create=False,  # created once all input is validated
                                     may_write_input=phase_name == "final_finetuning")
     if world > 1:  # every process checks the folder before rank 0 starts writing into it

@@ -57,7 +57,7 @@ def tf32_enabled(device: torch.device) -> bool:
 
 
 def precision_name(fp16: bool = False, bf16: bool = False) -> str:
-    """"fp16", "bf16" or "fp32": the precision of a run's --fp16 / --bf16 (--fp16 if both are given)."""
+    """"fp16", "bf16" or "fp32": the precision of a run's --fp16 / --bf16 (the scripts refuse both at once)."""
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 
