@@ -352,7 +352,7 @@ def train(args: argparse.Namespace) -> dict:
 
     def evaluate(state) -> tuple[float, dict]:
         results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size,
-                                   device, precision_name(args.fp16, args.bf16))
+                                   device, precision_name(args.fp16, args.bf16), rank, world)
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
