@@ -399,11 +399,11 @@ def finish_training_args(args: argparse.Namespace) -> argparse.Namespace:
     return args
 
 
-def setup_run_device(args: argparse.Namespace, join_group: bool = True) -> tuple[torch.device, int, int]:
+def setup_run_device(args: argparse.Namespace) -> tuple[torch.device, int, int]:
     """(device, rank, world size) of a script's run (`environment.setup_device`), its fp32 numerics set by
     --tf32 / --deterministic. --fp16 is refused off CUDA, in training and inference alike: float16 autocast
     is a GPU's precision (its loss scaling is CUDA's), bfloat16 the CPU's."""
-    device, rank, world = setup_device(args.cpu, args.num_threads, join_group)
+    device, rank, world = setup_device(args.cpu, args.num_threads)
     if getattr(args, "fp16", False) and device.type != "cuda":
         raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
     setup_numerics(device, args.tf32, args.deterministic)

@@ -197,10 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def predict(args: argparse.Namespace, model_dir: str) -> None:
     """--do_predict: the static subnet (--width_mult, --depth_mult) of the model in `model_dir` on the task's
-    test split(s); the files are written atomically into --output_dir. Rank 0 alone predicts under torchrun,
-    so it joins no process group (the other ranks have left)."""
+    test split(s); the files are written atomically into --output_dir. Under torchrun every process predicts
+    its share of the batches and rank 0 writes the files."""
     spec = utils_glue.get_task(args.task_name)
-    device, _, _ = setup_run_device(args, join_group=False)
+    device, rank, world = setup_run_device(args)
+    if world > 1:  # after --do_train: the best model rank 0 saved is complete before any process reads it
+        torch.distributed.barrier()
     model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
@@ -210,7 +212,9 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     records = PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting)
     evaluation = evaluate_routed(model, datasets, setting, device, EvaluationOptions(
         args.per_gpu_eval_batch_size, precision_name(args.fp16, args.bf16),
-        example_records=records if args.save_predictions else None))
+        example_records=records if args.save_predictions else None, rank=rank, world=world))
+    if rank != 0:
+        return
     test_logits = {split: (records.indices[split], evaluation.logits[split]) for split in datasets}
     for line in utils_glue.write_predictions(spec, args.task_name, Path(args.output_dir), test_logits,
                                              evaluation.records):
@@ -472,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.do_train:
         with clean_up_on_failure(args.output_dir):
             train(args)
-    if args.do_predict and int(os.environ.get("RANK", "0")) == 0:
+    if args.do_predict:
         if not args.do_train:  # predictions are written at the end: an unusable folder is reported now
             check_writable(args.output_dir)
         predict(args, args.output_dir if args.do_train else args.model_dir)

@@ -1,7 +1,7 @@
-"""torchrun on gloo (2 processes): prediction alone ends (rank 0 predicts without waiting for ranks that
-have left); head/neuron importance, gate inputs and every evaluation (subnets, routed settings, gate
-validation) are computed in shares and gathered, so they equal one process's and replicas whose own
-importance scores would differ still rewire and graft identically."""
+"""torchrun on gloo (2 processes): prediction alone ends, each process predicting a share; head/neuron
+importance, gate inputs and every evaluation (subnets, routed settings, gate validation) are computed in
+shares and gathered, so they equal one process's and replicas whose own importance scores would differ
+still rewire and graft identically."""
 
 from __future__ import annotations
 
@@ -17,6 +17,7 @@ import pytest
 import torch
 from test_run_glue import MAX_LEN, ROOT, _argv, _free_port, make_env
 
+import run_glue
 from transformers_ext import compute_importance
 from transformers_ext.evaluation import EvaluationOptions, Timing, evaluate_routed, evaluate_static_depths
 from transformers_ext.gate_training import GateInputs, GateTrainingConfig, validate_gates
@@ -48,18 +49,28 @@ def _torchrun(launcher: Path, argv: list[str], timeout: int = 180) -> subprocess
 
 
 def test_torchrun_predict_only_ends(env, tmp_path):
-    """--do_predict without --do_train: rank 0 writes the predictions, and every process exits."""
-    (env["data"] / "test.tsv").write_text("index\tsentence1\tsentence2\n0\tthe cat sat .\tthe cat ran .\n"
-                                          "1\ta dog ran .\tthe dog did not run .\n", encoding="utf-8")
-    out = tmp_path / "predict"
-    argv = [a for a in _argv(env, env["bert"], out, "finetuning") if a != "--do_train"] + ["--do_predict"]
+    """--do_predict without --do_train: each process predicts every other batch of 2 (7 examples: the last
+    round has one batch for two processes), rank 0 writes the predictions, every process exits, and the files
+    equal one process's (the per-example records too)."""
+    rows = [f"{i}\tthe cat sat .\tthe {'dog did not run' if i % 2 else 'cat ran'} ." for i in range(7)]
+    (env["data"] / "test.tsv").write_text("index\tsentence1\tsentence2\n" + "\n".join(rows) + "\n",
+                                          encoding="utf-8")
+    argv = [a for a in _argv(env, env["bert"], tmp_path / "predict", "finetuning", "--do_predict",
+                             "--save_predictions", per_gpu_eval_batch_size=2) if a != "--do_train"]
     try:
         proc = _torchrun(ROOT / "run_glue.py", argv, timeout=120)
     except subprocess.TimeoutExpired:
         pytest.fail("torchrun run_glue.py --do_predict hung")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    lines = (out / "predict_results_rte.txt").read_text().splitlines()
-    assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == ["0", "1"]
+    lines = (tmp_path / "predict" / "predict_results_rte.txt").read_text().splitlines()
+    assert lines[0] == "index\tprediction" and [line.split("\t")[0] for line in lines[1:]] == list("0123456")
+    threads = torch.get_num_threads()
+    try:
+        run_glue.main([a if a != str(tmp_path / "predict") else str(tmp_path / "alone") for a in argv])
+    finally:
+        torch.set_num_threads(threads)
+    for name in ("predict_results_rte.txt", "predictions_test.jsonl"):
+        assert (tmp_path / "predict" / name).read_text() == (tmp_path / "alone" / name).read_text(), name
 
 
 PERTURBED_RANK_LAUNCHER = """\
