@@ -11,6 +11,7 @@ import os
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -155,15 +156,33 @@ import sys
 sys.path[:0] = [{root!r}, {tests!r}]
 import torch
 import torch.distributed as dist
-from test_distributed import importance_and_gate_inputs
+import test_distributed
 from transformers_ext.environment import setup_device
 
 device, rank, world = setup_device(cpu=True)
-result = importance_and_gate_inputs({bert!r}, {data!r}, {cache!r}, rank, world)
+result = getattr(test_distributed, {work!r})({bert!r}, {data!r}, {cache!r}, rank, world)
 if rank == 0:
     torch.save(result, {result!r})
 dist.destroy_process_group()
 """
+
+
+def _two_processes_and_one(env, tmp_path: Path, work: Callable[..., dict]) -> tuple[dict, dict]:
+    """(rank 0's result, one process's) of `work(bert, data, cache, rank, world)`: under 2-process torchrun,
+    and in this process alone with one thread, as torchrun's processes (OMP_NUM_THREADS=1)."""
+    result = tmp_path / f"{work.__name__}.pt"
+    launcher = tmp_path / f"launch_{work.__name__}.py"
+    launcher.write_text(SHARED_WORK_LAUNCHER.format(
+        root=str(ROOT), tests=str(Path(__file__).parent), work=work.__name__, bert=str(env["bert"]),
+        data=str(env["data"]), cache=str(env["cache"]), result=str(result)))
+    proc = _torchrun(launcher, [])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        return torch.load(result, weights_only=True), work(str(env["bert"]), str(env["data"]), str(env["cache"]))
+    finally:
+        torch.set_num_threads(threads)
 
 
 def importance_and_gate_inputs(bert: str, data: str, cache: str, rank: int = 0, world: int = 1
@@ -187,20 +206,7 @@ def test_torchrun_importance_and_gate_inputs_equal_one_process(env, tmp_path):
     gate inputs; every rank gathers all of them and combines them in one process's order. The results equal
     one process's: the gate targets exactly, the float results within 1e-6 relative (measured: bit-identical;
     only a kernel that rounds otherwise with torchrun's one thread per process could differ)."""
-    result = tmp_path / "shared.pt"
-    launcher = tmp_path / "launch_shared.py"
-    launcher.write_text(SHARED_WORK_LAUNCHER.format(
-        root=str(ROOT), tests=str(Path(__file__).parent), bert=str(env["bert"]), data=str(env["data"]),
-        cache=str(env["cache"]), result=str(result)))
-    proc = _torchrun(launcher, [])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    shared = torch.load(result, weights_only=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1)
-    try:
-        alone = importance_and_gate_inputs(str(env["bert"]), str(env["data"]), str(env["cache"]))
-    finally:
-        torch.set_num_threads(threads)
+    shared, alone = _two_processes_and_one(env, tmp_path, importance_and_gate_inputs)
     assert alone["heads"].abs().sum() > 0 and alone["states"].shape == (3, 4, 32, alone["states"].shape[-1])
     for name in ("heads", "neurons", "states"):
         diff = float((shared[name] - alone[name]).abs().max())
@@ -209,20 +215,6 @@ def test_torchrun_importance_and_gate_inputs_equal_one_process(env, tmp_path):
     assert torch.equal(shared["correct"], alone["correct"]) and torch.equal(shared["targets"], alone["targets"])
 
 
-EVALUATION_LAUNCHER = """\
-import sys
-sys.path[:0] = [{root!r}, {tests!r}]
-import torch
-import torch.distributed as dist
-from test_distributed import evaluations
-from transformers_ext.environment import setup_device
-
-device, rank, world = setup_device(cpu=True)
-result = evaluations({bert!r}, {data!r}, {cache!r}, rank, world)
-if rank == 0:
-    torch.save(result, {result!r})
-dist.destroy_process_group()
-"""
 LATENCY = ("latency_ms_per_batch", "latency_ms_per_example", "examples_per_second", "cpu_latency")
 
 
@@ -265,20 +257,7 @@ def test_torchrun_evaluation_equals_one_process(env, tmp_path):
     """Under 2-process torchrun subnet evaluation, routed evaluation and gate validation run each process's
     share of the batches and gather the rest: every result equals one process's bit for bit (metrics, loss,
     logits, per-example records, FLOPs and histograms, gate loss and accuracy)."""
-    result = tmp_path / "evaluations.pt"
-    launcher = tmp_path / "launch_evaluations.py"
-    launcher.write_text(EVALUATION_LAUNCHER.format(
-        root=str(ROOT), tests=str(Path(__file__).parent), bert=str(env["bert"]), data=str(env["data"]),
-        cache=str(env["cache"]), result=str(result)))
-    proc = _torchrun(launcher, [])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    shared = torch.load(result, weights_only=True)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # as torchrun's processes (OMP_NUM_THREADS=1)
-    try:
-        alone = evaluations(str(env["bert"]), str(env["data"]), str(env["cache"]))
-    finally:
-        torch.set_num_threads(threads)
+    shared, alone = _two_processes_and_one(env, tmp_path, evaluations)
     exits = alone["gated"]["results"]["exit_layer_histogram"]
     assert len(exits) > 1 and sum(exits.values()) == 32, exits  # some examples left at an off-ramp, some did not
     assert set(alone["subnets"]) == {"d1_w1", "d1_w0.5", "d0.5_w1", "d0.5_w0.5"}
