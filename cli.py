@@ -11,12 +11,14 @@ import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 import transformers
 from tqdm.auto import tqdm
 
 import utils_glue
 from transformers_ext import ranges
+from transformers_ext.environment import setup_device, setup_numerics
 from transformers_ext.errors import InputError, WriteError
 from transformers_ext.modeling_flexbert import heads_kept, layers_kept
 from transformers_ext.progress import set_progress_bar
@@ -392,7 +394,20 @@ def calibration_flags(argv: list[str]) -> dict:
 def finish_training_args(args: argparse.Namespace) -> argparse.Namespace:
     if getattr(args, "load_checkpoint", False) and args.resume_from_checkpoint is None:
         args.resume_from_checkpoint = "latest"
+    if getattr(args, "fp16", False) and getattr(args, "bf16", False):
+        raise CLIError("--fp16 and --bf16 exclude each other: pick one precision")
     return args
+
+
+def setup_run_device(args: argparse.Namespace) -> tuple[torch.device, int, int]:
+    """(device, rank, world size) of a script's run (`environment.setup_device`), its fp32 numerics set by
+    --tf32 / --deterministic. --fp16 is refused off CUDA, in training and inference alike: float16 autocast
+    is a GPU's precision (its loss scaling is CUDA's), bfloat16 the CPU's."""
+    device, rank, world = setup_device(args.cpu, args.num_threads)
+    if getattr(args, "fp16", False) and device.type != "cuda":
+        raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
+    setup_numerics(device, args.tf32, args.deterministic)
+    return device, rank, world
 
 
 def validate_task_args(args: argparse.Namespace) -> utils_glue.TaskSpec:

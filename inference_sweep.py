@@ -38,6 +38,7 @@ from cli import (
     multiplier_list,
     run_cli,
     setup_logging,
+    setup_run_device,
     validate_subnets,
     validate_task_args,
 )
@@ -50,7 +51,7 @@ from routed_inference import (
     static_depth_reports,
 )
 from run_folder import check_writable, clean_up_on_failure
-from transformers_ext.environment import set_seed, setup_device, setup_numerics
+from transformers_ext.environment import set_seed
 from transformers_ext.errors import reading
 from transformers_ext.files import write_text
 from transformers_ext.loading import load_model
@@ -168,8 +169,7 @@ def main(argv: list[str] | None = None) -> None:
             calibration = (cal_args, *train_gate_new.check_calibration_args(cal_args))
     if not todo and calibration is None:
         return
-    device, _, _ = setup_device(args.cpu, args.num_threads)
-    setup_numerics(device, args.tf32, args.deterministic)
+    device, _, _ = setup_run_device(args)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     runs = []

@@ -44,6 +44,7 @@ from cli import (
     parsed_command,
     run_cli,
     setup_logging,
+    setup_run_device,
     str2bool,
     validate_subnets,
     validate_task_args,
@@ -54,7 +55,7 @@ from transformers_ext import compute_importance, graft, rewire
 from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
+from transformers_ext.environment import precision_name, set_seed
 from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
@@ -196,11 +197,12 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 def predict(args: argparse.Namespace, model_dir: str) -> None:
     """--do_predict: the static subnet (--width_mult, --depth_mult) of the model in `model_dir` on the task's
-    test split(s); the files are written atomically into --output_dir. Rank 0 alone predicts under torchrun,
-    so it joins no process group (the other ranks have left)."""
+    test split(s); the files are written atomically into --output_dir. Under torchrun every process predicts
+    its share of the batches and rank 0 writes the files."""
     spec = utils_glue.get_task(args.task_name)
-    device, _, _ = setup_device(args.cpu, args.num_threads, join_group=False)
-    setup_numerics(device, args.tf32, args.deterministic)
+    device, rank, world = setup_run_device(args)
+    if world > 1:  # after --do_train: the best model rank 0 saved is complete before any process reads it
+        torch.distributed.barrier()
     model, tokenizer = load_model(model_dir, spec, **model_options(args))
     validate_subnets(model.config, {"--width_mult": [args.width_mult]}, {"--depth_mult": [args.depth_mult]})
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
@@ -210,7 +212,9 @@ def predict(args: argparse.Namespace, model_dir: str) -> None:
     records = PredictionRecords(spec, args.task_name, args.data_dir, datasets, setting)
     evaluation = evaluate_routed(model, datasets, setting, device, EvaluationOptions(
         args.per_gpu_eval_batch_size, precision_name(args.fp16, args.bf16),
-        example_records=records if args.save_predictions else None))
+        example_records=records if args.save_predictions else None, rank=rank, world=world))
+    if rank != 0:
+        return
     test_logits = {split: (records.indices[split], evaluation.logits[split]) for split in datasets}
     for line in utils_glue.write_predictions(spec, args.task_name, Path(args.output_dir), test_logits,
                                              evaluation.records):
@@ -265,11 +269,8 @@ def prefix_shared_loss(args: argparse.Namespace, model, batch: list[torch.Tensor
 def train(args: argparse.Namespace) -> dict:
     spec = utils_glue.get_task(args.task_name)
     phase_name, phase = args.training_phase, PHASES[args.training_phase]
-    device, rank, world = setup_device(args.cpu, args.num_threads)
+    device, rank, world = setup_run_device(args)
     is_main = rank == 0
-    if args.fp16 and device.type != "cuda":
-        raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
-    setup_numerics(device, args.tf32, args.deterministic)
     output_dir = prepare_output_dir(args, RESULTS_FILE, create=False,  # created once all input is validated
                                     may_write_input=phase_name == "final_finetuning")
     if world > 1:  # every process checks the folder before rank 0 starts writing into it
@@ -355,7 +356,7 @@ def train(args: argparse.Namespace) -> dict:
 
     def evaluate(state) -> tuple[float, dict]:
         results = evaluate_subnets(model, task_metrics, dev_sets, widths, depths, args.per_gpu_eval_batch_size,
-                                   device, precision_name(args.fp16, args.bf16))
+                                   device, precision_name(args.fp16, args.bf16), rank, world)
         for key, metrics in results.items():  # diverged weights: stop before saving them as a model
             check_finite(torch.tensor(metrics["eval_loss"]), state.global_step, key)
         score = sum(r[metric] for r in results.values())
@@ -475,7 +476,7 @@ def main(argv: list[str] | None = None) -> None:
     if args.do_train:
         with clean_up_on_failure(args.output_dir):
             train(args)
-    if args.do_predict and int(os.environ.get("RANK", "0")) == 0:
+    if args.do_predict:
         if not args.do_train:  # predictions are written at the end: an unusable folder is reported now
             check_writable(args.output_dir)
         predict(args, args.output_dir if args.do_train else args.model_dir)

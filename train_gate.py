@@ -40,6 +40,7 @@ from cli import (
     parsed_command,
     run_cli,
     setup_logging,
+    setup_run_device,
     subnet_list,
     validate_subnets,
     validate_task_args,
@@ -53,7 +54,7 @@ from routed_inference import (
 from run_folder import check_writable, clean_up_on_failure, prepare_output_dir
 from transformers_ext import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.cascade import CLASSIFICATION_RULES, REGRESSION_RULES
-from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
+from transformers_ext.environment import precision_name, set_seed
 from transformers_ext.gate_training import RESULTS_FILE, GateTrainingConfig, RunRecord, check_config, train_gates
 from transformers_ext.loading import load_model
 
@@ -227,10 +228,7 @@ def main(argv: list[str] | None = None) -> None:
         logger.warning("--do_predict / --save_predictions apply to inference; ignored with --do_train")
     if not args.do_train:  # inference writes its results at the end: an unusable folder is reported now
         check_writable(args.output_dir)
-    device, rank, world = setup_device(args.cpu, args.num_threads)
-    if args.fp16 and device.type != "cuda":
-        raise CLIError("--fp16 needs a CUDA device; use --bf16 on CPU")
-    setup_numerics(device, args.tf32, args.deterministic)
+    device, rank, world = setup_run_device(args)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     apply_saved_defaults(args, model)

@@ -29,7 +29,7 @@ from cli import CLIError
 from routed_inference import load_inference_data, run_inference, static_depth_reports
 from transformers_ext import calibration_report as report
 from transformers_ext.calibration import Calibrator, Objective, monotone_maps, scorable, search_space, split_indices
-from transformers_ext.environment import set_seed, setup_device, setup_numerics
+from transformers_ext.environment import set_seed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import load_model
@@ -54,8 +54,7 @@ def main(argv: list[str] | None = None) -> dict | None:
         return train_gate.main(argv)
     cli.setup_logging(0)
     spec, objectives = check_calibration_args(args)
-    device, _, _ = setup_device(args.cpu, args.num_threads)
-    setup_numerics(device, args.tf32, args.deterministic)
+    device, _, _ = cli.setup_run_device(args)
     set_seed(args.seed)
     model, tokenizer = load_model(args.model_dir, spec, **cli.model_options(args))
     return run_calibration(args, spec, objectives, model, tokenizer, device)

@@ -44,7 +44,7 @@ step() {
 
 GPUS=$($PY -c "import torch; print(torch.cuda.device_count() if torch.cuda.is_available() else 0)")
 if [ "$CPU" = 0 ] && [ "$GPUS" = 0 ]; then
-  echo "error: no CUDA device (torch.cuda.is_available() is False); run with --cpu for the dry run"; exit 2
+  echo "error: no CUDA device (torch.cuda.is_available() is False); run with --cpu for the dry run" >&2; exit 2
 fi
 DEVICE_FLAG=() && [ "$CPU" = 1 ] && DEVICE_FLAG=(--cpu)
 $PY -c "import torch; print('INFO torch', torch.__version__, '|', torch.cuda.get_device_name(0) if torch.cuda.is_available() and not $CPU else 'CPU')"

@@ -104,3 +104,13 @@ def test_settings_chosen_by_the_sweep_are_refused(env, tmp_path, capsys, flag): 
     with pytest.raises(SystemExit) as info:
         run_cli(lambda: inference_sweep.main(argv))
     assert info.value.code == 2 and f"drop {flag[0]}" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags", [["--fp16"], ["--fp16", "--bf16"]])
+def test_precision_flags_answered_as_every_script(env, tmp_path, capsys, flags):  # noqa: F811
+    """--fp16 on the CPU and --fp16 with --bf16: one error line and exit 2, before any model is read."""
+    argv = cli_argv(_common(env, inference_dir=tmp_path), "--do_eval", *flags, switches=("--cpu",))
+    with pytest.raises(SystemExit) as info:
+        run_cli(lambda: inference_sweep.main(argv))
+    expected = "--fp16 and --bf16 exclude each other" if "--bf16" in flags else "--fp16 needs a CUDA device"
+    assert info.value.code == 2 and capsys.readouterr().err.startswith(f"error: {expected}")

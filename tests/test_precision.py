@@ -1,7 +1,8 @@
 """Routed inference and the layers under autocast (bf16 on CPU; the same code paths as fp16/bf16 on CUDA),
 and the host syncs of routing: every inference mode and the exported routed model give fp32's predictions
 and close logits under bf16 autocast, the residual is added in fp32 as Hugging Face's BERT does, a gate
-group's widths are read to the host once, and the MACs are counted outside the forward."""
+group's widths are read to the host once, and the MACs are counted outside the forward; latency skips its
+warm-up batches, and the GPU benchmarks refuse a host without CUDA in one line."""
 
 from __future__ import annotations
 
@@ -226,3 +227,58 @@ def test_host_syncs_of_one_routed_batch(mode):
         assert set(out.exit_layer.tolist()) == {2, 3, 4}
     if not gated:
         assert syncs.ops.count("nonzero") == (4 if exits else 0)
+
+
+def test_timing_warms_up_longer_on_a_gpu_and_skips_the_warm_up_batches():
+    """--record_gpu_time uses CUDA events on a GPU (wall-clock elsewhere); the default warm-up is 10 batches
+    on a GPU, 1 on the CPU, and the warm-up batches are left out of the latency (not of the scores)."""
+    from torch.utils.data import TensorDataset
+
+    from transformers_ext.evaluation import EvaluationOptions, Timing, evaluate_routed
+    from transformers_ext.routing import RoutingSetting
+
+    cuda, cpu = torch.device("cuda", 0), torch.device("cpu")
+    assert Timing.on(cuda, True, False, None) == Timing(True, True, 10)
+    assert Timing.on(cpu, True, False, None) == Timing(True, False, 1)
+    assert Timing.on(cuda, False, True, 3) == Timing(True, False, 3)  # --record_cpu_time: wall-clock
+    dataset = TensorDataset(*make_inputs(batch=10, seq_len=12), torch.arange(10) % 2)
+    evaluation = evaluate_routed(_gated_model(), {"dev": dataset}, RoutingSetting(WIDTHS, 0.5), cpu,
+                                 EvaluationOptions(4, timing=Timing(True, False, 2), reported=["dev"]))
+    assert len(evaluation.batch_times) == 1 and evaluation.n_examples_timed == 2  # the third batch: 2 examples
+    assert evaluation.n_total == 10
+
+
+def test_bench_gpu_without_cuda_is_one_line(capsys):
+    """benchmarks/bench_gpu.py on a host without CUDA: exit status 2 and one `error:` line, nothing measured."""
+    import importlib.util
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    path = Path(__file__).resolve().parent.parent / "benchmarks" / "bench_gpu.py"
+    spec = importlib.util.spec_from_file_location("bench_gpu", path)
+    bench_gpu = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench_gpu)
+    assert bench_gpu.main(["--quick"]) == 2
+    out, err = capsys.readouterr()
+    assert out == "" and err.startswith("error: bench_gpu.py needs a CUDA device") and err.count("\n") == 1
+
+
+def test_gpu_smoke_without_cuda_asks_for_the_dry_run(tmp_path):
+    """benchmarks/gpu_smoke.sh without --cpu on a host without CUDA: one `error:` line naming --cpu, exit 2,
+    before any step runs."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has CUDA")
+    root = Path(__file__).resolve().parent.parent
+    proc = subprocess.run(["bash", str(root / "benchmarks" / "gpu_smoke.sh")], capture_output=True, text=True,
+                          env={**os.environ, "PYTHON": sys.executable, "SMOKE_DIR": str(tmp_path / "smoke")},
+                          timeout=120)
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr.splitlines() == ["error: no CUDA device (torch.cuda.is_available() is False); run with "
+                                        "--cpu for the dry run"]
+    assert not (tmp_path / "smoke" / "logs").exists()

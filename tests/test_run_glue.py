@@ -895,3 +895,39 @@ def test_paper_profile_stages(tmp_path):
     (teacher / "config.json").write_text("{}")
     given = _stage_calls(tmp_path / "given", "0", PROFILE="paper", TEACHER_DIR=str(teacher))
     assert "finetuning" not in given and given["dynabertw"]["--model_dir"] == str(teacher)
+
+
+def test_paper_profile_runs_on_a_tiny_bert(tmp_path):
+    """PROFILE=paper for real, on the tiny BERT and RTE folder (one update per stage, length 24): augment_data.py
+    writes the augmented file, then every stage trains at lr 2e-5 for 3 epochs of batch 32, the width and depth
+    stages on the augmented data, the width stage with importance on dev and grafting (no bf16 on a CPU). The
+    depth stage's arguments are read before final fine-tuning overwrites them in place."""
+    env = make_env(tmp_path / "tiny")
+    out = tmp_path / "out"
+    common = {**os.environ, "PYTHON": sys.executable, "PROFILE": "paper", "TASK": "RTE", "DATA_DIR": str(env["data"]),
+              "BERT_DIR": str(env["bert"]), "OUT_DIR": str(out), "MAX_SEQ_LENGTH": str(MAX_LEN),
+              "TQDM_DISABLE": "1", "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    extra = ["--max_steps", "1", "--cpu", "--num_threads", "1", "--cache_dir", str(env["cache"])]
+
+    def stages(names: str) -> None:
+        proc = subprocess.run(["bash", str(ROOT / "run_glue.sh"), *extra], env={**common, "STAGES": names},
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-3000:]
+
+    def stage_args(folder: Path) -> dict:
+        return json.loads((folder / "training_args.json").read_text())
+
+    stages("teacher width depth")
+    augmented = (env["data"] / "train_aug.tsv").read_text().splitlines()
+    assert len(augmented) > 33  # the 32 originals and their augmented copies, with the header
+    got = {"finetuning": stage_args(out / "teacher"), "dynabertw": stage_args(out / "w_bert"),
+           "dynabert": stage_args(out / "wd_bert")}
+    stages("final")
+    got["final_finetuning"] = stage_args(out / "wd_bert")
+    for phase, args in got.items():
+        assert args["training_phase"] == phase
+        assert (args["learning_rate"], args["num_train_epochs"], args["per_gpu_train_batch_size"]) == (2e-5, 3.0, 32)
+        assert args["data_aug"] == (phase in ("dynabertw", "dynabert")) and not args["bf16"]
+    assert got["dynabertw"]["importance_split"] == "dev" and got["dynabertw"]["graft_during_training"]
+    assert got["finetuning"]["importance_split"] == "train"  # dev only where importance is computed
+    assert json.loads((out / "wd_bert" / "eval_results.json").read_text())["phase"] == "final_finetuning"

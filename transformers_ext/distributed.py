@@ -50,3 +50,18 @@ def map_shared(items: Iterable[Item], compute: Callable[[Item], Sequence[torch.T
             dist.all_gather(out, tensor)
         for j, item in enumerate(chunk):
             yield item, [out[j] for out in copies]
+
+
+def map_shared_objects(items: Iterable[Item], compute: Callable[[Item], object], rank: int = 0, world: int = 1
+                       ) -> Iterator[tuple[Item, object]]:
+    """`map_shared` for results of any picklable kind and size (each batch's logits, path records and per-example
+    rows of an evaluation): gathered with `all_gather_object`, so keep them small and on the host."""
+    if world == 1:
+        for item in items:
+            yield item, compute(item)
+        return
+    iterator = iter(items)
+    while chunk := list(itertools.islice(iterator, world)):
+        gathered: list[object] = [None] * world
+        dist.all_gather_object(gathered, compute(chunk[rank]) if rank < len(chunk) else None)
+        yield from zip(chunk, gathered)

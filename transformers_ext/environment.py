@@ -19,16 +19,14 @@ def set_seed(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def setup_device(cpu: bool = False, num_threads: int | None = None, join_group: bool = True
-                 ) -> tuple[torch.device, int, int]:
-    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU) unless
-    `join_group` is False: work that only rank 0 does (predictions) must not wait for the other ranks."""
+def setup_device(cpu: bool = False, num_threads: int | None = None) -> tuple[torch.device, int, int]:
+    """(device, rank, world_size). Under torchrun, joins the process group (nccl on GPU, gloo on CPU)."""
     if num_threads:
         torch.set_num_threads(num_threads)
     use_cuda = torch.cuda.is_available() and not cpu
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank = int(os.environ.get("RANK", "0"))
-    if world > 1 and join_group and not dist.is_initialized():
+    if world > 1 and not dist.is_initialized():
         dist.init_process_group("nccl" if use_cuda else "gloo")
     if use_cuda:
         local_rank = int(os.environ.get("LOCAL_RANK", "0"))
@@ -57,7 +55,7 @@ def tf32_enabled(device: torch.device) -> bool:
 
 
 def precision_name(fp16: bool = False, bf16: bool = False) -> str:
-    """"fp16", "bf16" or "fp32": the precision of a run's --fp16 / --bf16 (--fp16 if both are given)."""
+    """"fp16", "bf16" or "fp32": the precision of a run's --fp16 / --bf16 (the scripts refuse both at once)."""
     return "fp16" if fp16 else "bf16" if bf16 else "fp32"
 
 

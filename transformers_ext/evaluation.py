@@ -25,6 +25,7 @@ from torch.utils.data import TensorDataset
 
 from .batching import file_order_batches
 from .cascade import cascade_forward
+from .distributed import map_shared_objects
 from .environment import autocast, tf32_enabled
 from .flops import flops_summary, path_macs
 from .inference import RoutedOutput, StaticRouter, dynamic_forward, shared_prefix_forwards, static_output
@@ -88,7 +89,9 @@ class Stopwatch:
 class EvaluationOptions:
     """How settings are evaluated: the batch size, autocast `precision`, `timing`, the splits `scored` (metrics
     and loss) and `reported` (paths, FLOPs, latency), the task's `compute_metrics(logits, labels)` and the
-    per-example `example_records` (each optional), and the progress bar's `desc`."""
+    per-example `example_records` (each optional), and the progress bar's `desc`. Under torchrun (`world` > 1)
+    the process of `rank` runs every `world`-th batch and all processes gather every batch's results, so each
+    holds the evaluation one process makes (bit for bit, but the latency: each batch timed where it ran)."""
 
     batch_size: int
     precision: str = "fp32"
@@ -98,6 +101,25 @@ class EvaluationOptions:
     compute_metrics: Callable[[np.ndarray, np.ndarray], dict] | None = None
     example_records: ExampleRecords | None = None
     desc: str = ""
+    rank: int = 0
+    world: int = 1
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What an evaluation keeps of one routed batch, on the host (so that torchrun's processes can exchange
+    it): the logits and labels, the per-example records, and for a reported split the path, MACs and time."""
+
+    logits: torch.Tensor
+    labels: torch.Tensor
+    records: list[dict] | None
+    reported: bool
+    linear_macs: float = 0.0
+    attention_macs: float = 0.0
+    heads: torch.Tensor | None = None
+    exits: torch.Tensor | None = None
+    stages: torch.Tensor | None = None
+    elapsed: float = 0.0
 
 
 class Evaluation:
@@ -117,25 +139,35 @@ class Evaluation:
     def begin_split(self, split: str) -> None:
         self.split, self.split_logits, self.split_labels = split, [], []
 
-    def add(self, b: int, num_batches: int, labels: torch.Tensor, out: RoutedOutput, elapsed: float) -> None:
-        self.split_logits.append(out.logits.float().cpu())
-        self.split_labels.append(labels.cpu())
-        if self.example_records is not None:
-            self.records.setdefault(self.split, []).extend(self.example_records(
-                self.split, b * self.options.batch_size, self.split_logits[-1], self.split_labels[-1], out))
+    def batch_result(self, b: int, labels: torch.Tensor, out: RoutedOutput, elapsed: float) -> BatchResult:
+        """What `add` takes of batch `b` of the current split (computed by the process that ran the batch)."""
+        logits, labels = out.logits.float().cpu(), labels.cpu()
+        records = None if self.example_records is None else self.example_records(
+            self.split, b * self.options.batch_size, logits, labels, out)
         if self.split not in self.reported:
+            return BatchResult(logits, labels, records, reported=False)
+        return BatchResult(logits, labels, records, True, float(out.linear_macs.sum()),
+                           float(out.attention_macs.sum()), out.heads.cpu(), out.exit_layer.cpu(),
+                           out.stage.cpu() if setting_is_cascade(self.setting) else None, elapsed)
+
+    def add(self, b: int, num_batches: int, result: BatchResult) -> None:
+        self.split_logits.append(result.logits)
+        self.split_labels.append(result.labels)
+        if result.records is not None:
+            self.records.setdefault(self.split, []).extend(result.records)
+        if not result.reported:
             return
         if b >= self.timing.warmup or num_batches <= self.timing.warmup:
-            self.batch_times.append(elapsed)
-            self.n_examples_timed += len(labels)
-        for key in ("linear", "attention"):
-            self.macs_sum[key] += float(getattr(out, f"{key}_macs").sum())
+            self.batch_times.append(result.elapsed)
+            self.n_examples_timed += len(result.labels)
+        self.macs_sum["linear"] += result.linear_macs
+        self.macs_sum["attention"] += result.attention_macs
         self.macs_sum["total"] = self.macs_sum["linear"] + self.macs_sum["attention"]
-        self.heads.append(out.heads.cpu())
-        self.exits.append(out.exit_layer.cpu())
-        if setting_is_cascade(self.setting):
-            self.stages.append(out.stage.cpu())
-        self.n_total += len(labels)
+        self.heads.append(result.heads)
+        self.exits.append(result.exits)
+        if result.stages is not None:
+            self.stages.append(result.stages)
+        self.n_total += len(result.labels)
 
     def end_split(self) -> None:
         """The split's logits; a scored split's metrics (the first scored split's, then `acc_mm`) and loss."""
@@ -208,19 +240,26 @@ def routed_report(evaluation: Evaluation, task: str, batch_size: int, max_seq_le
 def _evaluate(model, datasets: dict[str, TensorDataset], settings: dict, device: torch.device,
               options: EvaluationOptions, desc: str, forward: Callable) -> dict:
     """The one batch loop: `forward(input_ids, attention_mask, token_type_ids, stopwatch)` gives each
-    setting's (routed output, latency) of a batch."""
+    setting's (routed output, latency) of a batch. Under torchrun each process runs its share of the batches
+    (`map_shared_objects`) and every process adds all of them in order."""
     model.to(device).eval()
     evaluations = {key: Evaluation(model, setting, options) for key, setting in settings.items()}
     stopwatch = Stopwatch(device, options.timing.cuda_events)
+
+    def run_batch(item) -> dict:
+        b, batch = item
+        input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
+        outputs = forward(input_ids, attention_mask, token_type_ids, stopwatch)
+        return {key: evaluations[key].batch_result(b, labels, out, elapsed) for key, (out, elapsed) in outputs.items()}
+
     for split, dataset in datasets.items():
         for evaluation in evaluations.values():
             evaluation.begin_split(split)
         batches = file_order_batches(dataset, options.batch_size)
-        for b, batch in enumerate(progress_bar(batches, desc=f"{desc} {options.desc}{split}", leave=False)):
-            input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
-            outputs = forward(input_ids, attention_mask, token_type_ids, stopwatch)
-            for key, (out, elapsed) in outputs.items():
-                evaluations[key].add(b, len(batches), labels, out, elapsed)
+        bar = progress_bar(batches, desc=f"{desc} {options.desc}{split}", leave=False)
+        for (b, _), results in map_shared_objects(enumerate(bar), run_batch, options.rank, options.world):
+            for key, result in results.items():
+                evaluations[key].add(b, len(batches), result)
         for evaluation in evaluations.values():
             evaluation.end_split()
     return evaluations

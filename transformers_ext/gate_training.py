@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -188,14 +188,16 @@ class GateInputs:
         return states.to(self.device, non_blocking=True), targets.to(self.device, non_blocking=True)
 
 
-def gate_epoch_loss(model, states, targets, weights, temperature, generator=None, rule: str = "reference"
-                    ) -> tuple[torch.Tensor, list]:
+def gate_epoch_loss(model, states, targets, weights, temperature, noise: Sequence[torch.Tensor] | None = None,
+                    rule: str = "reference") -> tuple[torch.Tensor, list]:
     """Summed weighted loss over widths (descending) for one batch of precomputed gate inputs, plus the
-    per-width losses. `states`: [C, G, B, h]; `rule`: --gate_loss."""
+    per-width losses. `states`: [C, G, B, h]; `rule`: --gate_loss; `noise`: the Gumbel noise's Exp(1) draws
+    `[G, B, C]` per width, widest first (`validation_noise`; None: drawn from the global generator)."""
     per_width = []
     weight_tensor = torch.tensor(weights, device=states.device)
-    for k in reversed(range(states.shape[0])):
-        probs = gumbel_softmax_probs(gates_on(model.gates, states[k]), temperature, generator)
+    for i, k in enumerate(reversed(range(states.shape[0]))):
+        probs = gumbel_softmax_probs(gates_on(model.gates, states[k]), temperature,
+                                     exp=None if noise is None else noise[i])
         if rule == "every_width":
             per_width.append(every_width_gate_loss(probs, targets, weight_tensor))
         else:
@@ -253,33 +255,8 @@ def train_gates(config: GateTrainingConfig, model, tokenizer, train_set: TensorD
     # Train-time states as a dataset of indices so the shared batching gives a seeded random order.
     index_set = torch.utils.data.TensorDataset(torch.arange(n_train))
 
-    def validate() -> dict:
-        model.gates.eval()
-        # The same Gumbel noise at every validation, from its own generator seeded by --seed: scores differ
-        # only by the gates, and validation draws nothing from the training stream (nor do reruns, resumes
-        # or another --logging_steps change which gates are kept).
-        noise = torch.Generator(device=device).manual_seed(config.seed)
-        with torch.no_grad():
-            totals, correct, count = [], torch.zeros(num_gates), 0
-            for inputs in dev_inputs:
-                split_loss, n_batches = torch.zeros(num_classes), 0
-                for start in range(0, len(inputs), config.eval_batch_size):
-                    idx = torch.arange(start, min(start + config.eval_batch_size, len(inputs)))
-                    batch_states, batch_targets = inputs.batch(idx)
-                    _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature,
-                                                   noise, rule=config.gate_loss)
-                    split_loss += torch.stack(per_width[::-1]).cpu()
-                    n_batches += 1
-                    # gate accuracy: each gate's argmax on the full-width states against the target
-                    logits = gates_on(model.gates, batch_states[-1])
-                    correct += (logits.argmax(-1) == batch_targets).float().sum(1).cpu()
-                    count += len(batch_targets)
-                totals.append(split_loss.mean() / n_batches)
-        model.gates.train()
-        return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
-
     def evaluate(state) -> tuple[float, dict]:
-        val = validate()
+        val = validate_gates(model, dev_inputs, weights, temperature, config, device, rank, world)
         if writer is not None:
             writer.add_scalar("eval/loss", val["loss"], state.global_step)
             for g, acc in enumerate(val["gate_acc"]):
@@ -345,6 +322,55 @@ def train_gates(config: GateTrainingConfig, model, tokenizer, train_set: TensorD
                     [round(e, 3) for e in routed["routing_entropy"]])
         write_results(state, extra={"routed_dev": routed})
     logger.info("gates saved with the backbone to %s", output_dir)
+
+
+def validation_noise(dev_inputs: Sequence[GateInputs], config: GateTrainingConfig, num_gates: int,
+                     device: torch.device) -> Iterator[tuple[int, torch.Tensor, list[torch.Tensor]]]:
+    """(dev set, example indices, Gumbel noise) of every validation batch, in order. The noise is the same at
+    every validation, from its own generator seeded by --seed: scores differ only by the gates, validation
+    draws nothing from the training stream (nor do reruns, resumes or another --logging_steps change which
+    gates are kept), and a batch's noise does not depend on which torchrun process scores it (each draws all)."""
+    generator = torch.Generator(device=device).manual_seed(config.seed)
+    num_classes = len(config.gate_setting)
+    for split, inputs in enumerate(dev_inputs):
+        for start in range(0, len(inputs), config.eval_batch_size):
+            idx = torch.arange(start, min(start + config.eval_batch_size, len(inputs)))
+            yield split, idx, [torch.empty(num_gates, len(idx), num_classes, device=device).exponential_(
+                generator=generator) for _ in range(num_classes)]
+
+
+@torch.no_grad()
+def validate_gates(model, dev_inputs: Sequence[GateInputs], weights: list[float], temperature: float,
+                   config: GateTrainingConfig, device: torch.device, rank: int = 0, world: int = 1) -> dict:
+    """The dev gate loss (per dev set the mean over batches of the summed per-width losses, then the mean over
+    dev sets) and each gate's accuracy (its argmax on the full-width states against the target). Under
+    torchrun each process scores every `world`-th batch and all gather the scores (`map_shared`), which every
+    process sums in one order: the result is one process's, bit for bit."""
+    num_classes, num_gates = len(config.gate_setting), len(model.gates)
+
+    def score(item) -> list[torch.Tensor]:
+        split, idx, noise = item
+        batch_states, batch_targets = dev_inputs[split].batch(idx)
+        _, per_width = gate_epoch_loss(model, batch_states, batch_targets, weights, temperature, noise,
+                                       rule=config.gate_loss)
+        logits = gates_on(model.gates, batch_states[-1])
+        return [torch.stack(per_width[::-1]), (logits.argmax(-1) == batch_targets).float().sum(1)]
+
+    def no_score() -> list[torch.Tensor]:
+        return [torch.zeros(num_classes, device=device), torch.zeros(num_gates, device=device)]
+
+    model.gates.eval()
+    split_loss = [torch.zeros(num_classes) for _ in dev_inputs]
+    n_batches, correct, count = [0] * len(dev_inputs), torch.zeros(num_gates), 0
+    for (split, idx, _), (losses, right) in map_shared(validation_noise(dev_inputs, config, num_gates, device),
+                                                       score, no_score, rank, world):
+        split_loss[split] += losses.cpu()
+        n_batches[split] += 1
+        correct += right.cpu()
+        count += len(idx)
+    model.gates.train()
+    totals = [loss.mean() / n for loss, n in zip(split_loss, n_batches, strict=True)]
+    return {"loss": float(sum(totals) / len(totals)), "gate_acc": (correct / count).tolist()}
 
 
 @torch.no_grad()

@@ -51,10 +51,13 @@ def is_correct(logits: torch.Tensor, labels: torch.Tensor, regression_threshold:
 
 
 def gumbel_softmax_probs(
-    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None
+    logits: torch.Tensor, temperature: float, generator: torch.Generator | None = None,
+    exp: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """q = softmax((a + g) / tau), g = -log(Exp(1)) i.i.d. (no straight-through sample)."""
-    exp = torch.empty_like(logits).exponential_(generator=generator)
+    """q = softmax((a + g) / tau), g = -log(Exp(1)) i.i.d. (no straight-through sample); `exp`: the Exp(1)
+    draws when made beforehand, else drawn from `generator`."""
+    if exp is None:
+        exp = torch.empty_like(logits).exponential_(generator=generator)
     return F.softmax((logits - exp.log()) / temperature, dim=-1)
 
 

@@ -21,7 +21,7 @@ from transformers import get_linear_schedule_with_warmup
 
 from .batching import in_dataset_order, length_sorted_batches
 from .checkpoints import rng_state, set_rng_state
-from .distributed import all_reduce_gradients
+from .distributed import all_reduce_gradients, map_shared
 from .environment import autocast
 from .errors import InputError
 from .modeling_flexbert import FlexBertForSequenceClassification
@@ -306,12 +306,14 @@ def subnet_key(width: float, depth: float) -> str:
 
 @torch.no_grad()
 def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
-                   device: torch.device, width_mult: float, depth_mults: Sequence[float], precision: str = "fp32"
-                   ) -> tuple[dict[float, np.ndarray], np.ndarray, dict[float, float]]:
+                   device: torch.device, width_mult: float, depth_mults: Sequence[float], precision: str = "fp32",
+                   rank: int = 0, world: int = 1) -> tuple[dict[float, np.ndarray], np.ndarray, dict[float, float]]:
     """Logits and mean loss of every depth at one width from ONE forward per batch: depth subnets are
     prefixes, so the deepest run's hidden state after layer rnd(d*L) is exactly the depth-d subnet's, and
     the head applied there gives its logits bit for bit. Returns ({depth: logits}, labels, {depth: loss});
-    `precision` "fp16"/"bf16" runs the forwards under autocast (the logits are returned in fp32)."""
+    `precision` "fp16"/"bf16" runs the forwards under autocast (the logits are returned in fp32). Under
+    torchrun (`world` > 1) each process runs every `world`-th batch and all gather the results (`map_shared`):
+    every process returns what one process computes."""
     was_training = model.training
     model.eval()
     subnets = {d: model.subnet(width_mult, d) for d in depth_mults}
@@ -319,16 +321,32 @@ def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorData
     logits = {d: [] for d in depth_mults}
     loss_sum = dict.fromkeys(depth_mults, 0.0)
     labels, indices = [], []
-    for idx, batch in length_sorted_batches(dataset, batch_size):
-        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in batch)
+    num_labels = model.config.num_labels
+
+    def depth_outputs(item) -> list[torch.Tensor]:
+        """The batch's logits `[depths, batch_size, labels]` (padded to a whole batch) and losses `[depths]`."""
+        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in item[1])
         with autocast(precision, device.type):
             out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
-        for d, subnet in subnets.items():
+        batch_logits, losses = torch.zeros(len(subnets), batch_size, num_labels, device=device), []
+        for i, subnet in enumerate(subnets.values()):
             with autocast(precision, device.type):
-                depth_logits = model.classify(out.hidden_states[subnet.num_layers], attention_mask).float()
-            loss_sum[d] += model.compute_loss(depth_logits, label).item() * len(label)
-            logits[d].append(depth_logits.float().cpu())
-        labels.append(label.cpu())
+                batch_logits[i, : len(label)] = model.classify(out.hidden_states[subnet.num_layers],
+                                                               attention_mask).float()
+            losses.append(model.compute_loss(batch_logits[i, : len(label)], label))
+        return [batch_logits, torch.stack(losses)]
+
+    def no_outputs() -> list[torch.Tensor]:
+        return [torch.zeros(len(subnets), batch_size, num_labels, device=device), torch.zeros(len(subnets),
+                                                                                            device=device)]
+
+    for (idx, batch), (batch_logits, losses) in map_shared(length_sorted_batches(dataset, batch_size),
+                                                          depth_outputs, no_outputs, rank, world):
+        n = len(idx)
+        for d, depth_logits, loss in zip(subnets, batch_logits.cpu(), losses.tolist(), strict=True):
+            loss_sum[d] += loss * n
+            logits[d].append(depth_logits[:n])
+        labels.append(batch[3])
         indices.append(idx)
     model.train(was_training)
     return ({d: in_dataset_order(v, indices).numpy() for d, v in logits.items()},
@@ -352,18 +370,21 @@ def evaluate_subnets(
     batch_size: int,
     device: torch.device,
     precision: str = "fp32",
+    rank: int = 0,
+    world: int = 1,
 ) -> dict[str, dict[str, float]]:
     """Metrics of every (depth, width) sub-network, depth descending then width descending, one forward per
     width and batch, under autocast for `precision` "fp16"/"bf16". Keys are `d{depth}_w{width}`; MNLI's
     mismatched accuracy is added as `acc_mm`. `compute_metrics(logits, labels)` gives the task's metrics of one
-    dev set."""
+    dev set. Under torchrun every process gets the results, each having run its share of the batches."""
     depths = sorted(depth_mult_list, reverse=True)
     per_width = {}
     for w in progress_bar(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
                   disable=len(width_mult_list) * len(depths) < 3):
-        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths, precision)
-        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths, precision)
-                      if "dev_mm" in dev_sets else None)
+        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths, precision,
+                                              rank, world)
+        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths, precision, rank,
+                                     world) if "dev_mm" in dev_sets else None)
         for d in depths:
             metrics = compute_metrics(logits[d], labels)
             if mismatched is not None:
