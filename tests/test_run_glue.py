@@ -590,7 +590,8 @@ def test_importance_uses_the_same_examples_in_file_order_and_by_length(max_examp
 def test_best_checkpoint_is_the_highest_summed_score(env, finetuned, tmp_path, monkeypatch, scripted, best_step):
     recorder, snapshots = _StepRecorder(monkeypatch), {}
 
-    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device, precision="fp32"):
+    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device, precision="fp32", rank=0,
+                      world=1):
         step = recorder.step
         snapshots[step] = {k: v.detach().clone() for k, v in model.state_dict().items()}
         w1, w05 = scripted[step - 1]
@@ -621,7 +622,8 @@ def test_eval_on_start_keeps_the_input_model_unless_training_beats_it(env, finet
     at step 0); here it is the best, so final fine-tuning saves its input model unchanged."""
     recorder = _StepRecorder(monkeypatch)
 
-    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device, precision="fp32"):
+    def fake_evaluate(model, task_name, dev_sets, widths, depths, batch_size, device, precision="fp32", rank=0,
+                      world=1):
         acc = 0.9 if recorder.step == 0 else 0.5
         return {subnet_key(w, 1.0): {"acc": acc, "eval_loss": 0.0} for w in widths}
 
