@@ -58,7 +58,7 @@ from transformers_ext.environment import precision_name, set_seed, setup_device,
 from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
-from transformers_ext.routing import RoutingSetting
+from transformers_ext.routing import RoutingSetting, record_trained_depths
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
@@ -278,6 +278,8 @@ def train(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     widths, depths = phase_subnets(args)
     validate_subnets(model.config, {"--width_mult_list": widths}, {"--depth_mult_list": depths})
+    # saved with the model: gate training and inference put their default off-ramps after these depths
+    record_trained_depths(model.config, depths if phase.train_depths else None)
     if args.data_aug and not phase.data_aug:
         logger.warning("%s uses gold labels on the original data: --data_aug ignored", phase_name)
     use_aug = args.data_aug and phase.data_aug
