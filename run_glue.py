@@ -55,7 +55,13 @@ from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.environment import precision_name, set_seed, setup_device, setup_numerics
-from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
+from transformers_ext.evaluation import (
+    EvaluationOptions,
+    evaluate_routed,
+    evaluate_subnets,
+    format_subnet_table,
+    subnet_key,
+)
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
 from transformers_ext.routing import RoutingSetting, record_trained_depths
@@ -65,11 +71,8 @@ from transformers_ext.trainer import (
     Schedule,
     build_optimizer,
     check_finite,
-    evaluate_subnets,
     fit,
     flat_eval_results,
-    format_subnet_table,
-    subnet_key,
     train_metrics,
     trainer_state,
 )

@@ -26,7 +26,7 @@ import train_gate
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.batching import LENGTH_GROUP, epoch_batches, in_dataset_order, length_sorted_batches
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.trainer import subnet_key
+from transformers_ext.evaluation import subnet_key
 from utils_glue import importance_batches
 
 ROOT = Path(__file__).resolve().parent.parent
