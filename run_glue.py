@@ -56,21 +56,24 @@ from transformers_ext.batching import trim_padding
 from transformers_ext.checkpoints import resume_checkpoint, save_checkpoint
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
 from transformers_ext.environment import precision_name, set_seed
-from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
+from transformers_ext.evaluation import (
+    EvaluationOptions,
+    evaluate_routed,
+    evaluate_subnets,
+    format_subnet_table,
+    subnet_key,
+)
 from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
-from transformers_ext.routing import RoutingSetting
+from transformers_ext.routing import RoutingSetting, record_trained_depths
 from transformers_ext.saving import model_card, save_model
 from transformers_ext.trainer import (
     Hooks,
     Schedule,
     build_optimizer,
     check_finite,
-    evaluate_subnets,
     fit,
     flat_eval_results,
-    format_subnet_table,
-    subnet_key,
     train_metrics,
     trainer_state,
 )
@@ -279,6 +282,8 @@ def train(args: argparse.Namespace) -> dict:
     model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     widths, depths = phase_subnets(args)
     validate_subnets(model.config, {"--width_mult_list": widths}, {"--depth_mult_list": depths})
+    # saved with the model: gate training and inference put their default off-ramps after these depths
+    record_trained_depths(model.config, depths if phase.train_depths else None)
     if args.data_aug and not phase.data_aug:
         logger.warning("%s uses gold labels on the original data: --data_aug ignored", phase_name)
     use_aug = args.data_aug and phase.data_aug

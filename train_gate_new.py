@@ -33,7 +33,7 @@ from transformers_ext.environment import set_seed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
 from transformers_ext.loading import load_model
-from transformers_ext.routing import MODES, TRAINED_DEPTHS, routing_defaults
+from transformers_ext.routing import MODES, routing_defaults, trained_depths
 
 RESULTS_FILE, PARETO_FILE, SPLIT_FILE = "calibration_results.json", "calibration_pareto.csv", "calibration_split.json"
 
@@ -155,15 +155,15 @@ def run_calibration(args: argparse.Namespace, spec: utils_glue.TaskSpec, objecti
     front = calibrator.pareto()
     report.write_pareto(out / PARETO_FILE, front, metric)
 
-    statics = {}  # every depth of a width from one pass; gate_inference.sh's names, in its order
+    statics, depths = {}, sorted(trained_depths(config))  # the backbone's depths of a width from one pass
     for width in [] if args.no_static_baselines else trained:
         runs = {d: _run_args(args, out / "static_reporting" / f"static_w{width}_d{float(d)}", static=True,
-                             width_mult_list=[width], depth_mult_list=[d]) for d in TRAINED_DEPTHS}
+                             width_mult_list=[width], depth_mult_list=[d]) for d in depths}
         reports = static_depth_reports(runs, spec, model, device, reporting)
         for d, a in runs.items():
             statics[Path(a.output_dir).name] = _logged(reports[d].finish, Path(a.output_dir), metric, rep_label)
     if statics:  # the order of one run per subnet
-        statics = {n: statics[n] for n in (f"static_w{w}_d{float(d)}" for d in TRAINED_DEPTHS for w in trained)}
+        statics = {n: statics[n] for n in (f"static_w{w}_d{float(d)}" for d in depths for w in trained)}
 
     def run(folder: Path, settings: dict, data: dict[str, TensorDataset], label: str) -> dict:
         a = _run_args(args, folder, **settings)

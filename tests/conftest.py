@@ -76,6 +76,22 @@ def make_model(config: BertConfig, seed: int = 0) -> FlexBertForSequenceClassifi
     return model.eval()
 
 
+def subnet_predictions(model: FlexBertForSequenceClassification, dataset, width: float, depth: float,
+                       precision: str = "fp32", batch_size: int = 8):
+    """(logits, labels, eval loss) of the static subnet (width, depth) on a labelled TensorDataset, on CPU,
+    through the shared evaluation loop with training-time evaluation's length-sorted batches."""
+    from transformers_ext.evaluation import EvaluationOptions, evaluate_routed
+    from transformers_ext.routing import RoutingSetting
+
+    was_training = model.training
+    options = EvaluationOptions(batch_size, precision, scored=["dev"], compute_metrics=lambda logits, labels: {},
+                                sort_by_length=True)
+    evaluation = evaluate_routed(model, {"dev": dataset}, RoutingSetting([width], width, depth), torch.device("cpu"),
+                                 options)
+    model.train(was_training)
+    return evaluation.logits["dev"].numpy(), dataset.tensors[3].numpy(), evaluation.scores["eval_loss"]
+
+
 def make_inputs(batch: int = 3, seq_len: int = 12, seed: int = 1, pad: bool = True):
     """(input_ids, attention_mask, token_type_ids): random ids, segment B in the second half, and (pad=True)
     right padding of different lengths in every row but the first."""

@@ -20,11 +20,16 @@ from test_run_glue import MAX_LEN, ROOT, _argv, _free_port, make_env
 
 import run_glue
 from transformers_ext import compute_importance
-from transformers_ext.evaluation import EvaluationOptions, Timing, evaluate_routed, evaluate_static_depths
+from transformers_ext.evaluation import (
+    EvaluationOptions,
+    Timing,
+    evaluate_routed,
+    evaluate_static_depths,
+    evaluate_subnets,
+)
 from transformers_ext.gate_training import GateInputs, GateTrainingConfig, validate_gates
 from transformers_ext.loading import load_model
 from transformers_ext.routing import RoutingSetting
-from transformers_ext.trainer import evaluate_subnets
 from utils_glue import compute_metrics, get_task, importance_batches, load_dataset
 
 

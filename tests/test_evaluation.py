@@ -5,16 +5,19 @@ taken, per-example records see every batch, and off-ramps default to the depths 
 from __future__ import annotations
 
 import numpy as np
+import pytest
 import torch
 from conftest import make_config, make_inputs, make_model
 from torch.utils.data import TensorDataset
 
 from transformers_ext import default_off_ramps, path_macs
+from transformers_ext.batching import length_sorted_batches
 from transformers_ext.evaluation import (
     EvaluationOptions,
     evaluate_exit_rules,
     evaluate_routed,
     evaluate_static_depths,
+    evaluate_subnets,
     routed_report,
 )
 from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults, trained_depths
@@ -50,6 +53,42 @@ def test_static_depths_from_one_pass_equal_one_run_per_depth():
         assert shared[depth].results(12) == alone.results(12)
         assert alone.results(12)["exit_layer_histogram"] == {round(4 * depth): N}
     assert not torch.equal(shared[1.0].logits["dev"], shared[0.5].logits["dev"])
+
+
+def test_length_sorted_evaluation_puts_results_back_in_dataset_order():
+    """sort_by_length: the batches run longest first with padding trimmed; each example's logits come back at
+    its own position (equal to file order's up to rounding), and the loss is the size-weighted mean of the
+    batches' losses. Such batches have no FLOPs unit, so they report nothing."""
+    model = make_model(make_config(num_hidden_layers=4))
+    data, setting = _data(), RoutingSetting([0.5] * 4, 0.5, 0.75)
+    file_order = _evaluate(model, setting)
+    by_length = evaluate_routed(model, data, setting, torch.device("cpu"), EvaluationOptions(
+        4, scored=["dev"], compute_metrics=_accuracy, sort_by_length=True))
+    torch.testing.assert_close(by_length.logits["dev"], file_order.logits["dev"], rtol=0, atol=1e-6)
+    logits, labels = by_length.logits["dev"], data["dev"].tensors[3]
+    batch_losses = [model.compute_loss(logits[idx], labels[idx]).item() * len(idx)
+                    for idx, _ in length_sorted_batches(data["dev"], 4)]
+    assert by_length.scores["eval_loss"] == sum(batch_losses) / N  # bit for bit, as the goldens pin it
+    assert by_length.scores["acc"] == file_order.scores["acc"]
+    with pytest.raises(ValueError, match="length-sorted"):
+        EvaluationOptions(4, reported=["dev"], sort_by_length=True)
+
+
+def test_subnet_scores_are_each_subnets_own_evaluation():
+    """evaluate_subnets (run_glue.py's training-time scores): every (depth, width) subnet, depth then width
+    descending, with the metrics and loss of that static setting's length-sorted evaluation; the model's
+    train mode is kept (training goes on after it)."""
+    model = make_model(make_config(num_hidden_layers=4)).train()
+    scores = evaluate_subnets(model, _accuracy, _data(), [0.5, 1.0], [0.5, 1.0], 4, torch.device("cpu"))
+    assert model.training
+    assert list(scores) == ["d1_w1", "d1_w0.5", "d0.5_w1", "d0.5_w0.5"]
+    options = EvaluationOptions(4, scored=["dev"], compute_metrics=_accuracy, sort_by_length=True)
+    for key, metrics in scores.items():
+        depth, width = (float(x) for x in key[1:].split("_w"))
+        alone = evaluate_routed(model, _data(), RoutingSetting([width], width, depth), torch.device("cpu"), options)
+        assert list(metrics) == ["acc", "eval_loss"]
+        assert metrics == alone.scores
+    assert scores["d1_w1"]["eval_loss"] != scores["d0.5_w0.5"]["eval_loss"]
 
 
 def test_report_counts_the_paths_taken():

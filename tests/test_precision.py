@@ -151,16 +151,15 @@ def test_prediction_records_read_each_tensor_once():
 
 
 def test_subnet_evaluation_honours_bf16():
-    """evaluate_subnets / predict run under autocast for precision "bf16": logits close to fp32's, not equal."""
+    """Subnet evaluation runs under autocast for precision "bf16": logits close to fp32's, not equal."""
+    from conftest import subnet_predictions
     from torch.utils.data import TensorDataset
-
-    from transformers_ext.trainer import predict
 
     model = _gated_model()
     input_ids, attention_mask, token_type_ids = make_inputs(batch=16, seq_len=12, seed=6)
     dataset = TensorDataset(input_ids, attention_mask, token_type_ids, torch.arange(16) % 2)
-    full, _, full_loss = predict(model, dataset, 8, torch.device("cpu"), 0.5, 0.75)
-    low, _, low_loss = predict(model, dataset, 8, torch.device("cpu"), 0.5, 0.75, precision="bf16")
+    full, _, full_loss = subnet_predictions(model, dataset, 0.5, 0.75)
+    low, _, low_loss = subnet_predictions(model, dataset, 0.5, 0.75, precision="bf16")
     assert low.dtype == full.dtype and not (low == full).all()
     _assert_same_predictions(torch.from_numpy(low), torch.from_numpy(full))
     assert abs(low_loss - full_loss) < 2e-2

@@ -12,12 +12,12 @@ import functools
 
 import pytest
 import torch
-from conftest import make_config, make_inputs, make_model
+from conftest import make_config, make_inputs, make_model, subnet_predictions
 from torch.utils.data import TensorDataset
 
 import run_glue
 import utils_glue
-from transformers_ext.trainer import evaluate_subnets, predict
+from transformers_ext.evaluation import evaluate_subnets
 
 WIDTHS = [1.0, 0.75, 0.5, 0.25]
 DEPTHS = [1.0, 0.75, 0.5]
@@ -88,7 +88,7 @@ def test_prefix_shared_evaluation_scores_equal_separate_subnets(num_labels, task
                 logits = torch.cat([model(*[t[i:i + 8] for t in dataset.tensors[:3]], subnet=subnet).logits
                                     for i in range(0, 20, 8)])
             # bit-identical on some CPUs; others pick kernels by shape and differ in the last bits (4e-9 seen)
-            torch.testing.assert_close(torch.from_numpy(predict(model, dataset, 8, torch.device("cpu"), w, d)[0]),
+            torch.testing.assert_close(torch.from_numpy(subnet_predictions(model, dataset, w, d)[0]),
                                        logits, rtol=0, atol=1e-6)
 
             expected = utils_glue.compute_metrics(task, logits.numpy(), dataset.tensors[3].numpy())

@@ -166,6 +166,7 @@ def _write_round_two(w: dict[str, Path]) -> None:
     _variant(w, "config_list", files={"config.json": "[1, 2]"})
     _variant(w, "more_layers", config={"num_hidden_layers": 6})  # the weights hold 4
     _variant(w, "bad_pooling", config={"pooling": "max"})
+    _variant(w, "bad_trained_depths", config={"depth_mult_list": [0.5, 2]})
     w["other_shape"] = save_model_folder(inp / "other_shape", VOCAB, BertConfig(  # weights of another model
         vocab_size=len(VOCAB), hidden_size=48, num_hidden_layers=4, num_attention_heads=4, intermediate_size=96,
         max_position_embeddings=64))
@@ -498,6 +499,8 @@ CASES += [
     Case("gate-saved-gates-not-divisor", _eval("--w_dynamic", model="{saved_gates_not_divisor}"),
          ["num_gates 3", "4 layers"]),
     Case("glue-saved-pooling", _glue(model="{bad_pooling}"), ["bad_pooling/config.json", "pooling", "'max'"]),
+    Case("traingate-saved-trained-depths", _traingate(*_W2, model="{bad_trained_depths}"),
+         ["bad_trained_depths/config.json", "depth_mult_list", "(0, 1]", "2"]),
     Case("gate-config-early-exit-string", _eval("--config", "{cfg_early_exit_str}", model="{gated}"),
          ["cfg_early_exit_str.json", "early_exit", "boolean"]),
     Case("gate-config-contradicts-static", _eval("--static", "--config", "{cfg_wd}", model="{gated}"),

@@ -9,7 +9,14 @@ from pathlib import Path
 from conftest import make_config
 
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD, default_off_ramps
-from transformers_ext.routing import TRAINED_DEPTHS, RoutingSetting, routing_defaults
+from transformers_ext.routing import (
+    TRAINED_DEPTHS,
+    TRAINED_DEPTHS_KEY,
+    RoutingSetting,
+    record_trained_depths,
+    routing_defaults,
+    trained_depths,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -20,6 +27,18 @@ def test_flag_then_saved_then_default():
     config.exit_threshold, config.off_ramps = 0.0, [0]  # a saved 0 is a threshold, not "unset"
     assert routing_defaults(config) == (0.0, [0])
     assert routing_defaults(config, 0.3, [2, 3]) == (0.3, [2, 3])
+
+
+def test_recorded_trained_depths_place_the_default_off_ramps():
+    """run_glue.py's depth stages record their depths in the config; a full-depth stage drops an inherited
+    list; without one (older folders) the depths are TRAINED_DEPTHS."""
+    config = make_config(num_hidden_layers=4)
+    record_trained_depths(config, [1.0, 0.25])
+    assert config.to_dict()[TRAINED_DEPTHS_KEY] == trained_depths(config) == [1.0, 0.25]
+    assert routing_defaults(config)[1] == [0]
+    record_trained_depths(config, None)
+    assert TRAINED_DEPTHS_KEY not in config.to_dict() and trained_depths(config) == list(TRAINED_DEPTHS)
+    assert routing_defaults(config)[1] == [1, 2]
 
 
 def test_a_setting_is_the_keyword_arguments_of_dynamic_forward():

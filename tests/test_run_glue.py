@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import random
+import shutil
 import socket
 import subprocess
 import sys
@@ -21,10 +22,11 @@ from torch.utils.data import TensorDataset
 from transformers import BertConfig
 
 import run_glue
+import train_gate
 from transformers_ext import FlexBertForSequenceClassification
 from transformers_ext.batching import LENGTH_GROUP, epoch_batches, in_dataset_order, length_sorted_batches
 from transformers_ext.distillation import hidden_mse_loss, logit_kd_loss, teacher_layer_map
-from transformers_ext.trainer import subnet_key
+from transformers_ext.evaluation import subnet_key
 from utils_glue import importance_batches
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -205,6 +207,40 @@ def test_dynabert_phase_evaluates_all_twelve_subnets(depth_model):
     for entry in results["history"]:
         assert len(entry["results"]) == 12
         assert entry["score_sum"] == pytest.approx(sum(r["acc"] for r in entry["results"].values()))
+
+
+def _gate_folder_config(env, backbone: Path, out: Path) -> dict:
+    """Gates trained (1 epoch) on `backbone` with no --off_ramps: the saved config.json."""
+    train_gate.main(_argv(env, backbone, out, "traingate", width_mult_list="0.25,0.5,0.75,1.0",
+                          gate_setting="0.25,0.5,0.75,1.0", learning_rate=1e-2))
+    return json.loads((out / "config.json").read_text())
+
+
+def test_depth_stage_saves_its_depths_and_gate_off_ramps_default_to_them(env, width_model, tmp_path):
+    """The depth stage writes the depths it trained into config.json (`depth_mult_list`, descending, as
+    trained); a stage at full depth only writes none. Gates trained on it get their off-ramps after exactly
+    those depths (L=4: depth 0.25 keeps 1 layer -> off-ramp 0), which inference uses by default; a backbone
+    folder without the key (older runs) keeps the old default, after depths 0.5 and 0.75 (off-ramps 1, 2)."""
+    assert "depth_mult_list" not in json.loads((width_model / "config.json").read_text())
+    backbone = tmp_path / "dynabert"
+    _run(env, width_model, backbone, "dynabert", depth_mult_list="0.25,1.0", max_steps=2)
+    assert json.loads((backbone / "config.json").read_text())["depth_mult_list"] == [1.0, 0.25]
+
+    gates = _gate_folder_config(env, backbone, tmp_path / "gates")
+    assert gates["depth_mult_list"] == [1.0, 0.25] and gates["off_ramps"] == [0]
+    inference = tmp_path / "inference"
+    train_gate.main(cli_argv({"task_name": "RTE", "data_dir": env["data"], "model_dir": tmp_path / "gates",
+                              "output_dir": inference, "cache_dir": env["cache"], "max_seq_length": MAX_LEN,
+                              "num_threads": 1}, "--wd_dynamic", "--early_exit", switches=("--do_eval", "--cpu")))
+    assert json.loads((inference / "inference_results.json").read_text())["off_ramps"] == [0]
+
+    old = tmp_path / "old_backbone"  # the same backbone as an older run saved it
+    shutil.copytree(backbone, old)
+    config = json.loads((old / "config.json").read_text())
+    del config["depth_mult_list"]
+    (old / "config.json").write_text(json.dumps(config))
+    old_gates = _gate_folder_config(env, old, tmp_path / "old_gates")
+    assert "depth_mult_list" not in old_gates and old_gates["off_ramps"] == [1, 2]
 
 
 def test_final_finetuning_phase(env, depth_model):

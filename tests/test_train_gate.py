@@ -20,7 +20,7 @@ from unittest import mock
 
 import pytest
 import torch
-from conftest import cli_argv, run_in_process, save_model_folder
+from conftest import cli_argv, run_in_process, save_model_folder, subnet_predictions
 from safetensors.torch import load_file, save_file
 from transformers import BertConfig
 
@@ -36,10 +36,10 @@ from transformers_ext import (
     heads_kept,
     subnet_macs,
 )
+from transformers_ext.evaluation import evaluate_subnets
 from transformers_ext.gate_training import GateInputs, GateTrainingConfig, class_weights
 from transformers_ext.gates import REFERENCE_CLASS_WEIGHTS, gate_targets, histogram_class_weights, is_correct
 from transformers_ext.loading import load_model
-from transformers_ext.trainer import evaluate_subnets, predict
 
 ROOT = Path(__file__).resolve().parent.parent
 WORDS = (
@@ -234,7 +234,7 @@ def test_gate_training_targets_from_per_width_predictions(env, gated):
     model, dataset = _dev_set(env, env["bert"], split="train")
     correct = []
     for w in WIDTHS[:-1]:
-        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"), w, 1.0)
+        logits, labels, _ = subnet_predictions(model, dataset, w, 1.0)
         correct.append(torch.from_numpy(logits.argmax(-1) == labels))
     expected = torch.bincount(gate_targets(torch.stack(correct)), minlength=C).tolist()
     assert results["train_target_histogram"] == expected
@@ -256,7 +256,7 @@ def test_regression_gate_targets_use_the_threshold(env):
     model, dataset = _dev_set(env, env["bert_reg"], task="STS-B", split="train")
     preds = []
     for w in WIDTHS[:-1]:
-        logits, labels, _ = predict(model, dataset, 8, torch.device("cpu"), w, 1.0)
+        logits, labels, _ = subnet_predictions(model, dataset, w, 1.0)
         preds.append(torch.from_numpy(logits).view(-1))
     labels = torch.from_numpy(labels).float()
     errors = sorted((preds[0] - labels).abs().tolist())
@@ -379,7 +379,7 @@ def test_static_equals_run_glue_evaluation(env, gated, width, depth):
     results = report["results"]
     assert results["acc"] == expected["acc"]
     assert results["eval_loss"] == pytest.approx(expected["eval_loss"], abs=1e-5)
-    logits, _, _ = predict(model, dataset, 8, torch.device("cpu"), width, depth)
+    logits, _, _ = subnet_predictions(model, dataset, width, depth)
     torch.testing.assert_close(routed.logits, torch.from_numpy(logits), atol=ATOL, rtol=0)
 
     n, k = round(depth * L), heads_kept(model.config, width)

@@ -81,6 +81,7 @@ def num_batches(dataset: TensorDataset, batch_size: int, world: int = 1) -> int:
     return (len(dataset) + batch_size * world - 1) // (batch_size * world)
 
 
-def file_order_batches(dataset: TensorDataset, batch_size: int) -> list[list[torch.Tensor]]:
-    """Inference batches: file order, padded to the features' length (the FLOPs unit), as the reference."""
-    return [[t[idx] for t in dataset.tensors] for idx in torch.arange(len(dataset)).split(batch_size)]
+def file_order_batches(dataset: TensorDataset, batch_size: int) -> list[tuple[torch.Tensor, list[torch.Tensor]]]:
+    """Inference batches as (example indices, batch), like length_sorted_batches: file order, padded to the
+    features' length (the FLOPs unit), as the reference."""
+    return [(idx, [t[idx] for t in dataset.tensors]) for idx in torch.arange(len(dataset)).split(batch_size)]

@@ -7,9 +7,11 @@ its FLOPs are every stage an example ran, its report adds the histogram of the s
 that share work run together, each evaluation equal to its own `evaluate_routed` except the latency:
 `evaluate_static_depths` (the static subnets of one width at several depths from one encoder pass per batch:
 depth subnets are prefixes of each other) and `evaluate_exit_rules` (gated settings of one width map under
-several exit rules, the layers before the first off-ramp run once). Inference batches are in file order,
-padded to the maximum sequence length (the FLOPs unit), as the reference. No command-line objects: the scripts
-build the setting and options.
+several exit rules, the layers before the first off-ramp run once). `evaluate_subnets` scores every static
+(depth, width) subnet during training through the same loop. Inference batches are in file order, padded to
+the maximum sequence length (the FLOPs unit), as the reference; training-time evaluation, which reports no
+FLOPs, sorts them by length and trims their padding (`EvaluationOptions.sort_by_length`). No command-line
+objects: the scripts build the setting and options.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ import numpy as np
 import torch
 from torch.utils.data import TensorDataset
 
-from .batching import file_order_batches
+from .batching import file_order_batches, in_dataset_order, length_sorted_batches
 from .cascade import cascade_forward
 from .distributed import map_shared_objects
 from .environment import autocast, tf32_enabled
@@ -91,7 +93,12 @@ class EvaluationOptions:
     and loss) and `reported` (paths, FLOPs, latency), the task's `compute_metrics(logits, labels)` and the
     per-example `example_records` (each optional), and the progress bar's `desc`. Under torchrun (`world` > 1)
     the process of `rank` runs every `world`-th batch and all processes gather every batch's results, so each
-    holds the evaluation one process makes (bit for bit, but the latency: each batch timed where it ran)."""
+    holds the evaluation one process makes (bit for bit, but the latency: each batch timed where it ran).
+
+    `sort_by_length`: batches longest first with their padding trimmed (results put back in dataset order;
+    each example's logits do not depend on its batch) and a scored split's loss the size-weighted mean of its
+    batches' losses, as training-time evaluation has always computed it; FLOPs and example indices assume
+    file order, so such options report no split and record no examples."""
 
     batch_size: int
     precision: str = "fp32"
@@ -103,15 +110,23 @@ class EvaluationOptions:
     desc: str = ""
     rank: int = 0
     world: int = 1
+    sort_by_length: bool = False
+
+    def __post_init__(self):
+        if self.sort_by_length and (self.reported or self.example_records is not None):
+            raise ValueError("length-sorted batches report no FLOPs and record no examples (file order does)")
 
 
 @dataclass(frozen=True)
 class BatchResult:
     """What an evaluation keeps of one routed batch, on the host (so that torchrun's processes can exchange
-    it): the logits and labels, the per-example records, and for a reported split the path, MACs and time."""
+    it): the examples' dataset positions, logits and labels, the batch's summed loss (length-sorted scored
+    splits), the per-example records, and for a reported split the path, MACs and time."""
 
+    indices: torch.Tensor
     logits: torch.Tensor
     labels: torch.Tensor
+    loss_sum: float
     records: list[dict] | None
     reported: bool
     linear_macs: float = 0.0
@@ -137,22 +152,29 @@ class Evaluation:
         self.batch_times, self.n_examples_timed, self.n_total = [], 0, 0
 
     def begin_split(self, split: str) -> None:
-        self.split, self.split_logits, self.split_labels = split, [], []
+        self.split, self.split_logits, self.split_labels, self.split_indices = split, [], [], []
+        self.split_loss_sum = 0.0  # sort_by_length: the batches' losses times their sizes
 
-    def batch_result(self, b: int, labels: torch.Tensor, out: RoutedOutput, elapsed: float) -> BatchResult:
-        """What `add` takes of batch `b` of the current split (computed by the process that ran the batch)."""
+    def batch_result(self, indices: torch.Tensor, labels: torch.Tensor, out: RoutedOutput, elapsed: float
+                     ) -> BatchResult:
+        """What `add` takes of one batch (examples `indices`) of the current split, computed by the process
+        that ran the batch."""
         logits, labels = out.logits.float().cpu(), labels.cpu()
+        loss_sum = (self.model.compute_loss(out.logits.float(), labels.to(out.logits.device)).item() * len(labels)
+                    if self.options.sort_by_length and self.split in self.options.scored else 0.0)
         records = None if self.example_records is None else self.example_records(
-            self.split, b * self.options.batch_size, logits, labels, out)
+            self.split, int(indices[0]), logits, labels, out)
         if self.split not in self.reported:
-            return BatchResult(logits, labels, records, reported=False)
-        return BatchResult(logits, labels, records, True, float(out.linear_macs.sum()),
+            return BatchResult(indices, logits, labels, loss_sum, records, reported=False)
+        return BatchResult(indices, logits, labels, loss_sum, records, True, float(out.linear_macs.sum()),
                            float(out.attention_macs.sum()), out.heads.cpu(), out.exit_layer.cpu(),
                            out.stage.cpu() if setting_is_cascade(self.setting) else None, elapsed)
 
     def add(self, b: int, num_batches: int, result: BatchResult) -> None:
         self.split_logits.append(result.logits)
         self.split_labels.append(result.labels)
+        self.split_indices.append(result.indices)
+        self.split_loss_sum += result.loss_sum
         if result.records is not None:
             self.records.setdefault(self.split, []).extend(result.records)
         if not result.reported:
@@ -171,12 +193,16 @@ class Evaluation:
 
     def end_split(self) -> None:
         """The split's logits; a scored split's metrics (the first scored split's, then `acc_mm`) and loss."""
-        logits, labels = torch.cat(self.split_logits), torch.cat(self.split_labels)
+        logits, labels = (in_dataset_order(chunks, self.split_indices) for chunks in (self.split_logits,
+                                                                                       self.split_labels))
         self.logits[self.split] = logits
         if self.split not in self.options.scored:
             return
         metrics = self.options.compute_metrics(logits.numpy(), labels.numpy())
-        loss = self.model.compute_loss(logits, labels).item()
+        if self.options.sort_by_length:
+            loss = self.split_loss_sum / len(labels)
+        else:
+            loss = self.model.compute_loss(logits, labels).item()
         if not self.scores:
             self.scores.update(metrics)
             self.scores["eval_loss"] = loss
@@ -247,15 +273,17 @@ def _evaluate(model, datasets: dict[str, TensorDataset], settings: dict, device:
     stopwatch = Stopwatch(device, options.timing.cuda_events)
 
     def run_batch(item) -> dict:
-        b, batch = item
+        _, (indices, batch) = item
         input_ids, attention_mask, token_type_ids, labels = (t.to(device) for t in batch)
         outputs = forward(input_ids, attention_mask, token_type_ids, stopwatch)
-        return {key: evaluations[key].batch_result(b, labels, out, elapsed) for key, (out, elapsed) in outputs.items()}
+        return {key: evaluations[key].batch_result(indices, labels, out, elapsed)
+                for key, (out, elapsed) in outputs.items()}
 
     for split, dataset in datasets.items():
         for evaluation in evaluations.values():
             evaluation.begin_split(split)
-        batches = file_order_batches(dataset, options.batch_size)
+        batches = list((length_sorted_batches if options.sort_by_length else file_order_batches)(
+            dataset, options.batch_size))
         bar = progress_bar(batches, desc=f"{desc} {options.desc}{split}", leave=False)
         for (b, _), results in map_shared_objects(enumerate(bar), run_batch, options.rank, options.world):
             for key, result in results.items():
@@ -343,6 +371,51 @@ def evaluate_exit_rules(model, datasets: dict[str, TensorDataset], settings: dic
                 for i, (k, out) in enumerate(zip(keys, outs, strict=True))}
 
     return _evaluate(model, datasets, settings, device, options, "dynamic", forward)
+
+
+# ---- training-time subnet scores ---------------------------------------------------------------------------
+def subnet_key(width: float, depth: float) -> str:
+    return f"d{depth:g}_w{width:g}"
+
+
+def evaluate_subnets(model, compute_metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
+                     dev_sets: dict[str, TensorDataset], width_mult_list: Sequence[float],
+                     depth_mult_list: Sequence[float], batch_size: int, device: torch.device, precision: str = "fp32",
+                     rank: int = 0, world: int = 1) -> dict[str, dict[str, float]]:
+    """Scores of every static (depth, width) subnet, keyed `d{depth}_w{width}`, depth descending then width
+    descending: the task's metrics on dev (`compute_metrics(logits, labels)`; MNLI's dev_mm adds `acc_mm`),
+    then `eval_loss`. One `evaluate_static_depths` per width (one encoder pass per batch serves every depth)
+    on length-sorted batches, under autocast for `precision`; the model's train/eval mode is kept. Under
+    torchrun every process gets the scores, each having run its share of the batches."""
+    was_training = model.training
+    depths, widths = sorted(depth_mult_list, reverse=True), sorted(width_mult_list, reverse=True)
+    options = EvaluationOptions(batch_size, precision, scored=list(dev_sets), compute_metrics=compute_metrics,
+                                desc="subnets ", rank=rank, world=world, sort_by_length=True)
+    scores = {}
+    for w in widths:
+        settings = {d: RoutingSetting([w], w, d) for d in depths}
+        for d, evaluation in evaluate_static_depths(model, dev_sets, settings, device, options).items():
+            metrics = dict(evaluation.scores)
+            metrics["eval_loss"] = metrics.pop("eval_loss")  # after acc_mm, as the result files list it
+            scores[subnet_key(w, d)] = metrics
+    model.train(was_training)
+    return {subnet_key(w, d): scores[subnet_key(w, d)] for d in depths for w in widths}
+
+
+def format_subnet_table(results: dict[str, dict[str, float]], metric: str) -> str:
+    """Depth rows x width columns of one metric."""
+    cells = {}
+    for key, metrics in results.items():
+        d, w = key[1:].split("_w")
+        cells[(float(d), float(w))] = metrics[metric]
+    depths = sorted({d for d, _ in cells}, reverse=True)
+    widths = sorted({w for _, w in cells}, reverse=True)
+    lines = [f"{metric:>10} | " + " ".join(f"w={w:<6g}" for w in widths)]
+    lines.append("-" * len(lines[0]))
+    for d in depths:
+        lines.append(f"{'d=' + format(d, 'g'):>10} | " + " ".join(
+            f"{cells[(d, w)]:<8.4f}" if (d, w) in cells else " " * 8 for w in widths))
+    return "\n".join(lines)
 
 
 def print_report(report: dict) -> None:

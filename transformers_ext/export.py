@@ -17,6 +17,7 @@ import torch
 
 from .inference import DEFAULT_EXIT_THRESHOLD
 from .modeling_flexbert import FlexBertForSequenceClassification, head_size, layers_kept, make_subnet
+from .routing import TRAINED_DEPTHS_KEY, record_trained_depths
 from .saving import stock_loadable
 
 # The modules a remote-code folder needs (the routed class imports the others with relative imports, which
@@ -48,7 +49,8 @@ def export_subnet(
     config.num_attention_heads = num_heads
     config.intermediate_size = num_neurons
     config.num_hidden_layers = num_layers
-    for key in ("gate_setting", "num_gates", "off_ramps", "gate_class_to_width", "exit_threshold", "routing"):
+    for key in ("gate_setting", "num_gates", "off_ramps", "gate_class_to_width", "exit_threshold", "routing",
+                TRAINED_DEPTHS_KEY):
         if hasattr(config, key):
             delattr(config, key)
     small = FlexBertForSequenceClassification(config).to(model.classifier.weight.device).eval()
@@ -93,6 +95,8 @@ def export_gated(model: FlexBertForSequenceClassification, depth_mult: float, cl
         make_subnet(config, width, 1.0)  # every class's width keeps a head
     if len(class_to_width) != len(config.gate_setting):
         raise ValueError(f"{len(class_to_width)} widths for the {len(config.gate_setting)} gate classes")
+    if num_layers != config.num_hidden_layers:  # the trained depths are fractions of the uncut model
+        record_trained_depths(config, None)
     config.num_hidden_layers, config.num_gates = num_layers, num_layers // r
     kept_ramps = [i for i in off_ramps if i < num_layers - 1]  # an off-ramp after the last layer never fires
     config.off_ramps = kept_ramps

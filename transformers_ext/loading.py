@@ -16,6 +16,7 @@ from transformers.activations import ACT2FN
 from .errors import InputError, error_detail, reading
 from .modeling_flexbert import FlexBertForSequenceClassification
 from .ranges import LAYER, MULTIPLIER, NON_NEGATIVE, PROBABILITY, RangeError
+from .routing import TRAINED_DEPTHS_KEY
 
 WEIGHT_FILES = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin")
 _CONFIG_SIZES = {"vocab_size": 1, "hidden_size": 1, "num_hidden_layers": 1, "num_attention_heads": 1,
@@ -40,7 +41,7 @@ def _config_list(where: str, key: str, value, item: Callable) -> list:
 def validate_config(config, where: str) -> None:
     """The architecture and the saved gate / early-exit settings of a config, before anything is built from
     it: types, ranges and consistency (heads divide the hidden size, gates divide the layers, one width per
-    gate class, off-ramps inside the model)."""
+    gate class, off-ramps inside the model, trained depths in (0, 1])."""
     for key, low in _CONFIG_SIZES.items():
         value = getattr(config, key, None)
         if isinstance(value, bool) or not isinstance(value, int) or value < low:
@@ -77,6 +78,8 @@ def validate_config(config, where: str) -> None:
                 raise InputError(f"{where}: off_ramps {config.off_ramps} must be layers 0..{layers - 1}")
     if getattr(config, "exit_threshold", None) is not None:
         _config_value(where, "exit_threshold", config.exit_threshold, NON_NEGATIVE)
+    if getattr(config, TRAINED_DEPTHS_KEY, None) is not None:
+        _config_list(where, TRAINED_DEPTHS_KEY, getattr(config, TRAINED_DEPTHS_KEY), MULTIPLIER)
 
 
 def weight_shapes(folder: Path) -> tuple[Path, dict[str, tuple[int, ...]]]:

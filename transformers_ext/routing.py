@@ -57,7 +57,21 @@ def routing_defaults(config, exit_threshold: float | None = None, off_ramps: Seq
     return exit_threshold, list(off_ramps)
 
 
+# The config.json key of the depths a backbone was trained with (named after run_glue.py's flag).
+TRAINED_DEPTHS_KEY = "depth_mult_list"
+
+
+def record_trained_depths(config, depths: Sequence[float] | None) -> None:
+    """Save in `config` the depths the model is trained with (run_glue.py's depth stages); None (a stage that
+    trains full depth only) drops a list inherited from the input model, which no longer describes it."""
+    if depths is not None:
+        setattr(config, TRAINED_DEPTHS_KEY, [float(d) for d in depths])
+    elif hasattr(config, TRAINED_DEPTHS_KEY):
+        delattr(config, TRAINED_DEPTHS_KEY)
+
+
 def trained_depths(config) -> list[float]:
     """The depths a backbone was trained with: saved in its config.json by run_glue.py's depth stages
-    (`depth_mult_list`); a folder without them (older runs, other tools) is taken to have `TRAINED_DEPTHS`."""
-    return list(getattr(config, "depth_mult_list", None) or TRAINED_DEPTHS)
+    (`record_trained_depths`); a folder without them (older runs, other tools) is taken to have
+    `TRAINED_DEPTHS`."""
+    return list(getattr(config, TRAINED_DEPTHS_KEY, None) or TRAINED_DEPTHS)

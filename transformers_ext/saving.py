@@ -91,7 +91,7 @@ def model_card(*, task: str, phase: str, base_model: str | None, config, results
                metric: str | None = None, command: str | None = None, notes: list[str] | None = None) -> str:
     """README.md for a saved model folder: Hugging Face metadata, what it is (base model, task, phase,
     labels, size), how it was made (the command line), how to load it and its dev results per subnet
-    (`results`: {"d{depth}_w{width}": {metric: value}}, as `trainer.evaluate_subnets`)."""
+    (`results`: {"d{depth}_w{width}": {metric: value}}, as `evaluation.evaluate_subnets`)."""
     # a gated export ships its routed class (auto_map): stock code would drop the routing
     loadable = stock_loadable(config) and not getattr(config, "auto_map", None)
     meta = ["---", "library_name: transformers", "pipeline_tag: text-classification",

@@ -1,6 +1,7 @@
 """The one training loop (`fit`) behind run_glue.py and train_gate.py, with what it needs around it: the
-optimizer and schedule, the non-finite-loss guard, and subnet evaluation (seeding, devices and precision:
-environment.py; the all-reduce under torchrun: distributed.py).
+optimizer and schedule, the non-finite-loss guard, and Hugging Face's result files (subnet evaluation:
+evaluation.evaluate_subnets; seeding, devices and precision: environment.py; the all-reduce under torchrun:
+distributed.py).
 
 `fit` owns: epochs of deterministic (resumable) batches, gradient accumulation, AMP, the all-reduce under
 torchrun, clipping, the optimizer/scheduler step, evaluation every `eval_every` updates and at the end
@@ -14,17 +15,13 @@ import math
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
-import numpy as np
 import torch
-from torch.utils.data import TensorDataset
 from transformers import get_linear_schedule_with_warmup
 
-from .batching import in_dataset_order, length_sorted_batches
 from .checkpoints import rng_state, set_rng_state
-from .distributed import all_reduce_gradients, map_shared
+from .distributed import all_reduce_gradients
 from .environment import autocast
 from .errors import InputError
-from .modeling_flexbert import FlexBertForSequenceClassification
 from .progress import progress_bar
 
 
@@ -299,120 +296,10 @@ def fit(
     return state
 
 
-# ---- subnet evaluation -------------------------------------------------------------------------------------
-def subnet_key(width: float, depth: float) -> str:
-    return f"d{depth:g}_w{width:g}"
-
-
-@torch.no_grad()
-def predict_depths(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
-                   device: torch.device, width_mult: float, depth_mults: Sequence[float], precision: str = "fp32",
-                   rank: int = 0, world: int = 1) -> tuple[dict[float, np.ndarray], np.ndarray, dict[float, float]]:
-    """Logits and mean loss of every depth at one width from ONE forward per batch: depth subnets are
-    prefixes, so the deepest run's hidden state after layer rnd(d*L) is exactly the depth-d subnet's, and
-    the head applied there gives its logits bit for bit. Returns ({depth: logits}, labels, {depth: loss});
-    `precision` "fp16"/"bf16" runs the forwards under autocast (the logits are returned in fp32). Under
-    torchrun (`world` > 1) each process runs every `world`-th batch and all gather the results (`map_shared`):
-    every process returns what one process computes."""
-    was_training = model.training
-    model.eval()
-    subnets = {d: model.subnet(width_mult, d) for d in depth_mults}
-    deepest = max(subnets.values(), key=lambda s: s.num_layers)
-    logits = {d: [] for d in depth_mults}
-    loss_sum = dict.fromkeys(depth_mults, 0.0)
-    labels, indices = [], []
-    num_labels = model.config.num_labels
-
-    def depth_outputs(item) -> list[torch.Tensor]:
-        """The batch's logits `[depths, batch_size, labels]` (padded to a whole batch) and losses `[depths]`."""
-        input_ids, attention_mask, token_type_ids, label = (t.to(device) for t in item[1])
-        with autocast(precision, device.type):
-            out = model(input_ids, attention_mask, token_type_ids, subnet=deepest)
-        batch_logits, losses = torch.zeros(len(subnets), batch_size, num_labels, device=device), []
-        for i, subnet in enumerate(subnets.values()):
-            with autocast(precision, device.type):
-                batch_logits[i, : len(label)] = model.classify(out.hidden_states[subnet.num_layers],
-                                                               attention_mask).float()
-            losses.append(model.compute_loss(batch_logits[i, : len(label)], label))
-        return [batch_logits, torch.stack(losses)]
-
-    def no_outputs() -> list[torch.Tensor]:
-        return [torch.zeros(len(subnets), batch_size, num_labels, device=device), torch.zeros(len(subnets),
-                                                                                            device=device)]
-
-    for (idx, batch), (batch_logits, losses) in map_shared(length_sorted_batches(dataset, batch_size),
-                                                          depth_outputs, no_outputs, rank, world):
-        n = len(idx)
-        for d, depth_logits, loss in zip(subnets, batch_logits.cpu(), losses.tolist(), strict=True):
-            loss_sum[d] += loss * n
-            logits[d].append(depth_logits[:n])
-        labels.append(batch[3])
-        indices.append(idx)
-    model.train(was_training)
-    return ({d: in_dataset_order(v, indices).numpy() for d, v in logits.items()},
-            in_dataset_order(labels, indices).numpy(), {d: v / len(dataset) for d, v in loss_sum.items()})
-
-
-def predict(model: FlexBertForSequenceClassification, dataset: TensorDataset, batch_size: int,
-            device: torch.device, width_mult: float = 1.0, depth_mult: float = 1.0, precision: str = "fp32"
-            ) -> tuple[np.ndarray, np.ndarray, float]:
-    """(logits, labels, mean loss) of one subnet on a dataset."""
-    logits, labels, loss = predict_depths(model, dataset, batch_size, device, width_mult, [depth_mult], precision)
-    return logits[depth_mult], labels, loss[depth_mult]
-
-
-def evaluate_subnets(
-    model: FlexBertForSequenceClassification,
-    compute_metrics: Callable[[np.ndarray, np.ndarray], dict[str, float]],
-    dev_sets: dict[str, TensorDataset],
-    width_mult_list: Sequence[float],
-    depth_mult_list: Sequence[float],
-    batch_size: int,
-    device: torch.device,
-    precision: str = "fp32",
-    rank: int = 0,
-    world: int = 1,
-) -> dict[str, dict[str, float]]:
-    """Metrics of every (depth, width) sub-network, depth descending then width descending, one forward per
-    width and batch, under autocast for `precision` "fp16"/"bf16". Keys are `d{depth}_w{width}`; MNLI's
-    mismatched accuracy is added as `acc_mm`. `compute_metrics(logits, labels)` gives the task's metrics of one
-    dev set. Under torchrun every process gets the results, each having run its share of the batches."""
-    depths = sorted(depth_mult_list, reverse=True)
-    per_width = {}
-    for w in progress_bar(sorted(width_mult_list, reverse=True), desc="eval subnets", leave=False,
-                  disable=len(width_mult_list) * len(depths) < 3):
-        logits, labels, loss = predict_depths(model, dev_sets["dev"], batch_size, device, w, depths, precision,
-                                              rank, world)
-        mismatched = (predict_depths(model, dev_sets["dev_mm"], batch_size, device, w, depths, precision, rank,
-                                     world) if "dev_mm" in dev_sets else None)
-        for d in depths:
-            metrics = compute_metrics(logits[d], labels)
-            if mismatched is not None:
-                metrics["acc_mm"] = compute_metrics(mismatched[0][d], mismatched[1])["acc"]
-            metrics["eval_loss"] = loss[d]
-            per_width[(d, w)] = metrics
-    return {subnet_key(w, d): per_width[(d, w)] for d in depths for w in sorted(width_mult_list, reverse=True)}
-
-
-def format_subnet_table(results: dict[str, dict[str, float]], metric: str) -> str:
-    """Depth rows x width columns of one metric."""
-    cells = {}
-    for key, metrics in results.items():
-        d, w = key[1:].split("_w")
-        cells[(float(d), float(w))] = metrics[metric]
-    depths = sorted({d for d, _ in cells}, reverse=True)
-    widths = sorted({w for _, w in cells}, reverse=True)
-    lines = [f"{metric:>10} | " + " ".join(f"w={w:<6g}" for w in widths)]
-    lines.append("-" * len(lines[0]))
-    for d in depths:
-        lines.append(f"{'d=' + format(d, 'g'):>10} | " + " ".join(
-            f"{cells[(d, w)]:<8.4f}" if (d, w) in cells else " " * 8 for w in widths))
-    return "\n".join(lines)
-
-
 # ---- Hugging Face-style result files -----------------------------------------------------------------------
 def flat_eval_results(results: dict[str, dict[str, float]]) -> dict[str, float]:
-    """`{"eval_d1_w0.5_acc": ...}` from per-subnet metrics (`evaluate_subnets`), as HF's all_results.json."""
+    """`{"eval_d1_w0.5_acc": ...}` from per-subnet metrics (`evaluation.evaluate_subnets`), as HF's
+    all_results.json."""
     return {f"eval_{key}_{name}": value for key, metrics in results.items() for name, value in metrics.items()}
 
 
