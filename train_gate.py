@@ -97,7 +97,8 @@ def build_parser(description: str | None = __doc__) -> ArgumentParser:
       help="Gate training: skip the first N training examples (file order) -- those the backbone trained on, "
            "e.g. its stages' --max_train_samples -- so that the gate targets say which width is right on "
            "sentences the backbone has not memorised; --max_train_samples then counts from example N. Refused "
-           "when no example is left.")
+           "when no example is left. With --data_aug it counts the original examples first: the augmented "
+           "ones (appended after them, also those made from skipped sentences) are kept.")
     a("--regression_threshold", type=POSITIVE, default=0.5,
       help="Regression (STS-B) gate targets: a subnet is right if |prediction - label| < this.")
     a("--gate_loss", choices=["reference", "every_width"], default="every_width",
