@@ -18,6 +18,8 @@ from pathlib import Path
 CONFIGS = Path(__file__).resolve().parent / "configs"
 STAGES = {"teacher": "TEACHER_ARGS", "width": "W_ARGS", "depth": "D_ARGS", "final": "F_ARGS", "gates": "GATE_ARGS"}
 STAGE_KEYS = {"learning_rate", "num_train_epochs", "max_train_samples", "flags", "graft"}
+# train_gate.py's own data keys: only the gates stage may hold them (run_glue.py has no such flag)
+GATE_STAGE_KEYS = {"skip_train_samples"}
 
 
 class ProfileError(ValueError):
@@ -41,16 +43,18 @@ def load_profile(name: str) -> dict:
     if not isinstance(stages, dict) or set(stages) != set(STAGES):
         raise ProfileError(f"{path}: 'stages' must hold exactly {', '.join(STAGES)}")
     for stage, values in stages.items():
-        if not isinstance(values, dict) or set(values) - STAGE_KEYS or not isinstance(values.get("flags", []), list):
-            raise ProfileError(f"{path}: stage '{stage}' takes {', '.join(sorted(STAGE_KEYS))} (flags: a list)")
+        keys = STAGE_KEYS | (GATE_STAGE_KEYS if stage == "gates" else set())
+        if not isinstance(values, dict) or set(values) - keys or not isinstance(values.get("flags", []), list):
+            raise ProfileError(f"{path}: stage '{stage}' takes {', '.join(sorted(keys))} (flags: a list)")
     return profile
 
 
 def stage_args(stage: dict) -> list[str]:
     """The stage's run_glue.py / train_gate.py flags (the graft flag is the script's: GRAFT can override it)."""
     args = ["--learning_rate", str(stage["learning_rate"]), "--num_train_epochs", str(stage["num_train_epochs"])]
-    if stage.get("max_train_samples") is not None:
-        args += ["--max_train_samples", str(stage["max_train_samples"])]
+    for key in ("skip_train_samples", "max_train_samples"):
+        if stage.get(key) is not None:
+            args += [f"--{key}", str(stage[key])]
     return args + [str(flag) for flag in stage.get("flags", [])]
 
 

@@ -94,6 +94,12 @@ def build_parser(description: str | None = __doc__) -> ArgumentParser:
       help="Clip every class weight to at most this. The histogram rule gives a class with n_c of N examples "
            "N/(C*n_c): 131 for 7 of 3,668 MRPC pairs, so a handful of examples outweigh the rest (default: no "
            "clipping, as the reference).")
+    a("--skip_train_samples", type=STEPS, default=0,
+      help="Gate training: skip the first N training examples (file order) -- those the backbone trained on, "
+           "e.g. its stages' --max_train_samples -- so that the gate targets say which width is right on "
+           "sentences the backbone has not memorised; --max_train_samples then counts from example N. Refused "
+           "when no example is left. With --data_aug it counts the original examples first: the augmented "
+           "ones (appended after them, also those made from skipped sentences) are kept.")
     a("--regression_threshold", type=POSITIVE, default=0.5,
       help="Regression (STS-B) gate targets: a subnet is right if |prediction - label| < this.")
     a("--gate_loss", choices=["reference", "every_width"], default="every_width",
@@ -195,7 +201,10 @@ def run_gate_training(args: argparse.Namespace, config: GateTrainingConfig, spec
     output_dir = prepare_output_dir(args, RESULTS_FILE, create=False)  # created once input is validated
     load = dict(tokenizer=tokenizer, max_seq_length=args.max_seq_length, cache_dir=args.cache_dir)
     train_set = utils_glue.load_dataset(args.task_name, args.data_dir, "aug" if args.data_aug else "train",
-                                        max_examples=args.max_train_samples, **load)
+                                        max_examples=args.max_train_samples, skip_examples=args.skip_train_samples,
+                                        **load)
+    first = args.skip_train_samples
+    logger.info("gate targets from training examples %d..%d (0-based, file order)", first, first + len(train_set) - 1)
     dev_splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
     dev_sets = [utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples, **load)
                 for s in dev_splits]

@@ -569,10 +569,17 @@ def load_dataset(
     max_seq_length: int,
     max_examples: int | None = None,
     cache_dir: str | Path | None = None,
+    skip_examples: int = 0,
 ) -> TensorDataset:
-    """Tokenised features for one split, cached per (files, split, tokenizer, max_seq_length)."""
+    """Tokenised features for one split, cached per (files, split, tokenizer, max_seq_length): the examples
+    after the first `skip_examples` (in file order), at most `max_examples` of them. Skipping every example
+    is a DataError."""
     spec = get_task(task_name)
     examples = get_examples(task_name, data_dir, split)
+    if skip_examples and skip_examples >= len(examples):
+        raise DataError(f"{spec.name} {split}: skipping the first {skip_examples} of its {len(examples)} examples "
+                        "leaves none")
+    examples = examples[skip_examples:]
     if max_examples is not None:
         examples = examples[:max_examples]
     key = hashlib.sha1(

@@ -910,6 +910,23 @@ def test_own_files_reach_every_stage(tmp_path):
     assert "augment_data.py" not in again
 
 
+def test_profile_gates_stage_may_skip_training_examples(tmp_path, monkeypatch):
+    """A profile's gates stage may set skip_train_samples (a train_gate.py flag, given before
+    --max_train_samples); another stage may not (run_glue.py has no such flag)."""
+    import run_profile
+
+    monkeypatch.setattr(run_profile, "CONFIGS", tmp_path)
+    profile = json.loads((ROOT / "configs" / "quick.json").read_text())
+    profile["stages"]["gates"]["skip_train_samples"] = 2048
+    (tmp_path / "skip.json").write_text(json.dumps(profile))
+    gates = run_profile.stage_args(run_profile.load_profile("skip")["stages"]["gates"])
+    assert gates[4:8] == ["--skip_train_samples", "2048", "--max_train_samples", "2000"]
+    profile["stages"]["width"]["skip_train_samples"] = 2048
+    (tmp_path / "width_skip.json").write_text(json.dumps(profile))
+    with pytest.raises(run_profile.ProfileError, match="stage 'width' takes"):
+        run_profile.load_profile("width_skip")
+
+
 def test_paper_profile_stages(tmp_path):
     """PROFILE=paper: augmented data made first, then every stage at lr 2e-5 for 3 epochs on all data with batch
     32, --data_aug in the width and depth stages, grafting with importance on dev; QUICK=1 does not override an

@@ -22,6 +22,7 @@ import pytest
 import torch
 from conftest import cli_argv, run_in_process, save_model_folder, subnet_predictions
 from safetensors.torch import load_file, save_file
+from torch.utils.data import TensorDataset
 from transformers import BertConfig
 
 import plot_tradeoff
@@ -105,11 +106,15 @@ def _argv(env, model_dir: Path, output_dir: Path, *extra: str, task: str = "RTE"
     return cli_argv(options, *extra, switches=("--cpu",))
 
 
-def _train(env, model_dir, output_dir, *extra, **flags) -> dict:
+def _train_argv(env, model_dir, output_dir, *extra, **flags) -> list[str]:
     options = {"width_mult_list": "0.25,0.5,0.75,1.0", "gate_setting": "0.25,0.5,0.75,1.0",
                "training_phase": "traingate", "num_train_epochs": 1, "logging_steps": 2, "learning_rate": 1e-2}
     options.update(flags)
-    train_gate.main(_argv(env, model_dir, output_dir, "--do_train", *extra, **options))
+    return _argv(env, model_dir, output_dir, "--do_train", *extra, **options)
+
+
+def _train(env, model_dir, output_dir, *extra, **flags) -> dict:
+    train_gate.main(_train_argv(env, model_dir, output_dir, *extra, **flags))
     return json.loads((Path(output_dir) / "gate_results.json").read_text())
 
 
@@ -228,17 +233,60 @@ def test_gate_training_writes_a_gated_model_folder(env, gated):
     assert all(len(h["gate_acc"]) == L for h in results["history"])
 
 
-def test_gate_training_targets_from_per_width_predictions(env, gated):
-    """The histogram of training targets = first width (all layers at it) that predicts right, else C-1."""
-    _, results = gated
-    model, dataset = _dev_set(env, env["bert"], split="train")
+def _target_histogram(model, dataset) -> list[int]:
+    """The gate targets' histogram: per example the first width (all layers at it) that predicts right, else C-1."""
     correct = []
     for w in WIDTHS[:-1]:
         logits, labels, _ = subnet_predictions(model, dataset, w, 1.0)
         correct.append(torch.from_numpy(logits.argmax(-1) == labels))
-    expected = torch.bincount(gate_targets(torch.stack(correct)), minlength=C).tolist()
+    return torch.bincount(gate_targets(torch.stack(correct)), minlength=C).tolist()
+
+
+def test_gate_training_targets_from_per_width_predictions(env, gated):
+    """The histogram of training targets = first width (all layers at it) that predicts right, else C-1."""
+    _, results = gated
+    expected = _target_histogram(*_dev_set(env, env["bert"], split="train"))
     assert results["train_target_histogram"] == expected
     assert sum(n > 0 for n in expected) >= 3  # the data make a mixed target histogram
+
+
+def test_skip_train_samples_trains_on_the_examples_after_the_skip(env, tmp_path, monkeypatch, capsys):
+    """--skip_train_samples 8 --max_train_samples 12: the gates train on examples 8..19 of train.tsv exactly (their
+    features and their target histogram), the flag is in training_args.json, and a resume with another skip
+    is refused."""
+    seen = []
+    real = train_gate.train_gates
+
+    def spy(config, model, tokenizer, train_set, *args, **kwargs):
+        seen.append(train_set)
+        return real(config, model, tokenizer, train_set, *args, **kwargs)
+
+    monkeypatch.setattr(train_gate, "train_gates", spy)
+    out = tmp_path / "skipped"
+    results = _train(env, env["bert"], out, skip_train_samples=8, max_train_samples=12)
+    model, full = _dev_set(env, env["bert"], split="train")
+    assert len(full) == N_TRAIN and len(seen) == 1
+    for got, want in zip(seen[0].tensors, full.tensors, strict=True):
+        assert torch.equal(got, want[8:20])
+    expected = _target_histogram(model, TensorDataset(*(t[8:20] for t in full.tensors)))
+    assert results["train_target_histogram"] == expected
+    assert expected != _target_histogram(model, TensorDataset(*(t[:12] for t in full.tensors)))  # the test can fail
+    assert json.loads((out / "training_args.json").read_text())["skip_train_samples"] == 8
+
+    assert list(out.glob("checkpoint-*"))
+    resume = _train_argv(env, env["bert"], out, "--resume_from_checkpoint", skip_train_samples=4, max_train_samples=12)
+    code, err = _exit_code(resume, capsys)
+    assert code == 2 and "--skip_train_samples 8, not 4" in err.strip().splitlines()[-1]
+
+
+def test_skip_train_samples_leaving_nothing_is_refused(env, tmp_path, capsys):
+    """Skipping every training example: one error line naming the count, exit 2, no output folder."""
+    out = tmp_path / "none_left"
+    code, err = _exit_code(_train_argv(env, env["bert"], out, skip_train_samples=N_TRAIN), capsys)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and lines[0].startswith("error: ")
+    assert f"skipping the first {N_TRAIN} of its {N_TRAIN} examples leaves none" in lines[0]
+    assert not out.exists()
 
 
 def test_gate_training_lowers_the_loss(gated):

@@ -24,8 +24,8 @@ TRAINING_STATE = "training_state.pt"
 _STATE_KEYS = {"global_step": int, "epoch": int, "batch_in_epoch": int, "optimizer": dict, "scheduler": dict,
                "best_score": float, "history": list, "rng": dict, "args": dict}
 _SAME_ON_RESUME = ("task_name", "training_phase", "per_gpu_train_batch_size", "gradient_accumulation_steps",
-                   "max_train_samples", "data_aug", "width_mult_list", "depth_mult_list", "gate_setting",
-                   "num_gates")
+                   "max_train_samples", "skip_train_samples", "data_aug", "width_mult_list", "depth_mult_list",
+                   "gate_setting", "num_gates")
 
 
 def save_checkpoint(output_dir: Path, model, tokenizer, state: dict) -> None:
