@@ -87,17 +87,17 @@ import torch.distributed as dist
 import run_glue
 from transformers_ext import rewiring
 
-from transformers_ext import trainer
+from transformers_ext import evaluation
 
-fit, map_shared, evaluation_share = run_glue.fit, rewiring.map_shared, trainer.map_shared
+fit, map_shared, evaluation_share = run_glue.fit, rewiring.map_shared, evaluation.map_shared_objects
 scored, evaluated = [], []
 
 
-def counted_evaluation_share(items, compute, placeholder, rank, world):
+def counted_evaluation_share(items, compute, rank, world):
     def counted(batch):
         evaluated.append(1)
         return compute(batch)
-    return evaluation_share(items, counted, placeholder, rank, world)
+    return evaluation_share(items, counted, rank, world)
 
 
 def perturbed_map_shared(items, compute, placeholder, rank, world):
@@ -125,7 +125,8 @@ def checked_fit(**kwargs):
     return state
 
 
-rewiring.map_shared, run_glue.fit, trainer.map_shared = perturbed_map_shared, checked_fit, counted_evaluation_share
+rewiring.map_shared, run_glue.fit, evaluation.map_shared_objects = (perturbed_map_shared, checked_fit,
+                                                                   counted_evaluation_share)
 run_glue.run_cli(run_glue.main)
 """
 
