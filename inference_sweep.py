@@ -11,9 +11,11 @@ is the one `train_gate.py --do_eval` writes for the same flags (same numbers; th
 shares layers is the shared part's plus its own), in
 <inference_dir>/<setting>_b<batch>/inference_results.json, its printout in <setting>_b<batch>.log beside it.
 With --flops_budget, then train_gate_new.py --calibrate's calibration for those budgets at the first batch
-size, on the same loaded model, into <inference_dir>/calibrated/. All other flags are train_gate.py's
-(--task_name, --data_dir, --model_dir, --max_seq_length, --record_gpu_time, --num_threads, ...); the sweep
-chooses the mode, widths, depth, threshold, batch size and output folder of each setting itself.
+size, on the same loaded model, into <inference_dir>/calibrated/. Where the time went (wall and CPU seconds
+of the model load, tokenisation, static subnets, gated settings, cascade and calibration):
+<inference_dir>/sweep_timings.json. All other flags are train_gate.py's (--task_name, --data_dir, --model_dir,
+--max_seq_length, --record_gpu_time, --num_threads, ...); the sweep chooses the mode, widths, depth,
+threshold, batch size and output folder of each setting itself.
 """
 
 from __future__ import annotations
@@ -23,6 +25,8 @@ import contextlib
 import io
 import json
 import os
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import train_gate
@@ -53,9 +57,10 @@ from routed_inference import (
 from run_folder import check_writable, clean_up_on_failure
 from transformers_ext.environment import set_seed
 from transformers_ext.errors import reading
-from transformers_ext.files import write_text
+from transformers_ext.files import write_json, write_text
 from transformers_ext.loading import load_model
 
+TIMINGS_FILE = "sweep_timings.json"
 FALLBACK_DYNAMIC_WIDTHS = "0.5,0.75,0.75,0.75"  # the README's example map, for a task the config file lacks
 # The sweep's cascade row: the 2-stage max-softmax cascade chosen most often (10 of 20 halvings, median threshold
 # 0.31) at FLOPs budget 0.3 on the make-demo model (docs/results.md, "Which dynamic inference pays"): 0.826 at
@@ -171,7 +176,9 @@ def main(argv: list[str] | None = None) -> None:
         return
     device, _, _ = setup_run_device(args)
     set_seed(args.seed)
-    model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
+    timings = StageTimes()
+    with timings.stage("model_load"):
+        model, tokenizer = load_model(args.model_dir, spec, **model_options(args))
     runs = []
     for name, bs, out, flags in todo:
         run_args = _setting_args(args, out, bs, flags)
@@ -180,16 +187,36 @@ def main(argv: list[str] | None = None) -> None:
                          {"--depth_mult_list": run_args.depth_mult_list})
         check_writable(out)
         runs.append((name, run_args))
-    datasets = load_inference_data(args, spec, tokenizer)
-    _run_all(runs, spec, model, device, datasets)
+    with timings.stage("tokenisation"):
+        datasets = load_inference_data(args, spec, tokenizer)
+    _run_all(runs, spec, model, device, datasets, timings)
     if calibration is not None:
         print(f"-- calibration for FLOPs budgets {' '.join(args.flops_budget)}")
         log = io.StringIO()
-        with contextlib.redirect_stdout(log):
+        with timings.stage("calibration"), contextlib.redirect_stdout(log):
             train_gate_new.run_calibration(*calibration, model, tokenizer, device, datasets)
         text = log.getvalue()
         write_text(inference_dir / "calibrated.log", text)
         print(text[max(text.find("***** Calibration"), 0):], end="")  # the summary
+    write_json(inference_dir / TIMINGS_FILE, timings.seconds)
+
+
+class StageTimes:
+    """Wall-clock and CPU seconds (this process, every thread) spent in each named stage, summed over its runs.
+    CPU time as well: on shared cores the wall clock also counts other programs' work."""
+
+    def __init__(self):
+        self.seconds: dict[str, dict[str, float]] = {}
+
+    @contextlib.contextmanager
+    def stage(self, name: str) -> Iterator[None]:
+        wall, cpu = time.perf_counter(), time.process_time()
+        try:
+            yield
+        finally:
+            spent = self.seconds.setdefault(name, {"wall": 0.0, "cpu": 0.0})
+            spent["wall"] += time.perf_counter() - wall
+            spent["cpu"] += time.process_time() - cpu
 
 
 def _setting_args(args: argparse.Namespace, out: Path, batch_size: int, flags: dict) -> argparse.Namespace:
@@ -203,25 +230,28 @@ def _setting_args(args: argparse.Namespace, out: Path, batch_size: int, flags: d
     return run_args
 
 
-def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, device, datasets: dict) -> None:
+def _run_all(runs: list[tuple[str, argparse.Namespace]], spec, model, device, datasets: dict,
+             timings: StageTimes) -> None:
     """Every setting, in order; at one batch size, the static subnets of one width share their encoder passes
-    (prefix sharing) and the gated settings of one width map their layers before the first off-ramp."""
+    (prefix sharing) and the gated settings of one width map their layers before the first off-ramp. Each
+    group's time (evaluation and report) goes to `timings` under static, gated or cascade."""
     done = set()
     for i, (_, run_args) in enumerate(runs):
         if i in done:
             continue
         kind = _shared_kind(run_args)
         group = {j: a for j, (_, a) in enumerate(runs) if j not in done and _shared_kind(a) == kind}
-        if run_args.cascade:  # shares nothing
-            finished = {i: evaluated_run(run_args, spec, model, device, datasets)}
-        elif run_args.static:
-            reports = static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec, model, device,
-                                           datasets)
-            finished = {j: reports[a.depth_mult_list[0]] for j, a in group.items()}
-        else:
-            finished = exit_rule_reports({j: a for j, a in group.items()}, spec, model, device, datasets)
-        for j, a in group.items():
-            _finish(runs[j][0], a, finished[j].finish)
+        with timings.stage("cascade" if run_args.cascade else "static" if run_args.static else "gated"):
+            if run_args.cascade:  # shares nothing
+                finished = {i: evaluated_run(run_args, spec, model, device, datasets)}
+            elif run_args.static:
+                reports = static_depth_reports({a.depth_mult_list[0]: a for a in group.values()}, spec, model,
+                                               device, datasets)
+                finished = {j: reports[a.depth_mult_list[0]] for j, a in group.items()}
+            else:
+                finished = exit_rule_reports({j: a for j, a in group.items()}, spec, model, device, datasets)
+            for j, a in group.items():
+                _finish(runs[j][0], a, finished[j].finish)
         done.update(group)
 
 

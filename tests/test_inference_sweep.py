@@ -89,6 +89,12 @@ def test_calibration_equals_train_gate_new(env, swept, tmp_path):  # noqa: F811
     assert "***** Calibration: RTE (acc) *****" in (swept / "inference" / "calibrated.log").read_text()
 
 
+def test_timings_name_every_stage_that_ran(swept):
+    timings = json.loads((swept / "inference" / inference_sweep.TIMINGS_FILE).read_text())
+    assert list(timings) == ["model_load", "tokenisation", "static", "gated", "cascade", "calibration"]
+    assert all(set(t) == {"wall", "cpu"} and t["wall"] >= 0 and t["cpu"] >= 0 for t in timings.values())
+
+
 def test_reuse_existing_runs_nothing(env, swept, capsys):  # noqa: F811
     inference_sweep.main(cli_argv(_common(env, inference_dir=swept / "inference", batch_sizes="8",
                                           static_widths="1.0", static_depths="0.5", thresholds="0.2",
