@@ -203,15 +203,16 @@ def run_gate_training(args: argparse.Namespace, config: GateTrainingConfig, spec
     train_set = utils_glue.load_dataset(args.task_name, args.data_dir, "aug" if args.data_aug else "train",
                                         max_examples=args.max_train_samples, skip_examples=args.skip_train_samples,
                                         **load)
-    first = args.skip_train_samples
-    logger.info("gate targets from training examples %d..%d (0-based, file order)", first, first + len(train_set) - 1)
+    if args.skip_train_samples:  # said only when asked for: a bad-input answer stays one line
+        first = args.skip_train_samples
+        logger.info("gate targets from training examples %d..%d (0-based, file order)", first,
+                    first + len(train_set) - 1)
     dev_splits = ["dev", "dev_mm"] if spec.name == "MNLI" else ["dev"]
     dev_sets = [utils_glue.load_dataset(args.task_name, args.data_dir, s, max_examples=args.max_eval_samples, **load)
                 for s in dev_splits]
     record = RunRecord(flags=vars(args), base_model=args.model_dir, command=parsed_command())
     train_gates(config, model, tokenizer, train_set, dev_sets, output_dir, record, device, rank, world,
                 args.resume_from_checkpoint, SummaryWriter)
-
 
 
 def main(argv: list[str] | None = None) -> None:
