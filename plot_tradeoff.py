@@ -226,13 +226,14 @@ def main() -> None:
     check_writable(output_dir)  # before the work, not after it
     rows = sorted(load_rows(inference_dir, args.metric),
                   key=lambda r: (r["batch"], r["mode"] != "static", -r["rel_flops"]))
+    calibrations = load_calibrations(inference_dir)  # checked before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(output_dir / "tradeoff.csv", buf.getvalue())
-    plot(rows, output_dir / "tradeoff.png", load_calibrations(inference_dir))
+    plot(rows, output_dir / "tradeoff.png", calibrations)
     print(format_table(rows))
     print(f"\ntable: {output_dir / 'tradeoff.csv'}\nplot:  {output_dir / 'tradeoff.png'}")
 
