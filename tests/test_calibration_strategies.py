@@ -161,7 +161,7 @@ def _calibration_half(env, tmp_path: Path, halves: dict) -> Path:  # noqa: F811
     return folder
 
 
-@pytest.mark.parametrize("strategy, budget", [("cascade", 0.7), ("static", 0.6)])
+@pytest.mark.parametrize("strategy, budget", [("cascade", 0.7), ("static", 0.2)])
 def test_a_chosen_cascade_or_static_subnet_round_trips_through_the_config_file(env, tmp_path, strategy,  # noqa: F811
                                                                                budget):
     out, merged = tmp_path / "cal", tmp_path / "best.json"
@@ -176,7 +176,7 @@ def test_a_chosen_cascade_or_static_subnet_round_trips_through_the_config_file(e
     if strategy == "cascade":
         assert set(entry) == {"mode", "cascade_stages", "cascade_thresholds", "cascade_rule"}
         assert entry["mode"] == "cascade" and len(entry["cascade_stages"]) == 2 == len(entry["cascade_thresholds"]) + 1
-    else:  # the best static subnet within 0.6 of the FLOPs is a shallow one here: a one-stage cascade names it
+    else:  # every static subnet within 0.2 of the FLOPs is a shallow one: a one-stage cascade names it
         assert entry["mode"] == "cascade" and len(entry["cascade_stages"]) == 1 and entry["cascade_thresholds"] == []
         assert entry["cascade_stages"][0][1] < 1
     assert json.loads(merged.read_text())["RTE"] == entry  # merged into a best_tradeoff-style file
@@ -246,6 +246,7 @@ def test_every_series_of_a_plot_panel_is_measured_on_that_panels_examples(env, t
                   for p in points) == sorted((o["calibration"]["relative_flops"], o["calibration"]["score"], name)
                                              for name, o in results["objectives"].items())
     out = tmp_path / "plot"
+    out.mkdir()
     plot_tradeoff.plot(rows, out / "tradeoff.png", plot_tradeoff.load_calibrations(inference))
     assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
 
