@@ -18,6 +18,7 @@ from tqdm.auto import tqdm
 
 import utils_glue
 from transformers_ext import ranges
+from transformers_ext.calibration_candidates import CASCADE_GRID, STRATEGIES
 from transformers_ext.environment import setup_device, setup_numerics
 from transformers_ext.errors import InputError, WriteError
 from transformers_ext.modeling_flexbert import heads_kept, layers_kept
@@ -382,6 +383,12 @@ def add_calibration_args(parser: argparse.ArgumentParser) -> None:
     g("--calibration_config", default=None, help="Also merge the chosen entry into this JSON file "
       "(best_tradeoff_inference_config.json format); one objective only.")
     g("--no_static_baselines", action="store_true", help="Skip running every static subnet on the reporting split.")
+    g("--calibration_strategies", type=comma_items, default=list(STRATEGIES), help="What each budget chooses "
+      "among, whichever wins on the calibration split: gates (class -> width map and exit threshold), static "
+      "(every static subnet), cascade (confidence cascades of static subnets: which subnets, which thresholds).")
+    g("--calibration_cascade_grid", type=int_list, default=list(CASCADE_GRID), help="Cascades: quantile bins of "
+      "each threshold per cascade length (as compare_strategies.py --cascade_grid: 24,6 = 2-stage cascades on 23 "
+      "thresholds, 3-stage on 5 x 5; 0 skips a length).")
 
 
 def calibration_flags(argv: list[str]) -> dict:

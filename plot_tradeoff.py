@@ -1,5 +1,7 @@
 """Collect the inference_results.json files of one task into a trade-off table (printed, tradeoff.csv)
-and plot score against relative FLOPs (tradeoff.png), in the style of the paper's figures."""
+and plot score against relative FLOPs (tradeoff.png), in the style of the paper's figures: one panel per set
+of examples, so that every series on a panel is measured on the same ones (all of dev: the runs; and per
+calibration folder, its reporting split and, apart and labelled in-sample, its calibration split)."""
 
 from __future__ import annotations
 
@@ -82,66 +84,131 @@ def format_table(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-def load_pareto(inference_dir: Path) -> list[dict]:
-    """The calibration Pareto front(s) (`train_gate_new.py --calibrate`'s */calibration_pareto.csv), merged:
-    the points no other beats in both score and relative FLOPs (on the calibration split)."""
-    from transformers_ext.calibration import pareto_front
+# (relative FLOPs, score, note) of each point of a series
+Series = list[tuple[float, float, str]]
+STRATEGY_STYLE = {"gates": ("*", "tab:red"), "static": ("X", "k"), "cascade": ("P", "tab:green")}
+DEPTH_MARKERS = {"1.0": "o", "0.75": "s", "0.5": "^"}
 
-    points = []
-    for path in sorted(inference_dir.glob("*/calibration_pareto.csv")):
+
+def load_calibrations(inference_dir: Path) -> dict[str, dict]:
+    """{folder name: calibration_results.json with its Pareto front ("front": calibration_pareto.csv's rows)}
+    of every `train_gate_new.py --calibrate` folder under `inference_dir`."""
+    found = {}
+    for path in sorted(inference_dir.glob("*/calibration_results.json")):
+        with reading(path):
+            results = json.loads(path.read_text(encoding="utf-8"))
+        objectives = results.get("objectives") if isinstance(results, dict) else None
+        if not isinstance(objectives, dict) or not all(
+                isinstance(results.get(k), str) for k in ("reporting", "calibration_split")) or not all(
+                isinstance(o.get(half), dict) and _is_number(o[half].get("score")) and
+                _is_number(o[half].get("relative_flops")) for o in objectives.values()
+                for half in ("calibration", "reporting")):
+            raise CLIError(f"{path}: not a valid calibration_results.json (objectives with calibration and "
+                           "reporting figures, the splits' names)")
+        front = path.parent / "calibration_pareto.csv"
         try:
-            with open(path, newline="", encoding="utf-8") as f:
-                points += [{"relative_flops": float(r["relative_flops"]), "score": float(r["score"])}
-                           for r in csv.DictReader(f)]
-        except (KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
-            raise CLIError(f"{path}: not a valid calibration_pareto.csv ({type(err).__name__}: {err})") from None
-    return pareto_front(points)
+            with open(front, newline="", encoding="utf-8") as f:
+                results["front"] = [{"relative_flops": float(r["relative_flops"]), "score": float(r["score"]),
+                                     "strategy": r.get("strategy") or "gates"} for r in csv.DictReader(f)]
+        except (FileNotFoundError, KeyError, TypeError, ValueError, UnicodeDecodeError) as err:
+            raise CLIError(f"{front}: not a valid calibration_pareto.csv ({type(err).__name__}: {err})") from None
+        found[path.parent.name] = results
+    return found
 
 
-def plot(rows: list[dict], path: Path, pareto: list[dict] | None = None) -> None:
+def _statics_by_depth(figures: dict[str, dict], where: str) -> dict[str, Series]:
+    """{series name: points} of static runs named static_w<W>_d<D> (their figures: score, relative_flops)."""
+    series = {}
+    for depth in DEPTH_MARKERS:
+        points = sorted((f["relative_flops"], f["score"], "") for name, f in figures.items()
+                        if name.endswith(f"_d{depth}"))
+        if points:
+            series[f"static subnets, depth {depth} ({where})"] = points
+    return series
+
+
+def _choices_by_strategy(results: dict, half: str, where: str) -> dict[str, Series]:
+    """{series name: points} of the calibrated choices (one per objective) on `half` ("calibration" or
+    "reporting"), one series per strategy that won somewhere."""
+    series = {}
+    for name, o in results["objectives"].items():
+        strategy = o["setting"].get("strategy", "gates")
+        figures = o[half]
+        series.setdefault(f"calibrated: {strategy} ({where})", []).append(
+            (figures["relative_flops"], figures["score"], name))
+    return {k: sorted(v) for k, v in series.items()}
+
+
+def panels(rows: list[dict], calibrations: dict[str, dict]) -> dict[str, dict[str, Series]]:
+    """{panel title: {series name: points}}: every series of a panel is measured on the same examples. All of
+    dev: the sweep's runs (static subnets by depth, gates, early exit, cascades). Per calibration: its
+    reporting split (the static subnets and the calibrated choices, by strategy, there) and, apart, its
+    calibration split (in-sample: the Pareto front of every candidate, the static subnets and the choices)."""
+    batch = min(r["batch"] for r in rows)  # scores and FLOPs do not depend on the batch size
+    rows = [r for r in rows if r["batch"] == batch]
+    dev = _statics_by_depth({r["run"]: {"relative_flops": r["rel_flops"], "score": r["score"]} for r in rows
+                             if r["mode"] == "static"}, "all of dev")
+    for mode, name in (("w_dynamic", "width-dynamic (gates)"), ("wd_dynamic", "width+depth-dynamic (early exit)"),
+                       ("cascade", "confidence cascade of static subnets")):
+        points = sorted((r["rel_flops"], r["score"], r["run"].split("_t")[-1] if mode == "wd_dynamic" else "")
+                        for r in rows if r["mode"] == mode)
+        if points:
+            dev[name] = points
+    out = {"all of dev": dev}
+    for folder, results in calibrations.items():
+        reporting = results["reporting"].split(" (")[0]
+        out[f"{folder}: {results['reporting']}"] = {
+            **_statics_by_depth(results.get("static_reporting") or {}, reporting),
+            **_choices_by_strategy(results, "reporting", reporting)}
+        in_sample = "calibration split, in-sample"
+        calibration = {f"Pareto front of every candidate ({in_sample})": [
+            (p["relative_flops"], p["score"], p["strategy"]) for p in results["front"]]} if results["front"] else {}
+        calibration |= _statics_by_depth(results.get("static_calibration") or {}, in_sample)
+        out[f"{folder}: {results['calibration_split']}, in-sample"] = calibration | _choices_by_strategy(
+            results, "calibration", in_sample)
+    return {title: series for title, series in out.items() if series}
+
+
+def _draw(ax, name: str, points: Series) -> None:
+    x, y = [p[0] for p in points], [p[1] for p in points]
+    if name.startswith("static subnets"):
+        ax.plot(x, y, marker=DEPTH_MARKERS[name.split("depth ")[1].split(" ")[0]], ls="--", alpha=0.8, label=name)
+    elif name.startswith("Pareto front"):
+        ax.plot(x, y, ds="steps-post", lw=1.2, c="tab:gray", alpha=0.9, label=name)
+    elif name.startswith("calibrated: "):
+        marker, colour = STRATEGY_STYLE.get(name.split(": ")[1].split(" ")[0], ("o", "tab:blue"))
+        ax.scatter(x, y, marker=marker, s=160, c=colour, edgecolors="w", zorder=6, label=name)
+        for fx, fy, note in points:
+            ax.annotate(note, (fx, fy), textcoords="offset points", xytext=(5, 4), fontsize=7, color=colour)
+    elif name.startswith("width+depth"):
+        ax.plot(x, y, marker="D", c="tab:purple", zorder=5, label=name)
+        for i, (fx, fy, note) in enumerate(points):  # alternate below/above: neighbouring thresholds nearly coincide
+            ax.annotate(f"t={note}", (fx, fy), textcoords="offset points", xytext=(4, -10 if i % 2 == 0 else 5),
+                        fontsize=7, color="tab:purple")
+    else:
+        marker, colour = ("P", "tab:green") if "cascade" in name else ("*", "tab:red")
+        ax.scatter(x, y, marker=marker, s=150, c=colour, zorder=5, label=name)
+
+
+def plot(rows: list[dict], path: Path, calibrations: dict[str, dict] | None = None) -> None:
+    """tradeoff.png: one panel per set of examples (`panels`), side by side."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    batch = min(r["batch"] for r in rows)  # scores and FLOPs do not depend on the batch size
-    rows = [r for r in rows if r["batch"] == batch]
-    fig, ax = plt.subplots(figsize=(6.4, 4.6))
-    static = [r for r in rows if r["mode"] == "static"]
-    for depth, marker in (("1.0", "o"), ("0.75", "s"), ("0.5", "^")):
-        pts = sorted((r for r in static if r["run"].endswith(f"_d{depth}")), key=lambda r: r["rel_flops"])
-        if pts:
-            ax.plot([p["rel_flops"] for p in pts], [p["score"] for p in pts], marker=marker, ls="--", alpha=0.8,
-                    label=f"static subnets, depth {depth}")
-    if pareto:
-        ax.plot([p["relative_flops"] for p in pareto], [p["score"] for p in pareto], ds="steps-post", lw=1.2,
-                c="tab:gray", alpha=0.9, label="calibration Pareto front (calibration split)")
-    wdyn = [r for r in rows if r["mode"] == "w_dynamic"]
-    if wdyn:
-        ax.scatter([r["rel_flops"] for r in wdyn], [r["score"] for r in wdyn], marker="*", s=180, c="tab:red",
-                   zorder=5, label="width-dynamic (gates)")
-    wd = sorted((r for r in rows if r["mode"] == "wd_dynamic"), key=lambda r: r["rel_flops"])
-    if wd:
-        ax.plot([r["rel_flops"] for r in wd], [r["score"] for r in wd], marker="D", c="tab:purple", zorder=5,
-                label="width+depth-dynamic (early exit sweep)")
-        for i, r in enumerate(wd):  # labels alternate below/above: neighbouring thresholds often nearly coincide
-            ax.annotate(f"t={r['run'].split('_t')[-1]}", (r["rel_flops"], r["score"]), textcoords="offset points",
-                        xytext=(4, -10 if i % 2 == 0 else 5), fontsize=7, color="tab:purple")
-    cascades = [r for r in rows if r["mode"] == "cascade"]
-    if cascades:
-        ax.scatter([r["rel_flops"] for r in cascades], [r["score"] for r in cascades], marker="P", s=110,
-                   c="tab:green", zorder=5, label="confidence cascade of static subnets")
-    full = [r for r in static if r["run"] == "static_w1.0_d1.0"]
-    if full:
-        ax.scatter([1.0], [full[0]["score"]], marker="o", s=220, facecolors="none", edgecolors="k", lw=1.5,
-                   zorder=6, label="full model")
-    ax.set_xlabel("FLOPs relative to the full model")
-    ax.set_ylabel(f"dev {rows[0]['metric']}")
-    ax.set_title(f"{rows[0]['task']}: accuracy vs. computation")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower right")
+    drawn = panels(rows, calibrations or {})
+    fig, axes = plt.subplots(1, len(drawn), figsize=(6.4 * len(drawn), 4.8), squeeze=False)
+    for ax, (title, series) in zip(axes[0], drawn.items(), strict=True):
+        for name, points in series.items():
+            _draw(ax, name, points)
+        ax.set_xlabel("FLOPs relative to the full model")
+        ax.set_ylabel(rows[0]["metric"])
+        ax.set_title(f"{rows[0]['task']}: {title}", fontsize=9, wrap=True)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7, loc="lower right")
     fig.tight_layout()
-    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=130, format="png"))
+    atomic_write(path, lambda tmp: fig.savefig(tmp, dpi=110, format="png"))
 
 
 def plot_series(series: list[dict], path: Path, title: str, ylabel: str,
@@ -190,13 +257,14 @@ def main() -> None:
     check_writable(output_dir)  # before the work, not after it
     rows = sorted(load_rows(inference_dir, args.metric),
                   key=lambda r: (r["batch"], r["mode"] != "static", -r["rel_flops"]))
+    calibrations = load_calibrations(inference_dir)  # checked before anything is written
     output_dir.mkdir(parents=True, exist_ok=True)
     buf = io.StringIO()
     writer = csv.DictWriter(buf, fieldnames=COLUMNS, extrasaction="ignore")
     writer.writeheader()
     writer.writerows(rows)
     write_text(output_dir / "tradeoff.csv", buf.getvalue())
-    plot(rows, output_dir / "tradeoff.png", load_pareto(inference_dir))
+    plot(rows, output_dir / "tradeoff.png", calibrations)
     print(format_table(rows))
     print(f"\ntable: {output_dir / 'tradeoff.csv'}\nplot:  {output_dir / 'tradeoff.png'}")
 

@@ -1,7 +1,8 @@
 """The README's entry point for width-dynamic (--w_dynamic) and width+depth-dynamic (--wd_dynamic --early_exit)
 inference: without --calibrate it is train_gate.py (the reference runs every mode through train_gate.py).
 
---calibrate chooses the class -> width map and the exit threshold (transformers_ext/calibration.py) for
+--calibrate chooses the setting (the gates' class -> width map and exit threshold, transformers_ext/calibration.py;
+a static subnet or a confidence cascade of them, calibration_candidates.py: --calibration_strategies) for
 --flops_budget B (the best score at <= B of the full model's FLOPs) and/or --max_drop D (the fewest FLOPs within
 D of the full model's score), each a comma list, on a calibration split, and reports the choice on examples it
 did not see: a seeded half of dev (GLUE's or --validation_file) chooses and the other half reports, or the
@@ -14,21 +15,20 @@ split, for plot_tradeoff.py), calibration_split.json (the halves' dev positions)
 from __future__ import annotations
 
 import argparse
-import contextlib
-import io
 import json
-from collections.abc import Callable
 from pathlib import Path
 
 from torch.utils.data import TensorDataset
 
 import cli
+import routed_inference
 import train_gate
 import utils_glue
 from cli import CLIError
 from routed_inference import load_inference_data, run_inference, static_depth_reports
 from transformers_ext import calibration_report as report
 from transformers_ext.calibration import Calibrator, Objective, monotone_maps, scorable, search_space, split_indices
+from transformers_ext.calibration_candidates import check_strategies, static_points, strategy_candidates
 from transformers_ext.environment import set_seed
 from transformers_ext.files import write_json, write_text
 from transformers_ext.inference import DEFAULT_EXIT_THRESHOLD
@@ -83,6 +83,7 @@ def check_calibration_args(args: argparse.Namespace) -> tuple[utils_glue.TaskSpe
         raise CLIError("--calibrate reports on dev: pass --validation_file")
     if args.calibration_file is not None and not Path(args.calibration_file).is_file():
         raise CLIError(f"--calibration_file {args.calibration_file} does not exist")
+    check_strategies(args.calibration_strategies, args.calibration_cascade_grid)
     return spec, objectives
 
 
@@ -95,15 +96,6 @@ def _run_args(args: argparse.Namespace, out_dir: Path, **settings) -> argparse.N
     a.record_gpu_time = a.record_gpu_time or not a.record_cpu_time
     vars(a).update({mode: False for mode in MODES} | settings)
     return a
-
-
-def _logged(run: Callable[[], dict], out_dir: Path, metric: str, label: str) -> dict:
-    """The summary of `run()`, an inference that prints and writes its report (printout: out_dir/inference.log)."""
-    log = io.StringIO()
-    with contextlib.redirect_stdout(log):
-        result = run()
-    write_text(out_dir / "inference.log", log.getvalue())
-    return report.report_summary(result, metric, out_dir, label)
 
 
 def run_calibration(args: argparse.Namespace, spec: utils_glue.TaskSpec, objectives: list[Objective], model,
@@ -149,25 +141,30 @@ def run_calibration(args: argparse.Namespace, spec: utils_glue.TaskSpec, objecti
     calibrator = Calibrator(model, cal_set, metric, off_ramps, args.max_seq_length, args.calibration_batch_size,
                             device, progress=lambda *_: bar.update(1))
     reference = calibrator.full_model_score()
+    depths = sorted(trained_depths(config))  # the backbone's trained depths
+    others = strategy_candidates(model, calibrator.batches, calibrator.labels, metric, args.max_seq_length, trained,
+                                 depths, args.calibration_strategies, args.calibration_cascade_grid)
     search = calibrator.search(grid, len(trained), objectives, start, reference, args.calibration_max_exhaustive,
-                               args.within_se)
+                               args.within_se, others, gates="gates" in args.calibration_strategies)
     bar.close()
-    front = calibrator.pareto()
+    front = calibrator.pareto(others)
     report.write_pareto(out / PARETO_FILE, front, metric)
 
-    statics, depths = {}, sorted(trained_depths(config))  # the backbone's depths of a width from one pass
+    statics = {}  # the backbone's depths of a width from one pass
     for width in [] if args.no_static_baselines else trained:
         runs = {d: _run_args(args, out / "static_reporting" / f"static_w{width}_d{float(d)}", static=True,
                              width_mult_list=[width], depth_mult_list=[d]) for d in depths}
         reports = static_depth_reports(runs, spec, model, device, reporting)
         for d, a in runs.items():
-            statics[Path(a.output_dir).name] = _logged(reports[d].finish, Path(a.output_dir), metric, rep_label)
+            statics[Path(a.output_dir).name] = report.logged(reports[d].finish, Path(a.output_dir), metric, rep_label)
     if statics:  # the order of one run per subnet
         statics = {n: statics[n] for n in (f"static_w{w}_d{float(d)}" for d in depths for w in trained)}
 
-    def run(folder: Path, settings: dict, data: dict[str, TensorDataset], label: str) -> dict:
-        a = _run_args(args, folder, **settings)
-        return _logged(lambda: run_inference(a, spec, model, tokenizer, device, data), folder, metric, label)
+    def run(folder: Path, config: Path, data: dict[str, TensorDataset], label: str) -> dict:
+        a = _run_args(args, folder, width_mult_list=None, exit_threshold=None, config=str(config))
+        routed_inference.apply_config_file(a, spec)  # the entry as train_gate.py --config applies it
+        routed_inference.apply_saved_defaults(a, model)
+        return report.logged(lambda: run_inference(a, spec, model, tokenizer, device, data), folder, metric, label)
 
     objectives_out = {}
     for objective in objectives:
@@ -178,18 +175,17 @@ def run_calibration(args: argparse.Namespace, spec: utils_glue.TaskSpec, objecti
         report.write_config(folder / "inference_config.json", spec.name, config_entry, record)
         if args.calibration_config:
             report.write_config(Path(args.calibration_config), spec.name, config_entry, record, merge=True)
-        settings = {k: v for k, v in config_entry.items() if k != "mode"} | {  # as --config applies the entry
-            chosen["mode"]: True, "early_exit": chosen["early_exit"]}
-        reported = run(folder / "reporting", settings, reporting, rep_label)
-        all_dev = None if halves is None else run(folder / "all_dev", settings, dev,
+        reported = run(folder / "reporting", folder / "inference_config.json", reporting, rep_label)
+        all_dev = None if halves is None else run(folder / "all_dev", folder / "inference_config.json", dev,
                                                   f"all of dev ({n_dev} examples, including the calibration half)")
         objectives_out[objective.name] = report.objective_results(
             objective, chosen, folder / "inference_config.json", reported, all_dev, statics)
     results = {"task": spec.name, "metric": metric, "model_dir": args.model_dir, "max_seq_length": args.max_seq_length,
                "calibration_split": split, "calibration_examples": len(cal_set[0]), "reporting": rep_label,
                "full_model_calibration_score": reference, "grid": grid, "start_map": list(start),
-               "off_ramps": off_ramps, **report.search_record(search), "pareto_points": len(front),
-               "pareto_csv": str(out / PARETO_FILE), "objectives": objectives_out, "static_reporting": statics}
+               "off_ramps": off_ramps, "strategies": args.calibration_strategies, **report.search_record(search),
+               "pareto_points": len(front), "pareto_csv": str(out / PARETO_FILE), "objectives": objectives_out,
+               "static_reporting": statics, "static_calibration": static_points(others)}
     write_json(out / RESULTS_FILE, results)
     print(report.format_results(results))
     return results

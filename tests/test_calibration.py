@@ -10,7 +10,7 @@ with large random weights, so that examples take different widths; off-ramps aft
 - end to end: calibration and reporting examples never overlap, the chosen setting's FLOPs on the calibration
   split are <= the budget and its config file (best_tradeoff_inference_config.json format) reproduces the
   calibration score and FLOPs in train_gate.py's inference; --calibration_file reports on all of dev;
-- CLI errors, the pass-through to train_gate.main, and the Pareto front on the trade-off plot."""
+- CLI errors, the pass-through to train_gate.main, and a bad calibration folder for the trade-off plot."""
 
 from __future__ import annotations
 
@@ -114,14 +114,19 @@ def _dev(env, task: str = "RTE", model_key: str = "model"):
 
 def _real(model, tensors, task: str, class_to_width, threshold: float | None, batch_size: int = 8) -> dict:
     """Score and FLOPs of routed inference as train_gate.run_inference computes them (untrimmed batches)."""
+    return _real_run(model, tensors, task, lambda ids, mask, types: dynamic_forward(
+        model, ids, mask, types, class_to_width=class_to_width, early_exit=threshold is not None,
+        exit_threshold=threshold or 0.0, off_ramps=OFF_RAMPS), batch_size)
+
+
+def _real_run(model, tensors, task: str, run, batch_size: int = 8) -> dict:
+    """Score and FLOPs of `run(input_ids, attention_mask, token_type_ids)` (an output with logits and
+    per-example MACs) over untrimmed batches, as train_gate.run_inference's report computes them."""
     config = model.config
     logits, linear, attention = [], 0.0, 0.0
     n = len(tensors[0])
     for i in range(0, n, batch_size):
-        ids, mask, types = (t[i : i + batch_size] for t in tensors[:3])
-        out = dynamic_forward(model, ids, mask, types, class_to_width=class_to_width,
-                              early_exit=threshold is not None, exit_threshold=threshold or 0.0,
-                              off_ramps=OFF_RAMPS)
+        out = run(*(t[i : i + batch_size] for t in tensors[:3]))
         logits.append(out.logits.float())
         linear += float(out.linear_macs.sum())
         attention += float(out.attention_macs.sum())
@@ -354,8 +359,9 @@ def test_calibrate_end_to_end(env, tmp_path, capsys):
             assert o["calibration"]["relative_flops"] <= o["objective"]["flops_budget"]
         # the config file, run by train_gate.py on the calibration split, reproduces the calibration figures
         config = json.loads(Path(o["config"]).read_text())
-        assert set(config) == {"RTE", "calibration"} and config["RTE"]["width_mult_list"] == setting["width_mult_list"]
-        assert set(config["RTE"]) <= {"width_mult_list", "exit_threshold", "mode"}  # what --config reads
+        assert set(config) == {"RTE", "calibration"} and config["RTE"] == {k: setting[k] for k in config["RTE"]}
+        assert set(config["RTE"]) <= {"width_mult_list", "exit_threshold", "mode"} or set(config["RTE"]) == {
+            "mode", "cascade_stages", "cascade_thresholds", "cascade_rule"}  # what --config reads
         assert config["calibration"]["RTE"]["score"] == o["calibration"]["score"]
         assert config["calibration"]["RTE"]["examples"] == len(cal)
         rerun = tmp_path / f"rerun_{name}"
@@ -395,7 +401,7 @@ def test_calibration_file_reports_on_all_of_dev(env, tmp_path, capsys):
     entries = json.loads(merged.read_text())
     assert set(entries) == {"CoLA", "RTE", "calibration"} and entries["calibration"]["RTE"]["flops_budget"] == 0.6
     assert entries["calibration"]["RTE"]["score"] == o["calibration"]["score"]
-    assert entries["RTE"]["width_mult_list"] == o["setting"]["width_mult_list"]
+    assert entries["RTE"] == {k: o["setting"][k] for k in entries["RTE"]}  # the chosen entry, whatever its strategy
 
 
 def _csv(path: Path, rows: list[tuple[str, str]]) -> Path:
@@ -492,29 +498,28 @@ def test_without_calibrate_it_is_train_gate(env, tmp_path):
     assert ra["acc"] == rb["acc"] and ra["relative_flops"] == rb["relative_flops"]
 
 
-def test_plot_tradeoff_draws_the_pareto_front(env, tmp_path, monkeypatch, capsys):
+def test_plot_tradeoff_refuses_a_bad_calibration_folder(env, tmp_path, monkeypatch, capsys):
+    """A calibration folder under --inference_dir is drawn (test_calibration_strategies.py tests what); a bad
+    one is one error line naming the file."""
     inference = tmp_path / "inference"
     train_gate.main(_argv(env, inference / "static_w1.0_d1.0_b8", "--do_eval", "--static", width_mult_list="1.0"))
-    header = "relative_flops,score,metric,mode,width_mult_list,exit_threshold\n"
-    for name, rows in (("calibrated", ["0.3,0.5,acc,wd_dynamic,\"0.25,0.25,0.25,0.5\",0.1",
-                                       "0.6,0.6,acc,w_dynamic,\"0.5,0.5,0.5,1\","]),
-                       ("calibrated_other", ["0.4,0.55,acc,wd_dynamic,\"0.25,0.5,0.5,0.5\",0.2",
-                                             "0.5,0.5,acc,wd_dynamic,\"0.25,0.5,0.5,0.5\",0.3"])):
-        (inference / name).mkdir()
-        (inference / name / "calibration_pareto.csv").write_text(header + "\n".join(rows) + "\n")
-    front = [(p["relative_flops"], p["score"]) for p in plot_tradeoff.load_pareto(inference)]
-    assert front == [(0.3, 0.5), (0.4, 0.55), (0.6, 0.6)]  # both files merged, dominated points dropped
-    out = tmp_path / "plot"
-    monkeypatch.setattr(sys, "argv", ["plot_tradeoff.py", "--inference_dir", str(inference), "--output_dir", str(out)])
-    drawn = []
-    real_plot = plot_tradeoff.plot
-    monkeypatch.setattr(plot_tradeoff, "plot", lambda rows, path, pareto=None: (drawn.append(pareto),
-                                                                               real_plot(rows, path, pareto)))
+    figures = {"score": 0.5, "relative_flops": 0.3}
+    results = {"reporting": "reporting half of dev (12 examples)", "calibration_split": "seeded half of dev",
+               "objectives": {"flops0.3": {"setting": {"strategy": "gates"}, "calibration": figures,
+                                           "reporting": figures}}}
+    (inference / "calibrated").mkdir()
+    (inference / "calibrated" / "calibration_results.json").write_text(json.dumps(results))
+    (inference / "calibrated" / "calibration_pareto.csv").write_text("relative_flops,score,strategy\n0.3,0.5,gates\n")
+    monkeypatch.setattr(sys, "argv", ["plot_tradeoff.py", "--inference_dir", str(inference),
+                                      "--output_dir", str(tmp_path / "plot")])
     plot_tradeoff.main()
-    assert [(p["relative_flops"], p["score"]) for p in drawn[0]] == front
-    assert (out / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
-    (inference / "calibrated" / "calibration_pareto.csv").write_text("relative_flops\nabc\n")
-    capsys.readouterr()
-    with pytest.raises(SystemExit) as info:
-        run_cli(plot_tradeoff.main)
-    assert info.value.code == 2 and "not a valid calibration_pareto.csv" in capsys.readouterr().err
+    assert (tmp_path / "plot" / "tradeoff.png").read_bytes().startswith(b"\x89PNG")
+    for name, text, message in (
+            ("calibration_pareto.csv", "relative_flops\nabc\n", "not a valid calibration_pareto.csv"),
+            ("calibration_results.json", json.dumps({"objectives": {"x": {}}}), "not a valid calibration_results")):
+        (inference / "calibrated" / name).write_text(text)
+        capsys.readouterr()
+        with pytest.raises(SystemExit) as info:
+            run_cli(plot_tradeoff.main)
+        err = capsys.readouterr().err
+        assert info.value.code == 2 and message in err and err.count("error:") == 1, err

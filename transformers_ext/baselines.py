@@ -274,6 +274,7 @@ class Candidates:
     names: list[str]
     outcome: Outcome
     calibration: tuple[torch.Tensor, torch.Tensor] | None = None
+    settings: list | None = None  # what each name stands for, where it is an object (`cascade.Cascade`)
 
 
 @dataclass
@@ -342,20 +343,16 @@ def exit_candidates(cache: MapCache, halves: Halves) -> Candidates:
                       (swept.score, swept.relative_flops))
 
 
-# (width_mult, depth_mult) -> every example's logits, and -> MACs per example
-StaticLogits = dict[tuple[float, float], torch.Tensor]
-StaticMacs = dict[tuple[float, float], int]
-
-
 def cascade_grid(stage_logits: Sequence[torch.Tensor], stage_macs: Sequence[int], rule: str,
                  thresholds: torch.Tensor, labels: torch.Tensor, metric: str) -> tuple[torch.Tensor, torch.Tensor]:
     """(scores `[T]`, mean MACs `[T]`) of a cascade at every row of `thresholds` `[T, stages - 1]`, from each
     stage's logits on the same examples: `cascade.cascade_from_outputs`'s decisions, for many thresholds at once
     (an example stops at the first stage whose uncertainty is below its threshold, else at the last)."""
     num_stages = len(stage_logits)
-    u = torch.stack([uncertainty(rule, stage_logits[i], stage_logits[i - 1] if i else None).double()
+    u = torch.stack([uncertainty(rule, stage_logits[i], stage_logits[i - 1] if i else None)
                      for i in range(num_stages - 1)])  # [S-1, N]
-    stops = u[None] < thresholds.double()[:, :, None]  # [T, S-1, N]
+    # compared in the uncertainty's dtype, as `cascade._run` compares it with a threshold (a Python float)
+    stops = u[None] < thresholds.to(u.dtype)[:, :, None]  # [T, S-1, N]
     stops = torch.cat([stops, torch.ones_like(stops[:, :1])], 1)
     stage = stops.long().argmax(1)  # [T, N]: the first stage that stops
     predictions = torch.stack([predictions_of(x) for x in stage_logits])  # [S, N]
@@ -397,7 +394,7 @@ def cascade_candidates(static_logits: StaticLogits, static_macs: StaticMacs, rul
         return predictions_of(out.logits), out.macs
 
     return Candidates([c.name for c in cascades], outcome,
-                      (torch.cat(cal_scores), torch.cat(cal_macs) / halves.full_macs["total"]))
+                      (torch.cat(cal_scores), torch.cat(cal_macs) / halves.full_macs["total"]), cascades)
 
 
 def full_model_macs(config, seq_len: int) -> dict[str, int]:

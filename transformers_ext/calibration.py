@@ -33,7 +33,8 @@ from .threshold_sweep import (
 )
 
 __all__ = ["CONFUSION_METRICS", "EXTRA_GRID", "REGRESSION_METRICS", "Calibrator", "MapCache", "Objective", "Sweep",
-           "monotone_maps", "pareto_front", "project_map", "scorable", "search_space", "split_indices", "sweep"]
+           "best_candidate", "monotone_maps", "pareto_front", "project_map", "scorable", "search_space",
+           "split_indices", "sweep"]
 DROP_TOLERANCE = 1e-9  # score >= reference - max_drop, allowing for the float error of the subtraction
 EXTRA_GRID = (0.55, 0.6, 0.65)  # untrained widths searched besides the trained ones (the reference's configs)
 
@@ -123,6 +124,17 @@ def _first_best(allowed: torch.Tensor, primary: torch.Tensor, secondary: torch.T
     allowed = allowed & (p == p.max())
     s = torch.where(allowed, secondary, torch.full_like(secondary, -math.inf))
     return int((allowed & (s == s.max())).nonzero()[0])
+
+
+def best_candidate(groups: Sequence, objective: Objective, reference_score: float) -> tuple[tuple, object, int]:
+    """(key, group, index) of the best candidate over `groups` (each with score and relative_flops tensors:
+    a map's `Sweep`, another strategy's candidates) by `objective`; the first of equal keys wins."""
+    best = None
+    for group in groups:
+        key, k = objective.choose(group, reference_score)
+        if best is None or key > best[0]:
+            best = (key, group, k)
+    return best
 
 
 def pareto_front(points: list[dict]) -> list[dict]:
@@ -231,46 +243,53 @@ class Calibrator:
 
     def search(self, grid: Sequence[float], num_classes: int, objectives: Sequence[Objective],
                start: Sequence[float], reference_score: float, max_exhaustive: int = 256,
-               within_se: float = 0.0) -> dict:
+               within_se: float = 0.0, others: Sequence = (), gates: bool = True) -> dict:
         """The best (map, threshold) per objective over the monotone maps on `grid`: all of them when there
         are at most `max_exhaustive`, else coordinate ascent from `start` (projected onto the grid).
+
+        `others`: the candidates of other strategies on the same split (`calibration_candidates.CandidateSet`:
+        score and relative_flops tensors, `setting(k)`), chosen among by the same rule after the maps (of
+        equal keys the gates' wins); `gates=False` searches them alone.
 
         `within_se` = k > 0 (FLOPs budgets only): of the settings within the budget whose calibration score is
         at most k standard errors below the best one's, the one with the most FLOPs. On a few hundred examples
         score differences below one standard error are noise; the plain argmax then often lands on a much
         cheaper setting that loses on new data, and leaves the budget unused."""
         began, forward_before, forwarded_before = time.perf_counter(), self.forward_seconds, self.examples_forwarded
-        maps = monotone_maps(grid, num_classes)
+        maps = monotone_maps(grid, num_classes) if gates else []
         exhaustive = len(maps) <= max_exhaustive
         if exhaustive:
             for m in maps:
                 self.evaluate(m)
+        others = [group for group in others if len(group)]
 
-        def best_of(objective: Objective, begin: tuple[float, ...]) -> tuple[tuple, tuple[float, ...], int]:
-            if not exhaustive:
-                return self._coordinate_ascent(sorted(set(grid)), begin, objective, reference_score)
-            best = None
-            for m in maps:  # lexicographic order; the first of equal keys wins
-                key, k = objective.choose(self.sweeps[m], reference_score)
-                if best is None or key > best[0]:
-                    best = (key, m, k)
-            return best
+        def best_of(objective: Objective, begin: tuple[float, ...]) -> tuple[tuple, object, int]:
+            if exhaustive:  # lexicographic order
+                groups = [self.sweeps[m] for m in maps]
+            else:
+                groups = [self.sweeps[self._coordinate_ascent(sorted(set(grid)), begin, objective,
+                                                              reference_score)[1]]]
+            return best_candidate([*groups, *others], objective, reference_score)
 
         chosen, floors = {}, {}
         for objective in objectives:
             chosen[objective] = best_of(objective, project_map(start, grid))
-            key, m, k = chosen[objective]
+            key, group, k = chosen[objective]
             if within_se > 0 and objective.kind == "flops_budget" and key[0] == 1:
-                best_score = float(self.sweeps[m].score[k])
+                best_score = float(group.score[k])
                 floors[objective] = best_score - within_se * self.standard_error(best_score)
-                chosen[objective] = best_of(replace(objective, floor=floors[objective]), m)
-        results = {}
-        for objective, (key, m, k) in chosen.items():
-            results[objective] = {"feasible": key[0] >= 1, "candidate": k, **self.sweeps[m].setting(k)}
+                begin = group.class_to_width if isinstance(group, Sweep) else project_map(start, grid)
+                chosen[objective] = best_of(replace(objective, floor=floors[objective]), begin)
+        results, other_counts = {}, {}
+        for group in others:
+            other_counts[group.strategy] = other_counts.get(group.strategy, 0) + len(group)
+        for objective, (key, group, k) in chosen.items():
+            results[objective] = {"feasible": key[0] >= 1, "candidate": k, "strategy": "gates", **group.setting(k)}
             if objective in floors:
                 results[objective]["score_floor"] = floors[objective]
         return {"search": "exhaustive" if exhaustive else "coordinate_ascent", "maps_in_grid": len(maps),
                 "maps_evaluated": len(self.sweeps), "candidates_evaluated": sum(len(s) for s in self.sweeps.values()),
+                "other_candidates": other_counts,
                 "examples_forwarded": self.examples_forwarded - forwarded_before, "examples": len(self.labels),
                 "seconds": time.perf_counter() - began, "forward_seconds": self.forward_seconds - forward_before,
                 "chosen": results}
@@ -303,9 +322,10 @@ class Calibrator:
                         best, improved = (key, candidate, k), True
         return best
 
-    def pareto(self) -> list[dict]:
-        """The Pareto front (score vs relative FLOPs) of every (map, threshold) evaluated so far."""
-        sweeps = list(self.sweeps.values())
+    def pareto(self, others: Sequence = ()) -> list[dict]:
+        """The Pareto front (score vs relative FLOPs) of every (map, threshold) evaluated so far and of the
+        other strategies' candidates `others` (as `search`'s)."""
+        sweeps = list(self.sweeps.values()) + [group for group in others if len(group)]
         if not sweeps:
             return []
         flops = torch.cat([s.relative_flops for s in sweeps])
@@ -317,4 +337,4 @@ class Calibrator:
         running = torch.cummax(score[order], 0).values
         keep = torch.ones(len(order), dtype=torch.bool)
         keep[1:] = running[1:] > running[:-1]
-        return [sweeps[int(owner[i])].setting(int(index[i])) for i in order[keep]]
+        return [{"strategy": "gates", **sweeps[int(owner[i])].setting(int(index[i]))} for i in order[keep]]

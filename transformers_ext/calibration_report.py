@@ -4,24 +4,29 @@ front as CSV, one inference report's summary, and the results table."""
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 from .errors import InputError, reading
 from .files import write_json, write_text
 
-__all__ = ["CALIBRATION_KEY", "PARETO_COLUMNS", "choice_record", "config_entry", "format_results", "objective_results",
-           "report_summary", "search_record", "write_config", "write_pareto"]
+__all__ = ["CALIBRATION_KEY", "PARETO_COLUMNS", "choice_record", "config_entry", "format_results", "logged",
+           "objective_results", "report_summary", "search_record", "write_config", "write_pareto"]
 
 CALIBRATION_KEY = "calibration"  # top-level key of the written config files: task -> what the choice was made on
 PARETO_COLUMNS = ["relative_flops", "score", "metric", "mode", "width_mult_list", "exit_threshold", "flops",
-                  "relative_linear_flops", "mean_layers_executed"]
+                  "relative_linear_flops", "mean_layers_executed", "strategy", "name"]
 
 
 def config_entry(chosen: dict) -> dict:
-    """The task's entry of a best_tradeoff_inference_config.json-style file: what --config applies."""
+    """The task's entry of a best_tradeoff_inference_config.json-style file: what --config applies (another
+    strategy's candidate carries its own: `calibration_candidates.candidate_entry`)."""
+    if "entry" in chosen:
+        return dict(chosen["entry"])
     entry = {"width_mult_list": chosen["width_mult_list"], "mode": chosen["mode"]}
     if chosen["early_exit"]:
         entry["exit_threshold"] = chosen["exit_threshold"]
@@ -44,7 +49,8 @@ def objective_results(objective, chosen: dict, config_path: Path, reporting: dic
     best_static = max(above, key=lambda item: item[1]["score"], default=None)
     return {
         "objective": {objective.kind: objective.value}, "config": str(config_path),
-        "setting": {**config_entry(chosen), **{k: chosen[k] for k in ("early_exit", "exit_threshold")}},
+        "setting": {"strategy": chosen["strategy"], **({"name": chosen["name"]} if "name" in chosen else {}),
+                    **config_entry(chosen), **{k: chosen[k] for k in ("early_exit", "exit_threshold")}},
         "feasible_on_calibration": chosen["feasible"],
         "calibration": {k: chosen[k] for k in ("score", "relative_flops", "relative_linear_flops", "flops",
                                                "mean_layers_executed")},
@@ -58,7 +64,8 @@ def search_record(search: dict) -> dict:
     """The figures of a `Calibrator.search` that calibration_results.json keeps, under its names."""
     names = {"search": "search", "maps_in_grid": "maps_in_grid", "maps_evaluated": "maps_evaluated",
              "candidates_evaluated": "candidates_evaluated", "seconds": "search_seconds",
-             "forward_seconds": "forward_seconds", "examples_forwarded": "examples_forwarded"}
+             "forward_seconds": "forward_seconds", "examples_forwarded": "examples_forwarded",
+             "other_candidates": "other_candidates"}
     return {name: search[key] for key, name in names.items()}
 
 
@@ -91,6 +98,16 @@ def write_pareto(path: Path, front: list[dict], metric: str) -> None:
     write_text(path, buf.getvalue())
 
 
+def logged(run: Callable[[], dict], out_dir: Path, metric: str, label: str) -> dict:
+    """The summary (`report_summary`) of `run()`, an inference that prints and writes its report; the printout
+    goes to out_dir/inference.log."""
+    log = io.StringIO()
+    with contextlib.redirect_stdout(log):
+        result = run()
+    write_text(out_dir / "inference.log", log.getvalue())
+    return report_summary(result, metric, out_dir, label)
+
+
 def report_summary(report: dict, metric: str, folder: Path, label: str) -> dict:
     """The figures of one inference report (train_gate.py's inference_results.json in `folder`) a calibration
     keeps, with what it was run on (`label`)."""
@@ -113,14 +130,17 @@ def format_results(results: dict) -> str:
              f"(grid {','.join(f'{w:g}' for w in results['grid'])}), {results['candidates_evaluated']} (map, "
              f"threshold) candidates, {results['search_seconds']:.1f} s; {results['examples_forwarded']} of "
              f"{results['maps_evaluated'] * results['calibration_examples']} example forwards run (the rest reused)",
-             "objective | map | threshold | cal score | cal FLOPs | rep score | rep FLOPs | rep ms/ex | "
+             f" other strategies: {others}" if (others := ", ".join(
+                 f"{n} {s} candidates" for s, n in results.get("other_candidates", {}).items())) else
+             " other strategies: none",
+             "objective | setting | threshold | cal score | cal FLOPs | rep score | rep FLOPs | rep ms/ex | "
              "best static >= rep FLOPs (rep) | all-dev score | all-dev FLOPs"]
     for name, o in results["objectives"].items():
         s, c, r, a, b = o["setting"], o["calibration"], o["reporting"], o["all_dev"], \
             o["best_static_at_or_above_reporting_flops"]
         static = "-" if b is None else f"{b['run']} {b['score']:.4f} @ {b['relative_flops']:.3f}"
         lines.append(" | ".join([
-            name, ",".join(f"{w:g}" for w in s["width_mult_list"]),
+            name, s.get("name") or ",".join(f"{w:g}" for w in s["width_mult_list"]),
             f(s.get("exit_threshold")) if s["mode"] == "wd_dynamic" else "no exit",
             f(c["score"]), f(c["relative_flops"], 3), f(r["score"]), f(r["relative_flops"], 3),
             f(r["latency_ms_per_example"], 2), static, f(a and a["score"]), f(a and a["relative_flops"], 3)]))
