@@ -35,6 +35,7 @@ from transformers_ext.baselines import (
     score,
     shuffled_paths,
     subset,
+    threshold_grid,
 )
 from transformers_ext.calibration import sweep
 from transformers_ext.cascade import Cascade, cascade_from_outputs
@@ -174,3 +175,17 @@ def test_oracle_and_scores():
     assert score("mcc", torch.tensor([0.0, 1, 1, 0]), torch.tensor([0, 1, 1, 0]), 2) == pytest.approx(1.0)
     expected = pearsonr([1.0, 2, 3], [2.0, 4, 6.5]).statistic
     assert score("pearson", torch.tensor([1.0, 2, 3]), torch.tensor([2.0, 4, 6.5]), 1) == pytest.approx(expected)
+
+
+def test_cascade_thresholds_lie_between_examples():
+    """A threshold on the quantile grid never equals an example's uncertainty: a last-bit change of every value
+    (another batch, another padding) leaves every stop decision as it was."""
+    u = torch.tensor([0.1, 0.2, 0.2, 0.35, 0.5, 0.9, 1.2, 1.3, 2.0, 2.5], dtype=torch.float64)
+    levels = torch.arange(1, 24, dtype=torch.float64) / 24
+    thresholds = threshold_grid(u, levels)
+    assert not set(thresholds) & set(u.tolist())
+    assert thresholds == sorted(set(thresholds)) and len(thresholds) == len(torch.unique(u)) - 1
+    for t in thresholds:
+        for delta in (-1e-7, 1e-7):
+            assert torch.equal(u + delta < t, u < t)
+    assert threshold_grid(u[:0], levels) == [math.inf] and threshold_grid(torch.full((3,), 0.4, dtype=torch.float64), levels) == [0.4]

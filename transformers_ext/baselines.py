@@ -361,6 +361,20 @@ def cascade_grid(stage_logits: Sequence[torch.Tensor], stage_macs: Sequence[int]
     return scores(metric, chosen, labels, stage_logits[0].shape[-1]), executed.mean(1)
 
 
+def threshold_grid(u: torch.Tensor, levels: torch.Tensor) -> list[float]:
+    """Thresholds near the quantiles `levels` of the uncertainties `u`, each halfway between two neighbouring
+    distinct values: a quantile can fall on an example's own value, and then a last-bit change of that value
+    (the same subnet run in another batch, with other padding) moves the example across the threshold."""
+    if not len(u):
+        return [math.inf]
+    values = torch.unique(u)
+    if len(values) < 2:
+        return [values.item()]
+    midpoints = (values[1:] + values[:-1]) / 2
+    nearest = (midpoints[None] - torch.quantile(u, levels)[:, None]).abs().argmin(1)
+    return sorted(set(midpoints[nearest].tolist()))
+
+
 def cascade_candidates(static_logits: StaticLogits, static_macs: StaticMacs, rule: str, num_stages: int,
                        grid: int, halves: Halves) -> Candidates:
     """Every cascade of `num_stages` static subnets of strictly increasing MACs under `rule`, each step's
@@ -376,8 +390,7 @@ def cascade_candidates(static_logits: StaticLogits, static_macs: StaticMacs, rul
         grids = []
         for i in range(num_stages - 1):
             u = uncertainty(rule, logits[i], logits[i - 1] if i else None).double()
-            finite = u[torch.isfinite(u)]
-            grids.append(sorted(set(torch.quantile(finite, levels).tolist())) if len(finite) else [math.inf])
+            grids.append(threshold_grid(u[torch.isfinite(u)], levels))
         grid_rows = torch.tensor(list(itertools.product(*grids)), dtype=torch.float64)
         s, m = cascade_grid(logits, [static_macs[x] for x in stages], rule, grid_rows, halves.labels[rows],
                             halves.metric)

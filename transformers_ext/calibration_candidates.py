@@ -133,7 +133,6 @@ def strategy_candidates(model, batches: Sequence[Sequence[torch.Tensor]], labels
     return sets
 
 
-
 def check_strategies(strategies: Sequence[str], cascade_grid: Sequence[int]) -> None:
     """InputError unless `strategies` names one or more of `STRATEGIES` and the grid's values are 0 or >= 2."""
     unknown = [s for s in strategies if s not in STRATEGIES]
