@@ -188,4 +188,5 @@ def test_cascade_thresholds_lie_between_examples():
     for t in thresholds:
         for delta in (-1e-7, 1e-7):
             assert torch.equal(u + delta < t, u < t)
-    assert threshold_grid(u[:0], levels) == [math.inf] and threshold_grid(torch.full((3,), 0.4, dtype=torch.float64), levels) == [0.4]
+    assert threshold_grid(u[:0], levels) == [math.inf]
+    assert threshold_grid(torch.full((3,), 0.4, dtype=torch.float64), levels) == [0.4]
